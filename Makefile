@@ -1,0 +1,45 @@
+# Two commands matter: `make up` runs the stack, `make test` runs every check. Each installs what
+# it needs into .venv first (re-installing only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: up test lint type unit fmt test-gpu clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[cpu]'
+	touch $@
+
+$(VENV)/.dev-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev,cpu]'
+	touch $@ $(VENV)/.run-deps
+
+up: $(VENV)/.run-deps
+	$(BIN)/switchboard up $(ARGS)
+
+test: $(VENV)/.dev-deps lint type
+	$(BIN)/pytest
+
+lint: $(VENV)/.dev-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+type: $(VENV)/.dev-deps
+	$(BIN)/mypy schemas services tests bench
+
+unit: $(VENV)/.dev-deps
+	$(BIN)/pytest tests/unit
+
+fmt: $(VENV)/.dev-deps
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test-gpu: $(VENV)/.dev-deps
+	$(BIN)/pytest -m gpu tests/gpu
+
+clean:
+	rm -rf $(VENV) .switchboard .mypy_cache .ruff_cache .pytest_cache

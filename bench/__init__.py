@@ -1,0 +1,1 @@
+"""Benchmarks: plain scripts that print a table (run with .venv/bin/python bench/<name>.py)."""

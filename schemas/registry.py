@@ -1,0 +1,171 @@
+"""Registry wire types: worker records, events, snapshot, commands and their replies. No I/O."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+import msgspec
+
+from schemas.base import Count, Event, ModelId, Seq, WireStruct, WorkerId
+
+Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/]+")]
+LabelMap = dict[
+    Annotated[str, msgspec.Meta(min_length=1, max_length=63)],
+    Annotated[str, msgspec.Meta(max_length=256)],
+]
+
+
+class WorkerStatus(enum.Enum):
+    """Lifecycle of a worker: Pending -> Ready <-> NotReady, Draining, Failed."""
+
+    PENDING = "pending"
+    READY = "ready"
+    NOT_READY = "not_ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class WorkerSpec(WireStruct, frozen=True, kw_only=True):
+    """What a caller asks the registry to record about a worker (the record minus bookkeeping)."""
+
+    url: Url
+    models: tuple[ModelId, ...]
+    max_running_requests: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    labels: LabelMap = msgspec.field(default_factory=dict)
+
+
+class WorkerRecord(WireStruct, frozen=True, kw_only=True):
+    """A worker as the registry knows it; revision increases by 1 on every change to it."""
+
+    id: WorkerId
+    url: Url
+    models: tuple[ModelId, ...]
+    status: WorkerStatus
+    revision: Annotated[int, msgspec.Meta(ge=1)]
+    max_running_requests: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    labels: LabelMap = msgspec.field(default_factory=dict)
+    registered_at: float = 0.0
+
+
+class WorkerRegistered(Event, frozen=True, kw_only=True, tag="worker.registered"):
+    """A new worker record was created (status Pending)."""
+
+    worker: WorkerRecord
+
+
+class WorkerReplaced(Event, frozen=True, kw_only=True, tag="worker.replaced"):
+    """A record was replaced in place by id: same id, new url/models/limits, revision + 1."""
+
+    old: WorkerRecord
+    new: WorkerRecord
+
+
+class WorkerStatusChanged(Event, frozen=True, kw_only=True, tag="worker.status_changed"):
+    """A worker's status changed; worker is the record after the change."""
+
+    worker_id: WorkerId
+    old_status: WorkerStatus
+    new_status: WorkerStatus
+    revision: Annotated[int, msgspec.Meta(ge=1)]
+    reason: str = ""
+    worker: WorkerRecord | None = None
+
+
+class WorkerRemoved(Event, frozen=True, kw_only=True, tag="worker.removed"):
+    """A worker record was deleted; worker is the record as it was."""
+
+    worker: WorkerRecord
+    reason: str = ""
+
+
+class RegistryBeacon(Event, frozen=True, kw_only=True, tag="registry.beacon"):
+    """Periodic: the registry's last event seq, so a consumer notices a lost *last* event."""
+
+    last_seq: Seq
+    workers: Count = 0
+
+
+RegistryEvent = (
+    WorkerRegistered | WorkerReplaced | WorkerStatusChanged | WorkerRemoved | RegistryBeacon
+)
+
+
+class RegistrySnapshot(WireStruct, frozen=True, kw_only=True):
+    """All records as of event `seq` of `epoch` (the last event the snapshot includes)."""
+
+    epoch: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Seq
+    workers: tuple[WorkerRecord, ...]
+
+
+# ---- commands (request/reply on <prefix>.registry.cmd.<op>) ----
+
+
+class RegisterRequest(WireStruct, frozen=True, kw_only=True):
+    """Create-only: a URL that is already registered is a conflict."""
+
+    worker: WorkerSpec
+
+
+class ReplaceRequest(WireStruct, frozen=True, kw_only=True):
+    """Replace the record with this id; a URL change only to a URL nobody else owns."""
+
+    id: WorkerId
+    worker: WorkerSpec
+
+
+class UpsertRequest(WireStruct, frozen=True, kw_only=True):
+    """Replace the record owning this URL if there is one, else register."""
+
+    worker: WorkerSpec
+
+
+class SetStatusRequest(WireStruct, frozen=True, kw_only=True):
+    """Change a status; with expected_revision the change applies only at that revision."""
+
+    id: WorkerId
+    status: WorkerStatus
+    expected_revision: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    reason: str = ""
+
+
+class RemoveRequest(WireStruct, frozen=True, kw_only=True):
+    """Delete the record with this id."""
+
+    id: WorkerId
+    reason: str = ""
+
+
+class GetRequest(WireStruct, frozen=True, kw_only=True):
+    """Read one record by id."""
+
+    id: WorkerId
+
+
+class ListRequest(WireStruct, frozen=True, kw_only=True):
+    """Read all records, optionally only those serving `model`."""
+
+    model: ModelId | None = None
+
+
+ErrorCode = Literal["conflict", "not_found", "invalid", "unavailable"]
+
+
+class CommandOk(WireStruct, frozen=True, kw_only=True, tag_field="result", tag="ok"):
+    """A command succeeded; applied is False when it was a no-op (upsert of an equal record)."""
+
+    worker: WorkerRecord | None = None
+    workers: tuple[WorkerRecord, ...] = ()
+    applied: bool = True
+
+
+class CommandError(WireStruct, frozen=True, kw_only=True, tag_field="result", tag="error"):
+    """A command was refused; nothing changed."""
+
+    code: ErrorCode
+    message: str
+    field: str | None = None
+
+
+CommandReply = CommandOk | CommandError

@@ -1,0 +1,1 @@
+"""Switchboard services: registry, capacity, worker, router, and their shared plumbing."""

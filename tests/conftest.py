@@ -1,0 +1,73 @@
+"""Fixtures: a real nats-server per session (or NATS_URL), a random subject prefix per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.bus import Bus
+from services.common.natsd import NatsServer
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real nats-server with JetStream on a free loopback port; NATS_URL overrides it."""
+    external = os.environ.get("NATS_URL")
+    if external:
+        yield external
+        return
+    server = NatsServer(tmp_path_factory.mktemp("nats") / "data", port=-1)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh subject prefix so tests sharing one server never see each other's messages."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    b = await Bus.connect(nats_url, "test")
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def _cuda_ready() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import exllamav2  # noqa: F401
+    except ImportError as exc:
+        return False, f"exllamav2 does not import: {exc}"
+    return True, ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    ok, why = _cuda_ready()
+    if ok:
+        return
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=f"gpu test skipped: {why}"))
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"

@@ -1,0 +1,33 @@
+"""Test helpers: wait for an outcome instead of sleeping; find free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+async def eventually(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout_s: float = 5.0, interval_s: float = 0.02
+) -> Any:
+    """Poll predicate until it returns something truthy; fail with its last value on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while True:
+        result = predicate()
+        value = await result if inspect.isawaitable(result) else result
+        if value:
+            return value
+        last = value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s (last value: {last!r})")
+        await asyncio.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

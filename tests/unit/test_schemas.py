@@ -1,0 +1,228 @@
+"""Wire schemas: round trips, golden JSON for every event, and schema evolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from schemas import codec
+from schemas.base import Envelope, WireStruct
+from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
+from schemas.errors import ErrorBody, ErrorEnvelope
+from schemas.load import ModelLoad, WorkerLoad
+from schemas.registry import (
+    CommandError,
+    CommandOk,
+    CommandReply,
+    GetRequest,
+    RegisterRequest,
+    RegistryBeacon,
+    RegistryEvent,
+    RegistrySnapshot,
+    ReplaceRequest,
+    SetStatusRequest,
+    WorkerRecord,
+    WorkerRegistered,
+    WorkerRemoved,
+    WorkerReplaced,
+    WorkerSpec,
+    WorkerStatus,
+    WorkerStatusChanged,
+)
+
+REC = WorkerRecord(
+    id="w1",
+    url="http://10.0.0.5:8000",
+    models=("llama-3-8b",),
+    status=WorkerStatus.READY,
+    revision=2,
+    max_running_requests=256,
+    labels={"zone": "a"},
+    registered_at=1700000000.5,
+)
+REC_JSON = (
+    '{"id":"w1","url":"http://10.0.0.5:8000","models":["llama-3-8b"],"status":"ready",'
+    '"revision":2,"max_running_requests":256,"labels":{"zone":"a"},"registered_at":1700000000.5}'
+)
+REC2 = msgspec.structs.replace(REC, url="http://10.0.0.6:8000", models=("m2",), revision=3)
+REC2_JSON = REC_JSON.replace("10.0.0.5", "10.0.0.6").replace('"llama-3-8b"', '"m2"')
+REC2_JSON = REC2_JSON.replace('"revision":2', '"revision":3')
+
+ENV = '{"source":"registry","epoch":1,"seq":3,"sent_at":1700000001.0,"body":%s}'
+
+GOLDEN: list[tuple[Any, str]] = [
+    (WorkerRegistered(worker=REC), f'{{"type":"worker.registered","worker":{REC_JSON}}}'),
+    (
+        WorkerReplaced(old=REC, new=REC2),
+        f'{{"type":"worker.replaced","old":{REC_JSON},"new":{REC2_JSON}}}',
+    ),
+    (
+        WorkerStatusChanged(
+            worker_id="w1",
+            old_status=WorkerStatus.PENDING,
+            new_status=WorkerStatus.READY,
+            revision=2,
+            reason="heartbeat",
+            worker=REC,
+        ),
+        '{"type":"worker.status_changed","worker_id":"w1","old_status":"pending",'
+        f'"new_status":"ready","revision":2,"reason":"heartbeat","worker":{REC_JSON}}}',
+    ),
+    (
+        WorkerRemoved(worker=REC, reason="admin"),
+        f'{{"type":"worker.removed","worker":{REC_JSON},"reason":"admin"}}',
+    ),
+    (RegistryBeacon(last_seq=9, workers=1), '{"type":"registry.beacon","last_seq":9,"workers":1}'),
+]
+
+
+@pytest.mark.parametrize(("body", "body_json"), GOLDEN, ids=lambda v: v.__class__.__name__)
+def test_registry_event_golden_json(body: RegistryEvent, body_json: str) -> None:
+    env = Envelope(source="registry", epoch=1, seq=3, sent_at=1700000001.0, body=body)
+    assert codec.encode(env).decode() == ENV % body_json
+    assert codec.registry_event_decoder.decode((ENV % body_json).encode()) == env
+
+
+GOLDEN_OTHER: list[tuple[WireStruct, str, Any]] = [
+    (
+        WorkerLoad(
+            worker_id="w1",
+            url="http://10.0.0.5:8000",
+            models=(
+                ModelLoad(id="m", in_flight=1, queue_depth=0, max_in_flight=4, max_queue_depth=8),
+            ),
+            status=WorkerStatus.READY,
+        ),
+        '{"worker_id":"w1","url":"http://10.0.0.5:8000","models":[{"id":"m","in_flight":1,'
+        '"queue_depth":0,"max_in_flight":4,"max_queue_depth":8}],"status":"ready",'
+        '"tokens_per_s":null,"heartbeat_interval_s":1.0}',
+        WorkerLoad,
+    ),
+    (
+        CapacityView(
+            fleet=ModelCapacity(capacity=320, source=CapacitySource.MIXED, workers_available=2),
+            models={
+                "m": ModelCapacity(capacity=64, source=CapacitySource.MIXED, workers_available=1)
+            },
+            registry_epoch=5,
+            registry_seq=9,
+        ),
+        '{"fleet":{"capacity":320,"source":"mixed","workers_available":2},"models":{"m":'
+        '{"capacity":64,"source":"mixed","workers_available":1}},"registry_epoch":5,'
+        '"registry_seq":9}',
+        CapacityView,
+    ),
+    (
+        CommandError(code="conflict", message="url taken", field="url"),
+        '{"result":"error","code":"conflict","message":"url taken","field":"url"}',
+        CommandReply,
+    ),
+    (
+        CommandOk(worker=REC),
+        f'{{"result":"ok","worker":{REC_JSON},"workers":[],"applied":true}}',
+        CommandReply,
+    ),
+    (
+        ErrorEnvelope(error=ErrorBody(message="no", type="invalid_request_error", code="x")),
+        '{"error":{"message":"no","type":"invalid_request_error","code":"x","param":null}}',
+        ErrorEnvelope,
+    ),
+    (
+        RegistrySnapshot(epoch=5, seq=9, workers=(REC,)),
+        f'{{"epoch":5,"seq":9,"workers":[{REC_JSON}]}}',
+        RegistrySnapshot,
+    ),
+]
+
+
+@pytest.mark.parametrize(("value", "golden", "type_"), GOLDEN_OTHER, ids=lambda v: type(v).__name__)
+def test_other_wire_types_golden_json(value: WireStruct, golden: str, type_: Any) -> None:
+    assert codec.encode(value).decode() == golden
+    assert codec.decode(golden, type_) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        RegisterRequest(worker=WorkerSpec(url="http://h:1", models=("a", "b"))),
+        ReplaceRequest(id="w9", worker=WorkerSpec(url="https://h:2", models=(), labels={"k": "v"})),
+        SetStatusRequest(id="w9", status=WorkerStatus.DRAINING, expected_revision=4),
+    ],
+)
+def test_command_round_trip(value: WireStruct) -> None:
+    assert codec.decode(codec.encode(value), type(value)) == value
+
+
+def test_structs_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        REC.url = "http://elsewhere:1"  # type: ignore[misc]
+
+
+def test_old_decoder_reads_message_with_new_field() -> None:
+    """A newer registry adds a field; a consumer built against today's schema still decodes it."""
+
+    class WorkerRecordV2(WireStruct, frozen=True, kw_only=True):
+        id: str
+        url: str
+        models: tuple[str, ...]
+        status: WorkerStatus
+        revision: int
+        gpu_kind: str = "h100"  # the new field
+
+    class RegisteredV2(
+        WireStruct, frozen=True, kw_only=True, tag_field="type", tag="worker.registered"
+    ):
+        worker: WorkerRecordV2
+        region: str = "eu"  # another new field, on the event itself
+
+    new = RegisteredV2(
+        worker=WorkerRecordV2(
+            id="w1", url="http://h:1", models=("m",), status=WorkerStatus.READY, revision=1
+        )
+    )
+    data = codec.encode(Envelope(source="registry", epoch=1, seq=1, sent_at=0.0, body=new))
+    assert b'"gpu_kind":"h100"' in data
+    assert b'"region":"eu"' in data
+    old = codec.registry_event_decoder.decode(data)
+    assert isinstance(old.body, WorkerRegistered)
+    assert old.body.worker.id == "w1"
+    assert old.body.worker.labels == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"{not json",
+        b'{"source":"r","epoch":1,"seq":-1,"sent_at":0,"body":{"type":"registry.beacon","last_seq":0}}',
+        b'{"source":"r","epoch":1,"seq":1,"sent_at":0,"body":{"type":"worker.exploded"}}',
+        b'{"source":"r","epoch":1,"seq":1,"sent_at":0}',
+    ],
+)
+def test_bad_envelopes_raise_decode_errors(bad: bytes) -> None:
+    with pytest.raises(codec.DecodeError):
+        codec.registry_event_decoder.decode(bad)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"url": "ftp://h:1", "models": []}, "url"),
+        ({"url": "http://h:1", "models": ["has space"]}, "models"),
+        ({"url": "http://h:1", "models": [], "max_running_requests": 0}, "max_running_requests"),
+        (
+            {"url": "http://h:1", "models": [], "max_running_requests": 70000},
+            "max_running_requests",
+        ),
+    ],
+)
+def test_worker_spec_validation_names_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=field):
+        msgspec.convert(spec, WorkerSpec)
+
+
+def test_worker_id_pattern_blocks_subject_breaking_ids() -> None:
+    for bad in ["w.1", "w*", "w>", "w 1", "$w", ""]:
+        with pytest.raises(msgspec.ValidationError, match="id"):
+            msgspec.convert({"id": bad}, type=GetRequest)
