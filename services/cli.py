@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", default=".switchboard", help="JetStream data and generated files"
     )
     up.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
+    up.add_argument("--registry-port", type=int, default=8081, help="registry admin API port")
+    up.add_argument(
+        "--admin-token",
+        default=os.environ.get("SWITCHBOARD_ADMIN_TOKEN", ""),
+        help="registry admin bearer token (empty: open on loopback only)",
+    )
+    up.add_argument("--log-format", default="text", choices=["text", "json"])
 
     nats = sub.add_parser("nats", help="run only the embedded nats-server with JetStream")
     nats.add_argument("--port", type=int, default=4222)
@@ -58,6 +65,9 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
         routers=args.routers,
         engine=args.engine,
         model=args.model,
+        registry_port=args.registry_port,
+        admin_token=args.admin_token,
+        log_format=args.log_format,
     )
 
     def ready() -> None:

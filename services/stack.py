@@ -18,11 +18,24 @@ class StackOptions(msgspec.Struct, frozen=True, kw_only=True):
     router_port: int = 8080
     worker_base_port: int = 8100
     admin_token: str = ""
+    log_format: str = "text"
+
+
+def _common_env(opts: StackOptions) -> dict[str, str]:
+    return {"SUBJECT_PREFIX": opts.prefix, "LOG_FORMAT": opts.log_format}
 
 
 def plan(opts: StackOptions) -> list[ServiceSpec]:
     """Services in health-gated start order: registry, capacity, workers, router.
 
-    Each issue adds its service here as it lands; today the stack is NATS alone.
+    Each service joins this list when its issue lands.
     """
-    return []
+    env = _common_env(opts)
+    registry = ServiceSpec(
+        name="registry",
+        module="registry",
+        args=("--http-port", str(opts.registry_port), "--http-host", "127.0.0.1"),
+        env={**env, "REGISTRY_ADMIN_TOKEN": opts.admin_token},
+        health_url=f"http://127.0.0.1:{opts.registry_port}/healthz",
+    )
+    return [registry]

@@ -31,6 +31,7 @@ RequestTimeout = nats.errors.TimeoutError
 SlowConsumerError = nats.errors.SlowConsumerError
 KeyWrongLastSequenceError = nats.js.errors.KeyWrongLastSequenceError
 KeyNotFoundError = nats.js.errors.KeyNotFoundError
+KeyDeletedError = nats.js.errors.KeyDeletedError
 NoKeysError = nats.js.errors.NoKeysError
 BucketNotFoundError = nats.js.errors.BucketNotFoundError
 Message = Msg

@@ -51,3 +51,13 @@ async def wait_stop_or(stop: asyncio.Event, task: asyncio.Future[Any]) -> None:
         stopper.cancel()
     if task in done:
         task.result()
+
+
+async def every(interval_s: float, action: Callable[[], Awaitable[Any]], name: str) -> None:
+    """Run action every interval_s until cancelled; an exception is logged and the loop goes on."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await action()
+        except Exception:
+            log.exception("%s failed", name)

@@ -139,10 +139,18 @@ async def test_tail_shows_hand_published_messages_and_a_gap(
     assert proc.returncode == 0
 
 
-async def test_up_starts_nats_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *_switchboard("up", "--nats-port", str(port), "--state-dir", str(tmp_path / "sb")),
+        *_switchboard(
+            "up",
+            "--nats-port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "sb"),
+            "--registry-port",
+            str(free_port()),
+        ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={k: v for k, v in os.environ.items() if k != "NATS_URL"} | {"PYTHONUNBUFFERED": "1"},
@@ -159,4 +167,7 @@ async def test_up_starts_nats_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> Non
         await _read_until(proc.stdout, "up         | stopped", lines, 30)
         await asyncio.wait_for(proc.wait(), 10)
     assert proc.returncode == 0, "\n".join(lines)
+    text = "\n".join(lines)
+    assert "registry is healthy" in text
+    assert "registry   | " in text  # the child's own log lines, prefixed
     assert (tmp_path / "sb" / "nats" / "jetstream").is_dir()

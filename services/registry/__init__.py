@@ -1,0 +1,1 @@
+"""Registry service: the durable, race-free source of truth for which workers exist."""

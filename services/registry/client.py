@@ -1,0 +1,55 @@
+"""Typed client for the registry's NATS request/reply API (used by workers, the CLI and tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas import codec
+from schemas.registry import (
+    CommandError,
+    CommandReply,
+    GetRequest,
+    ListRequest,
+    RegisterRequest,
+    RegistrySnapshot,
+    RemoveRequest,
+    ReplaceRequest,
+    SetStatusRequest,
+    UpsertRequest,
+)
+from schemas.subjects import Subjects
+from services.common.bus import Bus
+
+OPS: dict[type[Any], str] = {
+    RegisterRequest: "register",
+    ReplaceRequest: "replace",
+    UpsertRequest: "upsert",
+    SetStatusRequest: "set_status",
+    RemoveRequest: "remove",
+    GetRequest: "get",
+    ListRequest: "list",
+}
+
+
+class RegistryClient:
+    def __init__(self, bus: Bus, subjects: Subjects, timeout_s: float = 5.0) -> None:
+        self.bus = bus
+        self.subjects = subjects
+        self.timeout_s = timeout_s
+
+    async def call(self, request: Any) -> CommandReply:
+        """Send one command; NATS errors (no responders, timeout) propagate to the caller."""
+        op = OPS[type(request)]
+        data = await self.bus.request(
+            self.subjects.registry_cmd(op), codec.encode(request), self.timeout_s
+        )
+        reply: CommandReply = codec.command_reply_decoder.decode(data)
+        return reply
+
+    async def snapshot(self) -> RegistrySnapshot:
+        data = await self.bus.request(self.subjects.registry_snapshot, b"", self.timeout_s)
+        return codec.snapshot_decoder.decode(data)
+
+
+def is_error(reply: CommandReply) -> bool:
+    return isinstance(reply, CommandError)

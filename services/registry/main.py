@@ -1,0 +1,78 @@
+"""Registry process wiring: NATS, KV store, subscriptions, loops, admin HTTP; drains on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from schemas.subjects import Subjects
+from services.common.bus import Bus
+from services.common.http import HttpServer, bind
+from services.common.metrics import new_registry
+from services.common.run import every
+from services.registry.config import RegistryConfig
+from services.registry.http import create_app
+from services.registry.shell import Registry, RegistryMetrics
+from services.registry.store import RegistryStore
+
+log = logging.getLogger(__name__)
+
+
+class RunningRegistry:
+    """Handles to a started registry (tests read port and service from here)."""
+
+    def __init__(self, service: Registry, http: HttpServer) -> None:
+        self.service = service
+        self.http = http
+
+
+async def serve(
+    cfg: RegistryConfig, stop: asyncio.Event, started: asyncio.Future[RunningRegistry] | None = None
+) -> None:
+    subjects = Subjects.for_prefix(cfg.subject_prefix)
+    metrics_registry = new_registry()
+    bus = await Bus.connect(cfg.nats_url, "registry")
+    try:
+        store = await RegistryStore.open(bus, subjects.kv_bucket(cfg.kv_bucket))
+        service = Registry(bus, store, subjects, RegistryMetrics(metrics_registry))
+        await service.start()
+        # Queue groups: with two registries, each command is handled once (KV CAS keeps it safe).
+        await bus.subscribe(subjects.registry_cmd_all, queue="registry", cb=service.on_command)
+        await bus.subscribe(subjects.registry_snapshot, queue="registry", cb=service.on_snapshot)
+        await bus.subscribe(subjects.load_all, cb=service.on_load)
+        await bus.flush()  # the server knows our subscriptions before anyone is told we are up
+
+        def health() -> dict[str, object]:
+            seqr = service.sequencer
+            workers = len(service.state.records)
+            return {"ok": bus.connected, "epoch": seqr.epoch, "seq": seqr.seq, "workers": workers}
+
+        if not cfg.admin_token:
+            log.warning(
+                "admin API has no token: open to anyone on %s (development only)", cfg.http_host
+            )
+        app = create_app(
+            service.dispatch,
+            admin_token=cfg.admin_token,
+            metrics_registry=metrics_registry,
+            health=health,
+            body_limit=cfg.request_body_limit,
+        )
+        http = HttpServer(app, bind(cfg.http_host, cfg.http_port))
+        async with asyncio.TaskGroup() as tg:
+            http_task = tg.create_task(http.serve())
+            loops = [
+                tg.create_task(every(cfg.beacon_interval_s, service.beacon, "beacon")),
+                tg.create_task(every(max(cfg.heartbeat_ttl_s / 4, 0.05),
+                                     lambda: service.expire(cfg.heartbeat_ttl_s), "expiry")),
+            ]  # fmt: skip
+            log.info("registry serving", extra={"port": http.port, "prefix": cfg.subject_prefix})
+            if started is not None:
+                started.set_result(RunningRegistry(service, http))
+            await stop.wait()
+            for loop in loops:
+                loop.cancel()
+            http.stop()
+            await http_task
+    finally:
+        await bus.close()

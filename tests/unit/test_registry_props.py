@@ -1,0 +1,127 @@
+"""Property test: random operation sequences against the registry core keep every invariant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.registry import (
+    CommandError,
+    RegistryEvent,
+    WorkerRegistered,
+    WorkerRemoved,
+    WorkerReplaced,
+    WorkerSpec,
+    WorkerStatus,
+    WorkerStatusChanged,
+)
+from services.common.seq import Sequencer, SequenceTracker
+from services.registry.core import RegistryState
+
+URLS = [f"http://h{i}:8000" for i in range(4)]
+MODELS = ["a", "b", "c"]
+IDS = [f"w{i}" for i in range(6)]
+
+specs = st.builds(
+    lambda url, models: WorkerSpec(url=url, models=tuple(models)),
+    st.sampled_from(URLS),
+    st.lists(st.sampled_from(MODELS), max_size=3),
+)
+ops = st.one_of(
+    st.tuples(st.just("register"), specs, st.sampled_from(IDS)),
+    st.tuples(st.just("upsert"), specs, st.sampled_from(IDS)),
+    st.tuples(st.just("replace"), st.sampled_from(IDS), specs),
+    st.tuples(st.just("set_status"), st.sampled_from(IDS), st.sampled_from(list(WorkerStatus))),
+    st.tuples(st.just("remove"), st.sampled_from(IDS)),
+    st.tuples(st.just("heartbeat"), st.sampled_from(IDS), st.sampled_from(list(WorkerStatus))),
+    st.tuples(st.just("expire"), st.floats(min_value=0, max_value=10)),
+)
+
+
+def apply(state: RegistryState, op: tuple[Any, ...], now: float) -> list[RegistryEvent]:
+    match op:
+        case ("register", spec, new_id):
+            return list(state.register(spec, new_id, now).events)
+        case ("upsert", spec, new_id):
+            return list(state.upsert(spec, new_id, now).events)
+        case ("replace", worker_id, spec):
+            return list(state.replace(worker_id, spec, now).events)
+        case ("set_status", worker_id, status):
+            return list(state.set_status(worker_id, status).events)
+        case ("remove", worker_id):
+            return list(state.remove(worker_id).events)
+        case ("heartbeat", worker_id, status):
+            return list(state.heartbeat(worker_id, status, now).events)
+        case ("expire", ttl):
+            events: list[RegistryEvent] = []
+            for worker_id in state.expired(now, ttl):
+                events += state.expire_one(worker_id).events
+            return events
+    raise AssertionError(op)
+
+
+def check_invariants(state: RegistryState) -> None:
+    # 1. URL uniqueness: the index is exactly url -> id of the records.
+    assert state.url_index == {r.url: r.id for r in state.records.values()}
+    # 2. Model index equals the records' models exactly, no empty sets.
+    expected: dict[str, set[str]] = {}
+    for record in state.records.values():
+        for model in record.models:
+            expected.setdefault(model, set()).add(record.id)
+    assert state.model_index == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ops, max_size=40))
+def test_random_operations_keep_invariants(sequence: list[tuple[Any, ...]]) -> None:
+    state = RegistryState()
+    sequencer = Sequencer("registry", epoch=1)
+    tracker = SequenceTracker()
+    revisions: dict[str, int] = {}
+    for step, op in enumerate(sequence):
+        events = apply(state, op, now=float(step))
+        check_invariants(state)
+        for event in events:
+            env = sequencer.stamp(event, now=float(step))
+            # Seqs are contiguous from 1: every stamped event is in order for a fresh follower.
+            assert tracker.observe("registry", env.epoch, env.seq).__class__.__name__ == "InOrder"
+            # 3. Revisions strictly increase per record (and restart at 1 after a remove).
+            match event:
+                case WorkerRegistered(worker=rec):
+                    assert rec.revision == 1
+                    revisions[rec.id] = 1
+                case WorkerReplaced(old=old, new=new):
+                    assert new.revision == old.revision + 1 == revisions[new.id] + 1
+                    revisions[new.id] = new.revision
+                case WorkerStatusChanged(worker_id=wid, revision=rev, old_status=a, new_status=b):
+                    assert a != b
+                    assert rev == revisions[wid] + 1
+                    revisions[wid] = rev
+                case WorkerRemoved(worker=rec):
+                    revisions.pop(rec.id)
+        # Events describe the state: a follower applying them holds exactly the records.
+        assert set(revisions) == set(state.records)
+        for worker_id, rev in revisions.items():
+            assert state.records[worker_id].revision == rev
+
+
+@given(st.lists(ops, max_size=30))
+def test_errors_change_nothing(sequence: list[tuple[Any, ...]]) -> None:
+    state = RegistryState()
+    for step, op in enumerate(sequence):
+        before = (dict(state.records), dict(state.url_index))
+        if op[0] in ("register", "upsert"):
+            out = getattr(state, op[0])(op[1], op[2], float(step))
+        elif op[0] == "replace":
+            out = state.replace(op[1], op[2], float(step))
+        elif op[0] == "set_status":
+            out = state.set_status(op[1], op[2])
+        elif op[0] == "remove":
+            out = state.remove(op[1])
+        else:
+            continue
+        if isinstance(out.reply, CommandError):
+            assert (state.records, state.url_index) == before
+            assert out.events == ()
