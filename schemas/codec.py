@@ -24,7 +24,7 @@ command_reply_decoder = msgspec.json.Decoder(CommandReply)
 # The operator's view decodes any envelope without knowing its body type.
 any_envelope_decoder = msgspec.json.Decoder(Envelope[Any])
 
-DecodeError = (msgspec.DecodeError, msgspec.ValidationError)
+DecodeError: tuple[type[Exception], ...] = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 def encode(value: object) -> bytes:

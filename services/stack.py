@@ -38,4 +38,11 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
         env={**env, "REGISTRY_ADMIN_TOKEN": opts.admin_token},
         health_url=f"http://127.0.0.1:{opts.registry_port}/healthz",
     )
-    return [registry]
+    capacity = ServiceSpec(
+        name="capacity",
+        module="capacity",
+        args=("--http-port", str(opts.capacity_port)),
+        env=env,
+        health_url=f"http://127.0.0.1:{opts.capacity_port}/healthz",
+    )
+    return [registry, capacity]

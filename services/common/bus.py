@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -116,9 +117,24 @@ class Bus:
         await self.nc.publish(subject, data, headers=headers)
 
     async def request(self, subject: str, data: bytes, timeout_s: float = 2.0) -> bytes:
-        """Request/reply; raises NoRespondersError or RequestTimeout."""
-        msg = await self.nc.request(subject, data, timeout=timeout_s)
-        return bytes(msg.data)
+        """Request/reply within timeout_s; raises NoRespondersError or RequestTimeout after it.
+
+        "No responders" is retried until the deadline: the responder may be restarting, and
+        nats-server (2.15) can briefly miss a subscription another connection made a moment ago
+        (measured: ~1 request in 1000 right after a SUB + PING on the other connection).
+        """
+        deadline = time.monotonic() + timeout_s
+        delay = 0.01
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                msg = await self.nc.request(subject, data, timeout=max(remaining, 0.01))
+                return bytes(msg.data)
+            except NoRespondersError:
+                if remaining <= delay:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def subscribe(
         self,

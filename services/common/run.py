@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,46 @@ async def every(interval_s: float, action: Callable[[], Awaitable[Any]], name: s
             await action()
         except Exception:
             log.exception("%s failed", name)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any], retry_s: float = 0.5) -> None:
+    """Cancel until each task is really done.
+
+    On Python 3.11 asyncio.wait_for (used inside nats-py) can swallow a cancellation when its
+    inner future completes at the same moment; one cancel() is then lost and the task runs on.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+
+
+class _HasLogging(Protocol):
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_format(self) -> str: ...
+
+
+C = TypeVar("C", bound=_HasLogging)
+
+
+def service_main(
+    name: str,
+    load: Callable[[Sequence[str], Mapping[str, str]], C],
+    serve: Callable[[C, asyncio.Event], Awaitable[None]],
+) -> int:
+    """Body of every `python -m services.<name>`: config (exit 2 naming the field), logs, run."""
+    import os
+
+    from services.common.errors import ConfigError
+    from services.common.logging import setup_logging
+
+    try:
+        cfg = load(sys.argv[1:], os.environ)
+    except ConfigError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(name, cfg.log_level, cfg.log_format)
+    return run_service(lambda stop: serve(cfg, stop))

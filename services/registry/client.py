@@ -38,17 +38,17 @@ class RegistryClient:
         self.timeout_s = timeout_s
 
     async def call(self, request: Any) -> CommandReply:
-        """Send one command; NATS errors (no responders, timeout) propagate to the caller."""
+        """Send one command; after timeout_s without an answer, NATS's error propagates."""
         op = OPS[type(request)]
-        data = await self.bus.request(
-            self.subjects.registry_cmd(op), codec.encode(request), self.timeout_s
-        )
+        subject = self.subjects.registry_cmd(op)
+        data = await self.bus.request(subject, codec.encode(request), self.timeout_s)
         reply: CommandReply = codec.command_reply_decoder.decode(data)
         return reply
 
     async def snapshot(self) -> RegistrySnapshot:
         data = await self.bus.request(self.subjects.registry_snapshot, b"", self.timeout_s)
-        return codec.snapshot_decoder.decode(data)
+        snap: RegistrySnapshot = codec.snapshot_decoder.decode(data)
+        return snap
 
 
 def is_error(reply: CommandReply) -> bool:

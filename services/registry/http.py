@@ -122,9 +122,12 @@ def create_app(
         async def wrapped(request: Request) -> Response:
             if not authorized(request):
                 return error_response(
-                    401, "missing or wrong admin bearer token", "authentication_error",
-                    "invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
-                )  # fmt: skip
+                    401,
+                    "missing or wrong admin bearer token",
+                    "authentication_error",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             try:
                 return await handler(request)
             except BadRequest as exc:
@@ -159,9 +162,11 @@ def create_app(
         if request.method == "PATCH":
             patch = await read_json(request, StatusPatch, body_limit)
             req = SetStatusRequest(
-                id=worker_id, status=patch.status, expected_revision=patch.expected_revision,
+                id=worker_id,
+                status=patch.status,
+                expected_revision=patch.expected_revision,
                 reason=patch.reason or "admin",
-            )  # fmt: skip
+            )
             return to_response(await dispatch("set_status", req))
         result = await dispatch("remove", RemoveRequest(id=worker_id, reason="admin"))
         if isinstance(result, CommandOk):

@@ -9,7 +9,7 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.common.http import HttpServer, bind
 from services.common.metrics import new_registry
-from services.common.run import every
+from services.common.run import cancel_and_wait, every
 from services.registry.config import RegistryConfig
 from services.registry.http import create_app
 from services.registry.shell import Registry, RegistryMetrics
@@ -63,15 +63,19 @@ async def serve(
             http_task = tg.create_task(http.serve())
             loops = [
                 tg.create_task(every(cfg.beacon_interval_s, service.beacon, "beacon")),
-                tg.create_task(every(max(cfg.heartbeat_ttl_s / 4, 0.05),
-                                     lambda: service.expire(cfg.heartbeat_ttl_s), "expiry")),
-            ]  # fmt: skip
+                tg.create_task(
+                    every(
+                        max(cfg.heartbeat_ttl_s / 4, 0.05),
+                        lambda: service.expire(cfg.heartbeat_ttl_s),
+                        "expiry",
+                    )
+                ),
+            ]
             log.info("registry serving", extra={"port": http.port, "prefix": cfg.subject_prefix})
             if started is not None:
                 started.set_result(RunningRegistry(service, http))
             await stop.wait()
-            for loop in loops:
-                loop.cancel()
+            await cancel_and_wait(*loops)
             http.stop()
             await http_task
     finally:

@@ -100,9 +100,12 @@ class Registry:
             await self._reload()
         log.info(
             "registry loaded",
-            extra={"epoch": self.sequencer.epoch, "seq": self.sequencer.seq,
-                   "workers": len(self.state.records)},
-        )  # fmt: skip
+            extra={
+                "epoch": self.sequencer.epoch,
+                "seq": self.sequencer.seq,
+                "workers": len(self.state.records),
+            },
+        )
 
     async def _reload(self) -> None:
         records = await self.store.load()

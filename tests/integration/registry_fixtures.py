@@ -20,8 +20,9 @@ from services.registry.main import RunningRegistry, serve
 async def running_registry(
     nats_url: str, prefix: str, **overrides: Any
 ) -> AsyncIterator[RunningRegistry]:
-    cfg = RegistryConfig(nats_url=nats_url, subject_prefix=prefix, http_port=0, log_format="text",
-                         **overrides)  # fmt: skip
+    cfg = RegistryConfig(
+        nats_url=nats_url, subject_prefix=prefix, http_port=0, log_format="text", **overrides
+    )
     stop = asyncio.Event()
     started: asyncio.Future[RunningRegistry] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(cfg, stop, started))

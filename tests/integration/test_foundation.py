@@ -150,6 +150,8 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
             str(tmp_path / "sb"),
             "--registry-port",
             str(free_port()),
+            "--capacity-port",
+            str(free_port()),
         ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -169,5 +171,6 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
     assert proc.returncode == 0, "\n".join(lines)
     text = "\n".join(lines)
     assert "registry is healthy" in text
+    assert "capacity is healthy" in text
     assert "registry   | " in text  # the child's own log lines, prefixed
     assert (tmp_path / "sb" / "nats" / "jetstream").is_dir()

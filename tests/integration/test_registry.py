@@ -146,10 +146,19 @@ async def test_heartbeat_ttl_not_ready_then_ready(bus: Bus, prefix: str, nats_ur
             while True:
                 if beating:
                     load = WorkerLoad(
-                        worker_id=rec.id, url=rec.url, status=S.READY,
-                        models=(ModelLoad(id="m1", in_flight=0, queue_depth=0, max_in_flight=4,
-                                          max_queue_depth=8),),
-                    )  # fmt: skip
+                        worker_id=rec.id,
+                        url=rec.url,
+                        status=S.READY,
+                        models=(
+                            ModelLoad(
+                                id="m1",
+                                in_flight=0,
+                                queue_depth=0,
+                                max_in_flight=4,
+                                max_queue_depth=8,
+                            ),
+                        ),
+                    )
                     await bus.publish(
                         subjects.load(rec.id), codec.encode(seqr.stamp(load, time.time()))
                     )
@@ -159,8 +168,11 @@ async def test_heartbeat_ttl_not_ready_then_ready(bus: Bus, prefix: str, nats_ur
         try:
 
             def statuses() -> list[tuple[WorkerStatus, WorkerStatus]]:
-                return [(b.old_status, b.new_status) for b in log.bodies()
-                        if isinstance(b, WorkerStatusChanged)]  # fmt: skip
+                return [
+                    (b.old_status, b.new_status)
+                    for b in log.bodies()
+                    if isinstance(b, WorkerStatusChanged)
+                ]
 
             await eventually(lambda: statuses() == [(S.PENDING, S.READY)])
             beating = False

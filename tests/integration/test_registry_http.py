@@ -136,17 +136,30 @@ async def test_admin_api_bad_input(
         aiohttp.ClientSession() as s,
     ):
         got, body, _ = await call(
-            s, method, f"http://127.0.0.1:{reg.http.port}{path}", data=payload,
+            s,
+            method,
+            f"http://127.0.0.1:{reg.http.port}{path}",
+            data=payload,
             headers={**AUTH, "Content-Type": "application/json"},
-        )  # fmt: skip
+        )
         assert got == status
         assert_envelope(body, code)
         assert reg.service.state.records == {}
 
 
 def registry_cmd(nats_url: str, prefix: str, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "services.registry", "--nats-url", nats_url,
-            "--subject-prefix", prefix, "--http-port", str(port), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "services.registry",
+        "--nats-url",
+        nats_url,
+        "--subject-prefix",
+        prefix,
+        "--http-port",
+        str(port),
+        *extra,
+    ]
 
 
 async def test_sigkill_restart_keeps_every_record(bus: Bus, nats_url: str, prefix: str) -> None:
@@ -158,9 +171,11 @@ async def test_sigkill_restart_keeps_every_record(bus: Bus, nats_url: str, prefi
 
     async def start() -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            *registry_cmd(nats_url, prefix, port), env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+            *registry_cmd(nats_url, prefix, port),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
 
         async def healthy() -> bool:
             try:
@@ -211,8 +226,9 @@ async def test_bad_config_fails_at_start_naming_the_field(
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
         *registry_cmd(nats_url, prefix, 0, *extra),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert needle in err.decode()

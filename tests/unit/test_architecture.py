@@ -9,9 +9,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
-    "asyncio", "nats", "starlette", "uvicorn", "aiohttp", "prometheus_client",
-    "logging", "time", "random", "os", "torch", "exllamav2",
-}  # fmt: skip
+    "asyncio",
+    "nats",
+    "starlette",
+    "uvicorn",
+    "aiohttp",
+    "prometheus_client",
+    "logging",
+    "time",
+    "random",
+    "os",
+    "torch",
+    "exllamav2",
+}
 PURE_FILES = [
     *sorted(ROOT.glob("services/*/core.py")),
     ROOT / "services/common/seq.py",

@@ -156,18 +156,27 @@ TRANSITION_CASES = [
 def test_status_transitions(start: WorkerStatus, target: WorkerStatus, allowed: bool) -> None:
     st = RegistryState()
     st.register(spec(), "w1", 0.0)
-    path = {S.PENDING: [], S.READY: [S.READY], S.NOT_READY: [S.NOT_READY],
-            S.DRAINING: [S.DRAINING], S.FAILED: [S.FAILED]}[start]  # fmt: skip
+    path = {
+        S.PENDING: [],
+        S.READY: [S.READY],
+        S.NOT_READY: [S.NOT_READY],
+        S.DRAINING: [S.DRAINING],
+        S.FAILED: [S.FAILED],
+    }[start]
     for step in path:
         ok(st.set_status("w1", step))
     out = st.set_status("w1", target, reason="test")
     if allowed:
         assert out.events == (
             WorkerStatusChanged(
-                worker_id="w1", old_status=start, new_status=target,
-                revision=st.records["w1"].revision, reason="test", worker=st.records["w1"],
+                worker_id="w1",
+                old_status=start,
+                new_status=target,
+                revision=st.records["w1"].revision,
+                reason="test",
+                worker=st.records["w1"],
             ),
-        )  # fmt: skip
+        )
     else:
         err(out, "invalid")
 

@@ -1,0 +1,1 @@
+"""Capacity service: fleet and per-model capacity with the precedence tier it came from."""

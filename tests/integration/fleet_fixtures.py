@@ -1,0 +1,100 @@
+"""Test-side fleet helpers: run the capacity service in-process, play a worker's heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from schemas import codec
+from schemas.base import Envelope
+from schemas.capacity import CapacityView
+from schemas.load import ModelLoad, WorkerLoad
+from schemas.registry import WorkerRecord, WorkerStatus
+from schemas.subjects import Subjects
+from services.capacity.config import CapacityConfig
+from services.capacity.main import RunningCapacity, serve
+from services.common.bus import Bus, Message
+from services.common.seq import Sequencer
+
+
+@contextlib.asynccontextmanager
+async def running_capacity(
+    nats_url: str, prefix: str, **overrides: Any
+) -> AsyncIterator[RunningCapacity]:
+    cfg = CapacityConfig(nats_url=nats_url, subject_prefix=prefix, http_port=0, **overrides)
+    stop = asyncio.Event()
+    started: asyncio.Future[RunningCapacity] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(cfg, stop, started))
+    waiters: list[asyncio.Future[Any]] = [task, started]
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+class Heartbeats:
+    """Publishes a worker's load heartbeats (as a worker process would) until stopped."""
+
+    def __init__(
+        self, bus: Bus, prefix: str, record: WorkerRecord, interval_s: float = 0.2
+    ) -> None:
+        self.bus, self.record, self.interval_s = bus, record, interval_s
+        self.subject = Subjects.for_prefix(prefix).load(record.id)
+        self.sequencer = Sequencer(record.id, epoch=time.time_ns())
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> Heartbeats:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            load = WorkerLoad(
+                worker_id=self.record.id,
+                url=self.record.url,
+                status=WorkerStatus.READY,
+                models=tuple(
+                    ModelLoad(id=m, in_flight=0, queue_depth=0, max_in_flight=4, max_queue_depth=8)
+                    for m in self.record.models
+                ),
+            )
+            await self.bus.publish(
+                self.subject, codec.encode(self.sequencer.stamp(load, time.time()))
+            )
+            await asyncio.sleep(self.interval_s)
+
+
+class ViewLog:
+    """Every capacity view published."""
+
+    def __init__(self) -> None:
+        self.views: list[Envelope[CapacityView]] = []
+
+    async def on_msg(self, msg: Message) -> None:
+        self.views.append(codec.capacity_view_decoder.decode(msg.data))
+
+    @property
+    def last(self) -> CapacityView | None:
+        return self.views[-1].body if self.views else None
+
+    def fleet(self) -> tuple[int, str] | None:
+        last = self.last
+        return None if last is None else (last.fleet.capacity, last.fleet.source.value)
+
+
+async def record_views(bus: Bus, prefix: str) -> ViewLog:
+    log = ViewLog()
+    await bus.subscribe(Subjects.for_prefix(prefix).capacity_view, cb=log.on_msg)
+    await bus.flush()
+    return log
