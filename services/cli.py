@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
     up.add_argument("--registry-port", type=int, default=8081, help="registry admin API port")
     up.add_argument("--capacity-port", type=int, default=8082, help="capacity /metrics port")
+    up.add_argument("--worker-base-port", type=int, default=8100, help="first worker's port")
     up.add_argument(
         "--admin-token",
         default=os.environ.get("SWITCHBOARD_ADMIN_TOKEN", ""),
@@ -68,6 +69,7 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
         model=args.model,
         registry_port=args.registry_port,
         capacity_port=args.capacity_port,
+        worker_base_port=args.worker_base_port,
         admin_token=args.admin_token,
         log_format=args.log_format,
     )

@@ -45,4 +45,21 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
         env=env,
         health_url=f"http://127.0.0.1:{opts.capacity_port}/healthz",
     )
-    return [registry, capacity]
+    workers = [
+        ServiceSpec(
+            name=f"worker-{i + 1}",
+            module="worker",
+            args=worker_args(opts, opts.worker_base_port + i),
+            env=env,
+            health_url=f"http://127.0.0.1:{opts.worker_base_port + i}/healthz",
+        )
+        for i in range(opts.workers)
+    ]
+    return [registry, capacity, *workers]
+
+
+def worker_args(opts: StackOptions, port: int) -> tuple[str, ...]:
+    args = ["--http-port", str(port), "--engine", opts.engine]
+    if opts.model:
+        args += ["--model-dir", opts.model]
+    return tuple(args)

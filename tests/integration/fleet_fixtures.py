@@ -98,3 +98,26 @@ async def record_views(bus: Bus, prefix: str) -> ViewLog:
     await bus.subscribe(Subjects.for_prefix(prefix).capacity_view, cb=log.on_msg)
     await bus.flush()
     return log
+
+
+@contextlib.asynccontextmanager
+async def running_worker(nats_url: str, prefix: str, **overrides: Any) -> AsyncIterator[Any]:
+    """A worker in-process (sim engine unless overridden); yields a RunningWorker."""
+    from services.worker.config import WorkerConfig
+    from services.worker.main import RunningWorker
+    from services.worker.main import serve as serve_worker
+
+    fields: dict[str, Any] = {"engine": "sim", "http_port": 0, "heartbeat_interval_s": 0.2}
+    cfg = WorkerConfig(nats_url=nats_url, subject_prefix=prefix, **(fields | overrides))
+    stop = asyncio.Event()
+    started: asyncio.Future[RunningWorker] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve_worker(cfg, stop, started))
+    waiters: list[asyncio.Future[Any]] = [task, started]
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

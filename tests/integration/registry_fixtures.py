@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from schemas import codec
@@ -16,10 +16,10 @@ from services.registry.config import RegistryConfig
 from services.registry.main import RunningRegistry, serve
 
 
-@contextlib.asynccontextmanager
-async def running_registry(
+async def start_registry(
     nats_url: str, prefix: str, **overrides: Any
-) -> AsyncIterator[RunningRegistry]:
+) -> tuple[RunningRegistry, Callable[[], Awaitable[None]]]:
+    """Start a registry in-process; returns it and an idempotent stop function."""
     cfg = RegistryConfig(
         nats_url=nats_url, subject_prefix=prefix, http_port=0, log_format="text", **overrides
     )
@@ -30,11 +30,23 @@ async def running_registry(
     done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises what went wrong at start
-    try:
-        yield started.result()
-    finally:
+
+    async def stopper() -> None:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+    return started.result(), stopper
+
+
+@contextlib.asynccontextmanager
+async def running_registry(
+    nats_url: str, prefix: str, **overrides: Any
+) -> AsyncIterator[RunningRegistry]:
+    reg, stop = await start_registry(nats_url, prefix, **overrides)
+    try:
+        yield reg
+    finally:
+        await stop()
 
 
 class EventLog:

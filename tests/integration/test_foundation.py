@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from schemas import codec
@@ -16,7 +17,7 @@ from schemas.registry import WorkerRecord, WorkerRegistered, WorkerStatus
 from schemas.subjects import Subjects
 from services.common.bus import Bus, KeyWrongLastSequenceError, NoRespondersError, reply
 from services.common.natsd import NatsServer
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, free_port, free_port_range
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,7 @@ async def test_tail_shows_hand_published_messages_and_a_gap(
 
 async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
+    worker_port = free_port_range(2)
     proc = await asyncio.create_subprocess_exec(
         *_switchboard(
             "up",
@@ -152,6 +154,10 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
             str(free_port()),
             "--capacity-port",
             str(free_port()),
+            "--worker-base-port",
+            str(worker_port),
+            "--engine",
+            "sim",
         ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -164,6 +170,12 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
         bus = await Bus.connect(f"nats://127.0.0.1:{port}", "probe")
         await bus.flush()
         await bus.close()
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as s:
+            for p in (worker_port, worker_port + 1):
+                async with s.post(f"http://127.0.0.1:{p}/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+                    assert (await r.json())["choices"][0]["message"]["content"]
     finally:
         proc.send_signal(signal.SIGINT)
         await _read_until(proc.stdout, "up         | stopped", lines, 30)
@@ -172,5 +184,32 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
     text = "\n".join(lines)
     assert "registry is healthy" in text
     assert "capacity is healthy" in text
+    assert "worker-1 is healthy" in text
+    assert "worker-2 is healthy" in text
     assert "registry   | " in text  # the child's own log lines, prefixed
     assert (tmp_path / "sb" / "nats" / "jetstream").is_dir()
+
+
+async def test_accepted_sockets_have_tcp_nodelay() -> None:
+    """Without TCP_NODELAY every keep-alive response waits ~40 ms on the peer's delayed ACK."""
+    import socket
+
+    from services.common.http import bind
+
+    seen: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    # the same path uvicorn takes with a pre-bound socket
+    server = await asyncio.get_running_loop().create_server(Probe, sock=bind("127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    await eventually(lambda: seen)
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    assert seen == [1]

@@ -1,0 +1,1 @@
+"""Worker service: an OpenAI-compatible model server with admission control and heartbeats."""

@@ -1,0 +1,51 @@
+"""Worker config: HTTP bind, engine choice, admission limits, heartbeats, simulator knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal
+
+import msgspec
+
+from schemas.base import ModelId
+from services.common.config import Port, ServiceConfig, load_config
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8100
+    # What the router dials; default http://<http_host>:<bound port>.
+    advertise_url: str = ""
+    engine: Literal["auto", "sim", "transformers", "exllamav2"] = "auto"
+    # Model names served (sim: any names; real engines: one name, default the model dir's name).
+    models: tuple[ModelId, ...] = ()
+    model_dir: str = ""
+    # 0 = the engine's max batch (its real limit).
+    max_in_flight: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    max_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
+    max_wait_s: Seconds = 30.0
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=64 << 20)] = 1 << 20
+    heartbeat_interval_s: Seconds = 1.0
+    drain_timeout_s: Seconds = 30.0
+    # False: a plain OpenAI server that never talks to NATS.
+    register: bool = True
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    keep_alive_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 75
+    # Simulator engine.
+    sim_ttft_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.02
+    sim_tokens_per_s: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 200.0
+    sim_max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 8
+    sim_max_context: Annotated[int, msgspec.Meta(ge=16)] = 4096
+    sim_slowdown_per_seq: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
+            raise ValueError(f"advertise_url {self.advertise_url!r} must start with http(s)://")
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str]) -> WorkerConfig:
+    return load_config(WorkerConfig, "worker", argv, environ)

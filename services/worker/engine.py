@@ -1,0 +1,97 @@
+"""The engine interface every backend implements (sim, transformers, exllamav2), and its Job.
+
+Shaped after exllamav2's dynamic generator: a request becomes a job that is enqueued, produces
+token chunks incrementally (from the engine's own thread or task), and can be cancelled at any
+time. Engines push chunks with Job.push(), which is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import msgspec
+
+from schemas.inference import ChatMessage
+
+
+class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):
+    max_batch: int  # concurrent sequences the engine runs (the admission default max_in_flight)
+    max_context: int  # prompt + completion tokens per sequence
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True):
+    """Text produced by one engine step; finish_reason set on the last chunk of a job."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None  # "stop" (eos or stop string) | "length" | "cancelled"
+
+
+class EngineError(Exception):
+    """The engine failed a job (not the client's fault)."""
+
+
+class Job:
+    """One generation in flight. Iterate it for chunks; cancel() stops it and frees its slot."""
+
+    def __init__(self, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.cancelled = False
+        self.finished = False
+        self._loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+
+    def push(self, chunk: Chunk | BaseException) -> None:
+        """Thread-safe: hand a chunk (or the engine's error) to the consumer."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+
+    def cancel(self) -> None:
+        """Idempotent; the engine sees `cancelled` at its next step and drops the job."""
+        self.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.completion_tokens += item.tokens
+            yield item
+            if item.finish_reason is not None:
+                self.finished = True
+                return
+
+
+class Engine(Protocol):
+    """What the worker needs from a model backend."""
+
+    model_id: str
+    limits: EngineLimits
+
+    async def load(self) -> None:
+        """Load weights (off the event loop); raise a clear error if impossible."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """Apply the model's chat template, ending where the assistant's reply begins."""
+        ...
+
+    def start(self, prompt: str, params: SamplingParams) -> Job:
+        """Enqueue a generation; returns at once. Must be called on the event loop."""
+        ...
+
+    async def close(self) -> None: ...

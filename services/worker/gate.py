@@ -1,0 +1,108 @@
+"""Async gate around the admission core: wait for a slot, give it back on every path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from services.worker.core import Admission, AdmissionLimits, Busy, Queued
+
+
+class Rejected(Exception):
+    def __init__(self, busy: Busy) -> None:
+        super().__init__(f"busy: {busy.reason}")
+        self.busy = busy
+
+
+class Gate:
+    """One per model. on_change is called after every change of in_flight or queue_depth."""
+
+    def __init__(
+        self,
+        limits: AdmissionLimits,
+        on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = Admission(limits)
+        self.on_change = on_change
+        self.clock = clock
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.idle = asyncio.Event()  # set while nothing runs or waits (drain waits on it)
+        self.idle.set()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a running slot for the body; raises Rejected when the worker is busy."""
+        decision = self.core.request(self.clock())
+        if isinstance(decision, Busy):
+            raise Rejected(decision)
+        ticket = decision.ticket
+        self._changed()
+        if isinstance(decision, Queued):
+            await self._wait(ticket)
+        started = self.clock()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            # Released on success, error and cancellation (client disconnect) alike.
+            self._admit(self.core.release(ticket, None if failed else self.clock() - started))
+            self._changed()
+
+    async def _wait(self, ticket: int) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = future
+        self._arm_timer()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if ticket in self.core.running:  # admitted just as the client left: give it back
+                self._admit(self.core.release(ticket))
+            else:
+                self._admit(self.core.leave(ticket))
+            self._changed()
+            raise
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def _admit(self, tickets: list[int]) -> None:
+        for ticket in tickets:
+            waiter = self._waiters.get(ticket)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.core.next_deadline()
+        if deadline is not None:
+            delay = max(deadline - self.clock(), 0.0)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        expired = self.core.expire(self.clock())
+        for ticket in expired:
+            waiter = self._waiters.get(ticket)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(Rejected(Busy("timeout", self.core.retry_after_s())))
+        if expired:
+            self._changed()
+        self._arm_timer()
+
+    def _changed(self) -> None:
+        if self.core.in_flight or self.core.queue_depth:
+            self.idle.clear()
+        else:
+            self.idle.set()
+        self.on_change()
+
+    def drain(self) -> None:
+        """Refuse newcomers from now on; running and queued requests still complete."""
+        self.core.draining = True

@@ -1,0 +1,326 @@
+"""Worker OpenAI API (Starlette): chat and text completions, JSON and SSE, behind admission."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from schemas import codec
+from schemas.inference import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+)
+from services.common.http import HealthCheck, error_response, ops_routes
+from services.worker.engine import Engine, EngineError, Job, SamplingParams
+from services.worker.gate import Gate, Rejected
+from services.worker.metrics import WorkerMetrics
+from services.worker.openai import DONE, Shape, error_event, usage
+
+
+class ServedModel:
+    def __init__(self, engine: Engine, gate: Gate) -> None:
+        self.engine = engine
+        self.gate = gate
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code, self.param, self.headers = (
+            status,
+            type_,
+            code,
+            param,
+            headers,
+        )
+
+    def response(self) -> Response:
+        return error_response(
+            self.status, str(self), self.type, self.code, self.param, self.headers
+        )
+
+
+def busy_error(rejected: Rejected, model: str) -> ApiError:
+    busy = rejected.busy
+    why = {
+        "queue_full": "its queue is full",
+        "timeout": "no slot freed in time",
+        "draining": "it is draining",
+    }[busy.reason]
+    return ApiError(
+        503,
+        f"worker is at capacity for model {model} ({why}); retry after {busy.retry_after_s}s",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        headers={"Retry-After": str(busy.retry_after_s)},
+    )
+
+
+class GuardedStream(StreamingResponse):
+    """A streaming response whose cleanup runs however the stream ends (even if never started)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.cleanup()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(
+            413, f"request body exceeds {limit} bytes", "invalid_request_error", "request_too_large"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(
+                413,
+                f"request body exceeds {limit} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+    return bytes(body)
+
+
+def decode_request(body: bytes, type_: type[Any]) -> Any:
+    try:
+        return codec.decode(body, type_)
+    except msgspec.ValidationError as exc:
+        param = (
+            str(exc).rsplit("`$.", 1)[-1].rstrip("`").split("[")[0] if "`$." in str(exc) else None
+        )
+        raise ApiError(
+            400, f"invalid request: {exc}", "invalid_request_error", "invalid_value", param
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(
+            400, f"malformed JSON body: {exc}", "invalid_request_error", "invalid_json"
+        ) from None
+
+
+class WorkerApi:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        metrics: WorkerMetrics,
+        *,
+        body_limit: int = 1 << 20,
+        default_max_tokens: int = 256,
+    ) -> None:
+        self.models = models
+        self.metrics = metrics
+        self.body_limit = body_limit
+        self.default_max_tokens = default_max_tokens
+
+    def _model(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here (serving: {', '.join(sorted(self.models))})",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
+        return served
+
+    def _params(
+        self, req: SamplingFields, engine: Engine, prompt_tokens: int, cap: int | None
+    ) -> SamplingParams:
+        room = engine.limits.max_context - prompt_tokens
+        wanted = cap if cap is not None else min(self.default_max_tokens, room)
+        if wanted > room or room <= 0:
+            raise ApiError(
+                400,
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({wanted}) exceeds the "
+                f"model's context of {engine.limits.max_context} tokens",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "max_tokens",
+            )
+        return SamplingParams(
+            max_tokens=wanted,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_strings(),
+        )
+
+    async def chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = decode_request(
+            await read_body(request, self.body_limit), ChatCompletionRequest
+        )
+        served = self._model(req.model)
+        prompt = served.engine.chat_prompt(req.messages)
+        cap = req.max_completion_tokens or req.max_tokens
+        return await self._generate(request, served, req, prompt, cap, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        req: CompletionRequest = decode_request(
+            await read_body(request, self.body_limit), CompletionRequest
+        )
+        served = self._model(req.model)
+        return await self._generate(
+            request, served, req, req.prompt_text(), req.max_tokens, chat=False
+        )
+
+    async def _generate(
+        self,
+        request: Request,
+        served: ServedModel,
+        req: SamplingFields,
+        prompt: str,
+        cap: int | None,
+        *,
+        chat: bool,
+    ) -> Response:
+        engine = served.engine
+        params = self._params(req, engine, engine.count_tokens(prompt), cap)
+        shape = Shape(
+            chat=chat,
+            id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            created=int(time.time()),
+            model=req.model,
+        )
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(served.gate.slot())
+        except Rejected as rejected:
+            self.metrics.rejections.labels(req.model, rejected.busy.reason).inc()
+            raise busy_error(rejected, req.model) from None
+        started = time.perf_counter()
+        job = engine.start(prompt, params)
+
+        async def cleanup() -> None:
+            job.cancel()  # a no-op when it already finished; frees the engine slot when not
+            self.metrics.observe_done(
+                req.model, time.perf_counter() - started, job.completion_tokens
+            )
+            await stack.aclose()
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return GuardedStream(
+                self._stream(job, shape, include_usage, started, req.model), cleanup
+            )
+        try:
+            return await self._collect(request, job, shape, started, req.model)
+        finally:
+            await cleanup()
+
+    async def _stream(
+        self, job: Job, shape: Shape, include_usage: bool, started: float, model: str
+    ) -> AsyncIterator[bytes]:
+        first = shape.first()
+        if first is not None:
+            yield first
+        seen_first = False
+        try:
+            async for chunk in job:
+                if not seen_first:
+                    seen_first = True
+                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                if chunk.text or chunk.finish_reason:
+                    yield shape.piece(chunk.text, chunk.finish_reason)
+        except EngineError as exc:
+            yield error_event(f"generation failed: {exc}", "server_error", "engine_error")
+            return
+        if include_usage:
+            yield shape.usage_chunk(usage(job.prompt_tokens, job.completion_tokens))
+        yield DONE
+
+    async def _collect(
+        self, request: Request, job: Job, shape: Shape, started: float, model: str
+    ) -> Response:
+        async def gather() -> tuple[str, str | None]:
+            parts: list[str] = []
+            reason = None
+            async for chunk in job:
+                if not parts:
+                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                parts.append(chunk.text)
+                reason = chunk.finish_reason
+            return "".join(parts), reason
+
+        async def client_gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.create_task(gather()), asyncio.create_task(client_gone())
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()  # the client left: stop generating for nobody (cleanup cancels the job)
+            return Response(status_code=499)
+        watch.cancel()
+        try:
+            text, reason = work.result()
+        except EngineError as exc:
+            raise ApiError(
+                500, f"generation failed: {exc}", "server_error", "engine_error"
+            ) from None
+        body = shape.full(text, reason, usage(job.prompt_tokens, job.completion_tokens))
+        return Response(codec.encode(body), media_type="application/json")
+
+    async def list_models(self, _: Request) -> Response:
+        cards = [ModelCard(id=name) for name in sorted(self.models)]
+        return Response(codec.encode(ModelList(data=cards)), media_type="application/json")
+
+
+def create_app(
+    api: WorkerApi, metrics_registry: CollectorRegistry, health: HealthCheck
+) -> Starlette:
+    def handled(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except ApiError as exc:
+                return exc.response()
+
+        return wrapped
+
+    routes = [
+        Route("/v1/chat/completions", handled(api.chat), methods=["POST"]),
+        Route("/v1/completions", handled(api.completions), methods=["POST"]),
+        Route("/v1/models", api.list_models, methods=["GET"]),
+        *ops_routes(metrics_registry, health),
+    ]
+    return Starlette(routes=routes)

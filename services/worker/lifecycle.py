@@ -1,0 +1,150 @@
+"""Worker lifecycle on the bus: register, heartbeat load, stay registered, drain and deregister."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from schemas import codec
+from schemas.load import WorkerLoad
+from schemas.registry import (
+    CommandError,
+    CommandOk,
+    GetRequest,
+    RemoveRequest,
+    SetStatusRequest,
+    UpsertRequest,
+    WorkerSpec,
+    WorkerStatus,
+)
+from schemas.subjects import Subjects
+from services.common.bus import Bus, NoRespondersError, RequestTimeout
+from services.common.seq import Sequencer
+from services.registry.client import RegistryClient
+from services.worker.http import ServedModel
+
+log = logging.getLogger(__name__)
+MIN_PUBLISH_GAP_S = 0.05  # debounce: at most ~20 load messages a second
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: Subjects,
+        url: str,
+        models: dict[str, ServedModel],
+        *,
+        labels: dict[str, str],
+        heartbeat_interval_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus = bus
+        self.subjects = subjects
+        self.url = url
+        self.models = models
+        self.labels = labels
+        self.interval_s = heartbeat_interval_s
+        self.clock = clock
+        self.registry = RegistryClient(bus, subjects)
+        self.worker_id: str | None = None
+        self.status = WorkerStatus.READY
+        self.dirty = asyncio.Event()
+        self.sequencer: Sequencer | None = None
+        self.published = 0
+
+    def spec(self) -> WorkerSpec:
+        total = sum(m.gate.core.limits.max_in_flight for m in self.models.values())
+        return WorkerSpec(
+            url=self.url, models=tuple(self.models), max_running_requests=total, labels=self.labels
+        )
+
+    async def register(self) -> str:
+        """Upsert our record until the registry answers; the id comes back from it."""
+        delay = 0.1
+        while True:
+            try:
+                reply = await self.registry.call(UpsertRequest(worker=self.spec()))
+            except (NoRespondersError, RequestTimeout) as exc:
+                log.warning("registry not reachable (%r); retrying in %.1fs", exc, delay)
+            else:
+                if isinstance(reply, CommandOk) and reply.worker is not None:
+                    if reply.worker.id != self.worker_id:
+                        self.worker_id = reply.worker.id
+                        self.sequencer = Sequencer(self.worker_id, epoch=time.time_ns())
+                    log.info("registered", extra={"worker_id": self.worker_id, "url": self.url})
+                    return self.worker_id
+                log.error("registry refused our registration: %s", reply)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def in_flight(self) -> int:
+        return sum(m.gate.core.in_flight + m.gate.core.queue_depth for m in self.models.values())
+
+    def load(self) -> WorkerLoad:
+        assert self.worker_id is not None
+        return WorkerLoad(
+            worker_id=self.worker_id,
+            url=self.url,
+            models=tuple(m.gate.core.load(name) for name, m in self.models.items()),
+            status=self.status,
+            heartbeat_interval_s=self.interval_s,
+        )
+
+    async def publish_load(self) -> None:
+        assert self.worker_id is not None
+        assert self.sequencer is not None
+        env = self.sequencer.stamp(self.load(), self.clock())
+        await self.bus.publish(self.subjects.load(self.worker_id), codec.encode(env))
+        self.published += 1
+
+    async def heartbeats(self) -> None:
+        """Publish on change (debounced) and at least every interval."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dirty.wait(), self.interval_s)
+            self.dirty.clear()
+            await self.publish_load()
+            await asyncio.sleep(MIN_PUBLISH_GAP_S)
+
+    async def stay_registered(self, every_s: float = 2.0) -> None:
+        """A registry that lost or removed our record gets it back (e.g. after losing its KV)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.worker_id is None:
+                continue
+            try:
+                reply = await self.registry.call(GetRequest(id=self.worker_id))
+            except (NoRespondersError, RequestTimeout):
+                continue
+            if isinstance(reply, CommandError) and reply.code == "not_found":
+                log.warning("our registry record is gone; registering again")
+                await self.register()
+                self.dirty.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Draining: refuse newcomers, let running and queued requests finish, then deregister."""
+        self.status = WorkerStatus.DRAINING
+        for served in self.models.values():
+            served.gate.drain()
+        if self.worker_id is not None:
+            with contextlib.suppress(NoRespondersError, RequestTimeout):
+                await self.registry.call(
+                    SetStatusRequest(
+                        id=self.worker_id, status=WorkerStatus.DRAINING, reason="sigterm"
+                    )
+                )
+        self.dirty.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                for served in self.models.values():
+                    await served.gate.idle.wait()
+        except TimeoutError:
+            log.warning("drain timeout: %s requests still running", self.in_flight())
+        if self.worker_id is not None:
+            with contextlib.suppress(NoRespondersError, RequestTimeout):
+                await self.registry.call(RemoveRequest(id=self.worker_id, reason="drained"))
+        log.info("drained", extra={"worker_id": self.worker_id})

@@ -1,0 +1,44 @@
+"""Worker Prometheus metrics, built on a registry the shell gives it."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.in_flight = Gauge(
+            "worker_in_flight", "Running requests.", ["model"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "worker_queue_depth", "Queued requests.", ["model"], registry=registry
+        )
+        self.rejections = Counter(
+            "worker_admission_rejections_total",
+            "Requests refused by admission.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "worker_request_duration_seconds",
+            "Time holding a slot.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "worker_time_to_first_token_seconds",
+            "Admission to first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "worker_tokens_generated_total", "Completion tokens.", ["model"], registry=registry
+        )
+
+    def observe_done(self, model: str, duration_s: float, tokens: int) -> None:
+        self.duration.labels(model).observe(duration_s)
+        self.tokens.labels(model).inc(tokens)

@@ -1,0 +1,127 @@
+"""Simulator engine: deterministic text at configurable speed, for tests and fleet-scale benches.
+
+A real Engine implementation (not a mock): it tokenizes, applies a chat template, enforces context
+limits, honours stop strings and max_tokens, runs up to max_batch sequences at once and slows down
+as the batch grows, so fleets of hundreds of workers fit on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Sequence
+
+import msgspec
+
+from schemas.inference import ChatMessage
+from services.worker.engine import Chunk, EngineLimits, Job, SamplingParams
+
+_TOKEN = re.compile(r"\s*\S+")
+_WORDS = tuple(
+    [
+        "the",
+        "fleet",
+        "routes",
+        "each",
+        "request",
+        "to",
+        "the",
+        "least",
+        "busy",
+        "worker",
+        "and",
+        "refuses",
+        "honestly",
+        "when",
+        "full",
+        "capacity",
+        "follows",
+        "the",
+        "registry",
+        "while",
+        "heartbeats",
+        "carry",
+        "load",
+        "so",
+        "backpressure",
+        "reaches",
+        "clients",
+    ]
+)
+
+
+class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
+    ttft_s: float = 0.02  # time to first token (prefill)
+    tokens_per_s: float = 200.0  # per sequence, alone in the batch
+    max_batch: int = 8
+    max_context: int = 4096
+    slowdown_per_seq: float = 0.05  # each extra running sequence slows every step by 5 %
+    eos_after: int | None = None  # stop on "eos" after this many tokens (None: only max_tokens)
+
+
+class SimEngine:
+    def __init__(self, model_id: str, settings: SimSettings | None = None) -> None:
+        self.model_id = model_id
+        self.settings = settings or SimSettings()
+        self.limits = EngineLimits(
+            max_batch=self.settings.max_batch, max_context=self.settings.max_context
+        )
+        self.running = 0
+        self.peak_running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def load(self) -> None:
+        return None
+
+    def count_tokens(self, text: str) -> int:
+        return len(_TOKEN.findall(text))
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        lines = [f"<|{m.role}|> {m.text()}" for m in messages]
+        return "\n".join([*lines, "<|assistant|>"])
+
+    def start(self, prompt: str, params: SamplingParams) -> Job:
+        job = Job(prompt_tokens=self.count_tokens(prompt))
+        task = asyncio.create_task(self._run(job, prompt, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def _word(self, prompt: str, seed: int | None, i: int) -> str:
+        digest = hashlib.blake2b(f"{seed}|{prompt}|{i}".encode(), digest_size=4).digest()
+        return _WORDS[int.from_bytes(digest, "big") % len(_WORDS)]
+
+    async def _run(self, job: Job, prompt: str, params: SamplingParams) -> None:
+        s = self.settings
+        self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
+        try:
+            await asyncio.sleep(s.ttft_s)
+            text = ""
+            for i in range(params.max_tokens):
+                if job.cancelled:
+                    job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
+                    return
+                piece = (" " if i else "") + self._word(prompt, params.seed, i)
+                text += piece
+                stop_at = min((text.find(st) for st in params.stop if st in text), default=-1)
+                if stop_at >= 0:
+                    # Emit only what precedes the stop string, as real engines do.
+                    keep = len(piece) - (len(text) - stop_at)
+                    job.push(Chunk(text=piece[: max(keep, 0)], tokens=1, finish_reason="stop"))
+                    return
+                eos = s.eos_after is not None and i + 1 >= s.eos_after
+                last = i + 1 == params.max_tokens
+                reason = "stop" if eos else "length" if last else None
+                job.push(Chunk(text=piece, tokens=1, finish_reason=reason))
+                if reason:
+                    return
+                step = (1.0 / s.tokens_per_s) * (1.0 + s.slowdown_per_seq * (self.running - 1))
+                await asyncio.sleep(step)
+        finally:
+            self.running -= 1
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,235 @@
+"""Worker HTTP API with the sim engine: admission, error envelopes, the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from schemas.inference import ChatMessage
+from tests.helpers import eventually
+from tests.integration.fleet_fixtures import running_worker
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_body(model: str = "sim-model", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi there"}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
+
+
+async def post(
+    s: aiohttp.ClientSession, url: str, body: Any, **kw: Any
+) -> tuple[int, Any, dict[str, str]]:
+    kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+    async with s.post(url, **kwargs, **kw) as resp:
+        data = await resp.json(content_type=None) if resp.status != 499 else None
+        return resp.status, data, dict(resp.headers)
+
+
+def assert_envelope(body: Any, type_: str, code: str) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+    assert (body["error"]["type"], body["error"]["code"]) == (type_, code)
+
+
+async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix: str) -> None:
+    async with (
+        running_worker(
+            nats_url,
+            prefix,
+            register=False,
+            max_in_flight=2,
+            max_queue_depth=2,
+            max_wait_s=0.8,
+            sim_tokens_per_s=20.0,
+        ) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        gate = w.models["sim-model"].gate
+        slow = [
+            asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=30))) for _ in range(4)
+        ]
+        await eventually(lambda: (gate.core.in_flight, gate.core.queue_depth) == (2, 2))
+        began = time.perf_counter()
+        status, body, headers = await post(s, w.url + CHAT, chat_body())
+        rejected_in = time.perf_counter() - began
+        assert status == 503
+        assert rejected_in < 0.25, rejected_in  # a full queue answers at once, not after max_wait
+        assert_envelope(body, "rate_limit_error", "rate_limit_exceeded")
+        assert int(headers["Retry-After"]) >= 1
+        results = await asyncio.gather(*slow)
+        # two ran; two waited 0.8 s without a slot (30 tokens at 20/s = 1.5 s) and timed out
+        assert sorted(r[0] for r in results) == [200, 200, 503, 503]
+        timed_out = [r for r in results if r[0] == 503]
+        assert all("no slot freed in time" in r[1]["error"]["message"] for r in timed_out)
+        assert (gate.core.in_flight, gate.core.queue_depth) == (0, 0)
+        async with s.get(w.url + "/metrics") as resp:
+            text = await resp.text()
+        assert (
+            'worker_admission_rejections_total{model="sim-model",reason="queue_full"} 1.0' in text
+        )
+        assert 'worker_admission_rejections_total{model="sim-model",reason="timeout"} 2.0' in text
+
+
+async def test_burst_of_200_mixed_requests_leaves_no_slot_behind(
+    nats_url: str, prefix: str
+) -> None:
+    async with running_worker(
+        nats_url,
+        prefix,
+        register=False,
+        max_in_flight=4,
+        max_queue_depth=20,
+        max_wait_s=0.5,
+        sim_tokens_per_s=400.0,
+    ) as w:
+        gate = w.models["sim-model"].gate
+        timeout = aiohttp.ClientTimeout(total=0.05)
+
+        async def one(i: int) -> str:
+            async with aiohttp.ClientSession() as s:
+                if i % 4 == 0:  # client disconnects mid-request
+                    try:
+                        async with s.post(
+                            w.url + CHAT,
+                            json=chat_body(max_tokens=50, stream=i % 8 == 0),
+                            timeout=timeout,
+                        ) as resp:
+                            await resp.read()
+                    except TimeoutError:
+                        return "disconnected"
+                    return "finished"
+                if i % 4 == 1:  # malformed: an error path
+                    async with s.post(w.url + CHAT, data=b"{nope") as resp:
+                        return str(resp.status)
+                async with s.post(
+                    w.url + CHAT, json=chat_body(max_tokens=5, stream=i % 2 == 0)
+                ) as resp:
+                    await resp.read()
+                    return str(resp.status)
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(200)))
+        assert (
+            {"disconnected", "400", "200", "503"} >= set(outcomes) >= {"disconnected", "400", "200"}
+        )
+        await eventually(
+            lambda: (gate.core.in_flight, gate.core.queue_depth) == (0, 0), timeout_s=5
+        )
+        assert w.models["sim-model"].engine.running == 0
+
+
+async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, prefix: str) -> None:
+    async with (
+        running_worker(
+            nats_url, prefix, register=False, max_in_flight=1, sim_tokens_per_s=50.0
+        ) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        engine = w.models["sim-model"].engine
+        gate = w.models["sim-model"].gate
+        for stream in (True, False):
+            with pytest.raises(TimeoutError):
+                async with s.post(
+                    w.url + CHAT,
+                    json=chat_body(max_tokens=1000, stream=stream),
+                    timeout=aiohttp.ClientTimeout(total=0.3),
+                ) as resp:
+                    await resp.read()
+            await eventually(lambda: gate.core.in_flight == 0 and engine.running == 0, timeout_s=3)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "type_", "code"),
+    [
+        (CHAT, b"{not json", 400, "invalid_request_error", "invalid_json"),
+        (
+            CHAT,
+            {"model": "sim-model", "messages": []},
+            400,
+            "invalid_request_error",
+            "invalid_value",
+        ),
+        (
+            CHAT,
+            {"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "n": 2},
+            400,
+            "invalid_request_error",
+            "invalid_value",
+        ),
+        (
+            CHAT,
+            {
+                "model": "sim-model",
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": 9,
+            },
+            400,
+            "invalid_request_error",
+            "invalid_value",
+        ),
+        (CHAT, chat_body(model="nope"), 404, "invalid_request_error", "model_not_found"),
+        (CHAT, chat_body(max_tokens=5000), 400, "invalid_request_error", "context_length_exceeded"),
+        (CHAT, b"x" * (2 << 20), 413, "invalid_request_error", "request_too_large"),
+        ("/v1/completions", {"model": "sim-model"}, 400, "invalid_request_error", "invalid_value"),
+    ],
+)
+async def test_error_envelopes(
+    nats_url: str, prefix: str, path: str, body: Any, status: int, type_: str, code: str
+) -> None:
+    async with running_worker(nats_url, prefix, register=False) as w, aiohttp.ClientSession() as s:
+        got, data, _ = await post(s, w.url + path, body)
+        assert got == status
+        assert_envelope(data, type_, code)
+
+
+async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str) -> None:
+    async with running_worker(nats_url, prefix, register=False, models=("alpha", "beta")) as w:
+        client = openai.AsyncOpenAI(base_url=w.url + "/v1", api_key="unused", max_retries=0)
+        engine = w.models["alpha"].engine
+        messages: list[Any] = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "say hi"},
+        ]
+        prompt_tokens = engine.count_tokens(
+            engine.chat_prompt([ChatMessage(**m) for m in messages])
+        )
+        full = await client.chat.completions.create(model="alpha", messages=messages, max_tokens=7)
+        assert full.choices[0].finish_reason == "length"
+        assert full.usage is not None
+        assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (prompt_tokens, 7)
+        assert engine.count_tokens(full.choices[0].message.content or "") == 7
+        stream = await client.chat.completions.create(
+            model="alpha",
+            messages=messages,
+            max_tokens=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, usage, finish = [], None, None
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        assert "".join(pieces) == full.choices[0].message.content  # deterministic engine
+        assert finish == "length"
+        assert usage is not None
+        assert usage.completion_tokens == 7
+        text = await client.completions.create(model="beta", prompt="once upon", max_tokens=4)
+        assert text.usage is not None
+        assert text.usage.completion_tokens == 4
+        models = await client.models.list()
+        assert sorted(m.id for m in models.data) == ["alpha", "beta"]
+        await client.close()

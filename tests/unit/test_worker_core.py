@@ -1,0 +1,127 @@
+"""Admission core: admit, queue FIFO, reject, expire, release on every path, Retry-After."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.worker.core import Admission, AdmissionLimits, Admitted, Busy, Queued
+
+
+def adm(max_in_flight: int = 2, depth: int = 2, wait: float = 5.0) -> Admission:
+    return Admission(
+        AdmissionLimits(max_in_flight=max_in_flight, max_queue_depth=depth, max_wait_s=wait)
+    )
+
+
+def test_admits_then_queues_then_rejects() -> None:
+    a = adm()
+    decisions = [a.request(now=0.0) for _ in range(5)]
+    assert [type(d) for d in decisions] == [Admitted, Admitted, Queued, Queued, Busy]
+    assert decisions[2] == Queued(3, 1)
+    assert decisions[3] == Queued(4, 2)
+    assert isinstance(decisions[4], Busy)
+    assert decisions[4].reason == "queue_full"
+    assert (a.in_flight, a.queue_depth) == (2, 2)
+
+
+def test_release_promotes_fifo_and_double_release_is_harmless() -> None:
+    a = adm()
+    for _ in range(4):
+        a.request(0.0)
+    assert a.release(1, duration_s=1.0) == [3]
+    assert a.release(1) == []  # second release of the same ticket frees nothing
+    assert a.release(2) == [4]
+    assert a.running == {3, 4}
+    assert a.queue_depth == 0
+
+
+def test_leave_removes_a_waiter_without_touching_slots() -> None:
+    a = adm(max_in_flight=1, depth=3)
+    for _ in range(3):
+        a.request(0.0)
+    assert a.leave(2) == []
+    assert list(a.queue) == [3]
+    assert a.release(1) == [3]
+
+
+def test_no_queue_jumping_when_a_slot_frees_with_waiters() -> None:
+    a = adm(max_in_flight=1, depth=2)
+    a.request(0.0)
+    a.request(0.0)  # queued
+    a.running.clear()  # a slot is free but someone waits: a newcomer must queue behind them
+    assert isinstance(a.request(0.0), Queued)
+
+
+@pytest.mark.parametrize(("now", "expired"), [(4.99, []), (5.0, [3]), (6.5, [3]), (7.0, [3, 4])])
+def test_expire_after_max_wait(now: float, expired: list[int]) -> None:
+    a = adm()  # max_wait 5 s
+    a.request(0.0)
+    a.request(0.0)
+    a.request(0.0)  # ticket 3 queued at t=0
+    a.request(2.0)  # ticket 4 queued at t=2
+    assert a.expire(now) == expired
+    assert list(a.queue) == [t for t in (3, 4) if t not in expired]
+
+
+def test_next_deadline_is_the_oldest_waiters() -> None:
+    a = adm()
+    assert a.next_deadline() is None
+    for at in (0.0, 0.0, 1.0, 2.0):
+        a.request(at)
+    assert a.next_deadline() == 6.0
+    a.expire(6.0)
+    assert a.next_deadline() == 7.0
+
+
+def test_draining_refuses_newcomers_but_keeps_running_ones() -> None:
+    a = adm()
+    a.request(0.0)
+    a.draining = True
+    busy = a.request(0.0)
+    assert isinstance(busy, Busy)
+    assert busy.reason == "draining"
+    assert a.in_flight == 1
+
+
+@pytest.mark.parametrize(
+    ("mean_s", "queued", "slots", "expected"),
+    [
+        (0.1, 0, 4, 1),  # floor of 1 s
+        (10.0, 0, 1, 10),
+        (10.0, 3, 2, 20),  # (3+1)/2 rounds of 10 s
+        (100.0, 9, 1, 60),  # capped at 60 s
+    ],
+)
+def test_retry_after_from_measured_service_time(
+    mean_s: float, queued: int, slots: int, expected: int
+) -> None:
+    a = Admission(
+        AdmissionLimits(max_in_flight=slots, max_queue_depth=100, max_wait_s=1),
+        initial_service_s=mean_s,
+    )
+    for _ in range(slots + queued):
+        a.request(0.0)
+    assert a.retry_after_s() == expected
+
+
+def test_service_time_is_learned() -> None:
+    a = adm(max_in_flight=1)
+    a.request(0.0)
+    for ticket in range(1, 30):
+        a.release(ticket, duration_s=8.0)
+        a.request(0.0)
+    assert 7.5 < a.mean_service_s <= 8.0
+    assert a.retry_after_s() == 8
+
+
+def test_load_reports_limits() -> None:
+    a = adm(max_in_flight=3, depth=7)
+    a.request(0.0)
+    load = a.load("m")
+    assert (
+        load.id,
+        load.in_flight,
+        load.queue_depth,
+        load.max_in_flight,
+        load.max_queue_depth,
+    ) == ("m", 1, 0, 3, 7)
