@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     nats.add_argument("--port", type=int, default=4222)
     nats.add_argument("--state-dir", default=".switchboard")
 
+    demo = sub.add_parser("make-demo-model", help="write a tiny random-weight Llama checkpoint")
+    demo.add_argument("directory", help="where to write it (created)")
+    demo.add_argument("--seed", type=int, default=0)
+
     tail = sub.add_parser("tail", help="print bus messages, one line each, marking seq gaps")
     tail.add_argument(
         "pattern", nargs="?", default=None, help="subject pattern (default <prefix>.>)"
@@ -61,12 +65,19 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from services.stack import StackOptions, plan
     from services.supervisor import print_prefixed, supervise
 
+    model = args.model
+    if model is None and args.engine in ("auto", "transformers"):
+        from services.worker.engines import ensure_demo_model
+
+        demo_dir = Path(args.state_dir) / "demo-model"
+        print_prefixed("up", f"no model configured: using the demo checkpoint on CPU ({demo_dir})")
+        model = str(await asyncio.to_thread(ensure_demo_model, demo_dir))
     opts = StackOptions(
         prefix=args.prefix,
         workers=args.workers,
         routers=args.routers,
         engine=args.engine,
-        model=args.model,
+        model=model,
         registry_port=args.registry_port,
         capacity_port=args.capacity_port,
         worker_base_port=args.worker_base_port,
@@ -110,10 +121,18 @@ async def _tail(args: argparse.Namespace, stop: asyncio.Event) -> int:
     return 0
 
 
+async def _make_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.worker.demo_model import make_demo_model
+
+    path = await asyncio.to_thread(make_demo_model, Path(args.directory), seed=args.seed)
+    print(f"demo checkpoint written to {path}")
+    return 0
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    handlers = {"up": _up, "nats": _nats, "tail": _tail}
+    handlers = {"up": _up, "nats": _nats, "tail": _tail, "make-demo-model": _make_demo}
     return await handlers[args.command](args, stop)
 
 

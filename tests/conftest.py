@@ -71,3 +71,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo checkpoint (random fp16 Llama + trained BPE tokenizer), built once per session."""
+    from services.worker.demo_model import make_demo_model
+
+    return make_demo_model(tmp_path_factory.mktemp("demo") / "model")

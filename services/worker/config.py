@@ -34,6 +34,8 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     register: bool = True
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     keep_alive_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 75
+    # exllamav2: sequences run at once in paged mode (flash-attn); unpaged mode runs one.
+    exl2_max_batch: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
     # Simulator engine.
     sim_ttft_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.02
     sim_tokens_per_s: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 200.0

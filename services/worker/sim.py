@@ -16,6 +16,7 @@ import msgspec
 
 from schemas.inference import ChatMessage
 from services.worker.engine import Chunk, EngineLimits, Job, SamplingParams
+from services.worker.stops import StopScanner
 
 _TOKEN = re.compile(r"\s*\S+")
 _WORDS = tuple(
@@ -98,25 +99,22 @@ class SimEngine:
         self.peak_running = max(self.peak_running, self.running)
         try:
             await asyncio.sleep(s.ttft_s)
-            text = ""
+            scanner = StopScanner(params.stop)
             for i in range(params.max_tokens):
                 if job.cancelled:
                     job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
                     return
-                piece = (" " if i else "") + self._word(prompt, params.seed, i)
-                text += piece
-                stop_at = min((text.find(st) for st in params.stop if st in text), default=-1)
-                if stop_at >= 0:
-                    # Emit only what precedes the stop string, as real engines do.
-                    keep = len(piece) - (len(text) - stop_at)
-                    job.push(Chunk(text=piece[: max(keep, 0)], tokens=1, finish_reason="stop"))
+                out = scanner.feed((" " if i else "") + self._word(prompt, params.seed, i))
+                if scanner.stopped:
+                    job.push(Chunk(text=out, tokens=1, finish_reason="stop"))
                     return
                 eos = s.eos_after is not None and i + 1 >= s.eos_after
                 last = i + 1 == params.max_tokens
                 reason = "stop" if eos else "length" if last else None
-                job.push(Chunk(text=piece, tokens=1, finish_reason=reason))
                 if reason:
+                    job.push(Chunk(text=out + scanner.flush(), tokens=1, finish_reason=reason))
                     return
+                job.push(Chunk(text=out, tokens=1))
                 step = (1.0 / s.tokens_per_s) * (1.0 + s.slowdown_per_seq * (self.running - 1))
                 await asyncio.sleep(step)
         finally:

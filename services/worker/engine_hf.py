@@ -1,0 +1,172 @@
+"""Hugging Face transformers engine for CPU: batch-1 token loop on its own thread.
+
+Imported only when chosen (torch and transformers are heavy). Loads from a local directory only
+(HF_HUB_OFFLINE=1, local_files_only): no hub access at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from schemas.inference import ChatMessage
+from services.common.errors import ConfigError
+from services.worker.demo_model import is_model_dir
+from services.worker.engine import Chunk, EngineError, EngineLimits, Job, SamplingParams
+from services.worker.memory import available_ram_bytes, checkpoint_bytes, require_room
+from services.worker.stops import StopScanner
+
+_STOP = object()
+
+
+class TransformersEngine:
+    def __init__(self, model_dir: Path, model_id: str, max_context: int | None = None) -> None:
+        self.model_dir = model_dir
+        self.model_id = model_id
+        self._max_context = max_context
+        self.limits = EngineLimits(max_batch=1, max_context=max_context or 2048)
+        self.running = 0
+        self.peak_running = 0
+        self.steps = 0  # forward passes done (tests watch it stop after a cancel)
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._serve, name=f"hf-{self.model_id}", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        if not is_model_dir(self.model_dir):
+            raise ConfigError(
+                f"config error in field 'model_dir': {self.model_dir} is not a model directory "
+                "(needs config.json and *.safetensors)"
+            )
+        # fp16 on disk becomes fp32 on the CPU: twice the bytes, plus headroom for activations.
+        require_room(
+            int(checkpoint_bytes(self.model_dir) * 2.2),
+            available_ram_bytes(),
+            "RAM",
+            self.model_dir,
+        )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            str(self.model_dir), local_files_only=True, dtype=torch.float32
+        ).eval()
+        context = int(getattr(self._model.config, "max_position_embeddings", 2048))
+        self.limits = EngineLimits(max_batch=1, max_context=self._max_context or context)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template writes its own special tokens; adding more would change the prompt.
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        rendered = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.text()} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return str(rendered)
+
+    def start(self, prompt: str, params: SamplingParams) -> Job:
+        ids = self._encode(prompt)
+        job = Job(prompt_tokens=len(ids))
+        self._queue.put((job, ids, params))
+        return job
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            job, ids, params = item
+            self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
+            try:
+                self._generate(job, ids, params)
+            except Exception as exc:  # the job fails; the engine thread lives on
+                job.push(EngineError(f"{type(exc).__name__}: {exc}"))
+            finally:
+                self.running -= 1
+
+    def _generate(self, job: Job, ids: list[int], params: SamplingParams) -> None:
+        import torch
+
+        eos = self._model.config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        rng = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "big")
+        )
+        scanner = StopScanner(params.stop)
+        generated: list[int] = []
+        emitted = ""
+        past: Any = None
+        step_input = torch.tensor([ids], dtype=torch.long)
+        with torch.inference_mode():
+            for i in range(params.max_tokens):
+                if job.cancelled:
+                    job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
+                    return
+                out = self._model(input_ids=step_input, past_key_values=past, use_cache=True)
+                self.steps += 1
+                past = out.past_key_values
+                token = sample(out.logits[0, -1], params, rng)
+                step_input = torch.tensor([[token]], dtype=torch.long)
+                if token in eos_ids:
+                    job.push(Chunk(text=scanner.flush(), tokens=1, finish_reason="stop"))
+                    return
+                generated.append(token)
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                    piece = ""
+                else:
+                    piece, emitted = text[len(emitted) :], text
+                out_text = scanner.feed(piece)
+                if scanner.stopped:
+                    job.push(Chunk(text=out_text, tokens=1, finish_reason="stop"))
+                    return
+                if i + 1 == params.max_tokens:
+                    job.push(
+                        Chunk(text=out_text + scanner.flush(), tokens=1, finish_reason="length")
+                    )
+                    return
+                job.push(Chunk(text=out_text, tokens=1))
+
+    async def close(self) -> None:
+        self._queue.put(_STOP)
+
+
+def sample(logits: Any, params: SamplingParams, rng: Any) -> int:
+    """Greedy at temperature 0, else temperature, top-k and top-p (nucleus) sampling."""
+    import torch
+
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=rng))
