@@ -101,23 +101,25 @@ async def main(kind: str, model_dir: Path | None, tokens: int) -> None:
             f"engine={kind} model={directory.name} max_batch={engine.limits.max_batch}{extra} "
             f"tokens/stream={tokens}"
         )
-        await engine_rate(engine, prompt, 1, 8)  # warm-up (kernels, caches)
+        for streams in (1, 4, 16):  # warm-up: first-use kernel and allocator costs are not overhead
+            await engine_rate(engine, prompt, streams, tokens)
+            await measure_raw(kind, raw, engine, prompt, streams, tokens)
         print(f"{'streams':>7} {'engine tok/s':>13} {'raw tok/s':>10} {'ratio':>6}")
         for streams in (1, 4, 16):
             ours = await engine_rate(engine, prompt, streams, tokens)
-            # the raw loop must not race the engine thread for the generator
-            raw_rate = (
-                await asyncio.to_thread(raw, engine, prompt, streams, tokens)
-                if kind != "exllamav2"
-                else _exclusive(engine, raw, prompt, streams, tokens)
-            )
+            raw_rate = await measure_raw(kind, raw, engine, prompt, streams, tokens)
             print(f"{streams:>7} {ours:>13.0f} {raw_rate:>10.0f} {ours / raw_rate:>6.2f}")
         await engine.close()
 
 
-def _exclusive(engine: Any, raw: Any, prompt: str, streams: int, tokens: int) -> float:
-    # The engine thread is idle between runs (no live jobs), so driving the generator here is safe.
-    return float(raw(engine, prompt, streams, tokens))
+async def measure_raw(
+    kind: str, raw: Any, engine: Any, prompt: str, streams: int, tokens: int
+) -> float:
+    if kind == "exllamav2":
+        # Driven on this thread: the engine thread is idle between runs (no live jobs), so it
+        # does not touch the generator meanwhile.
+        return float(raw(engine, prompt, streams, tokens))
+    return float(await asyncio.to_thread(raw, engine, prompt, streams, tokens))
 
 
 if __name__ == "__main__":

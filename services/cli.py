@@ -103,7 +103,7 @@ async def _nats(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from services.common.natsd import NatsServer
 
     server = NatsServer(Path(args.state_dir) / "nats", port=args.port, on_line=print)
-    url = await asyncio.to_thread(server.start)
+    url = server.start()  # main thread: see services/common/child.py
     print(f"nats-server ready at {url}", flush=True)
     try:
         await stop.wait()

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from services.common.child import die_with_parent
 from services.common.natsd import NatsServer
 
 Printer = Callable[[str, str], None]
@@ -73,6 +74,8 @@ async def start_child(spec: ServiceSpec, base_env: dict[str, str], printer: Prin
         env={**base_env, **spec.env, "PYTHONUNBUFFERED": "1"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     return Child(spec, proc, printer)
 
@@ -114,7 +117,8 @@ async def supervise(
         nats = NatsServer(
             state_dir / "nats", port=nats_port, on_line=lambda line: printer("nats", line)
         )
-        nats_url = await asyncio.to_thread(nats.start)
+        # On this (main) thread: the parent-death signal is tied to the thread that forks.
+        nats_url = nats.start()
         printer(
             "up", f"embedded nats-server ready at {nats_url} (JetStream in {state_dir / 'nats'})"
         )

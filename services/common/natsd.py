@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from services.common.child import die_with_parent
 from services.common.errors import NatsServerError
 
 _LISTENING = re.compile(r"Listening for client connections on \S*?:(\d+)")
@@ -75,7 +76,13 @@ class NatsServer:
             argv += ["-c", str(self.config_file)]
         self._ready.clear()
         self._proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # Ctrl-C reaches our owner, who stops us last
+            preexec_fn=die_with_parent,
         )
         threading.Thread(target=self._pump, args=(self._proc,), daemon=True).start()
         deadline = time.monotonic() + timeout_s

@@ -162,6 +162,8 @@ class ExLlamaV2Engine:
                     self.generator.cancel(exjob)
                     job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
                     del live[key]
+            # Refreshed here too: after the last job is cancelled there is no iterate() to do it.
+            self.running = len(self.generator.active_jobs)
             if not live:
                 continue
             try:
