@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--registry-port", type=int, default=8081, help="registry admin API port")
     up.add_argument("--capacity-port", type=int, default=8082, help="capacity /metrics port")
     up.add_argument("--worker-base-port", type=int, default=8100, help="first worker's port")
+    up.add_argument("--router-port", type=int, default=8080, help="the ingress port")
     up.add_argument(
         "--admin-token",
         default=os.environ.get("SWITCHBOARD_ADMIN_TOKEN", ""),
@@ -81,13 +82,26 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
         registry_port=args.registry_port,
         capacity_port=args.capacity_port,
         worker_base_port=args.worker_base_port,
+        router_port=args.router_port,
         admin_token=args.admin_token,
         log_format=args.log_format,
     )
 
     def ready() -> None:
-        print_prefixed("up", "stack is up; watch the bus with: switchboard tail")
-        print_prefixed("up", "press Ctrl-C to stop")
+        url = f"http://127.0.0.1:{opts.router_port}"
+        name = "sim-model" if opts.engine == "sim" else "switchboard-demo"
+        if model and not model.endswith("demo-model"):
+            name = Path(model).resolve().name
+        print_prefixed("up", f"stack is up: OpenAI API at {url}/v1")
+        print_prefixed(
+            "up",
+            f"try: curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
+            f'-d \'{{"model": "{name}", "stream": true, "messages": '
+            f'[{{"role": "user", "content": "hi"}}]}}\'',
+        )
+        print_prefixed(
+            "up", "watch the bus with: .venv/bin/switchboard tail; Ctrl-C stops everything"
+        )
 
     return await supervise(
         plan(opts),

@@ -55,7 +55,22 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
         )
         for i in range(opts.workers)
     ]
-    return [registry, capacity, *workers]
+    routers = [
+        ServiceSpec(
+            name=f"router-{i + 1}" if opts.routers > 1 else "router",
+            module="router",
+            args=(
+                "--http-port",
+                str(opts.router_port),
+                "--capacity-share",
+                f"{1 / opts.routers:.6f}",
+            ),
+            env=env,
+            health_url=f"http://127.0.0.1:{opts.router_port}/healthz",
+        )
+        for i in range(opts.routers)
+    ]
+    return [registry, capacity, *workers, *routers]
 
 
 def worker_args(opts: StackOptions, port: int) -> tuple[str, ...]:

@@ -13,9 +13,8 @@ import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from schemas import codec
 from schemas.inference import (
@@ -25,9 +24,9 @@ from schemas.inference import (
     ModelList,
     SamplingFields,
 )
-from services.common.http import HealthCheck, error_response, ops_routes
+from services.common.gate import Gate, Rejected
+from services.common.http import GuardedStream, HealthCheck, error_response, ops_routes
 from services.worker.engine import Engine, EngineError, Job, SamplingParams
-from services.worker.gate import Gate, Rejected
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, error_event, usage
 
@@ -77,26 +76,6 @@ def busy_error(rejected: Rejected, model: str) -> ApiError:
         "rate_limit_exceeded",
         headers={"Retry-After": str(busy.retry_after_s)},
     )
-
-
-class GuardedStream(StreamingResponse):
-    """A streaming response whose cleanup runs however the stream ends (even if never started)."""
-
-    def __init__(
-        self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]
-    ) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self.cleanup = cleanup
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.cleanup()
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -6,15 +6,15 @@ import asyncio
 import logging
 
 from schemas.subjects import Subjects
+from services.common.admission import AdmissionLimits
 from services.common.bus import Bus
+from services.common.gate import Gate
 from services.common.http import HttpServer, bind
 from services.common.metrics import new_registry
 from services.common.run import cancel_and_wait
 from services.worker.config import WorkerConfig
-from services.worker.core import AdmissionLimits
 from services.worker.engine import Engine
 from services.worker.engines import build_engines
-from services.worker.gate import Gate
 from services.worker.http import ServedModel, WorkerApi, create_app
 from services.worker.lifecycle import Lifecycle
 from services.worker.metrics import WorkerMetrics

@@ -121,3 +121,26 @@ async def running_worker(nats_url: str, prefix: str, **overrides: Any) -> AsyncI
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def running_router(nats_url: str, prefix: str, **overrides: Any) -> AsyncIterator[Any]:
+    """A router in-process on a free port; yields services.router.main.RunningRouter."""
+    from services.router.config import RouterConfig
+    from services.router.main import RunningRouter
+    from services.router.main import serve as serve_router
+
+    fields: dict[str, Any] = {"http_port": 0, "reuse_port": False}
+    cfg = RouterConfig(nats_url=nats_url, subject_prefix=prefix, **(fields | overrides))
+    stop = asyncio.Event()
+    started: asyncio.Future[RunningRouter] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve_router(cfg, stop, started))
+    waiters: list[asyncio.Future[Any]] = [task, started]
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

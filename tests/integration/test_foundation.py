@@ -143,6 +143,7 @@ async def test_tail_shows_hand_published_messages_and_a_gap(
 async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     worker_port = free_port_range(2)
+    router_port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *_switchboard(
             "up",
@@ -158,6 +159,8 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
             str(worker_port),
             "--engine",
             "sim",
+            "--router-port",
+            str(router_port),
         ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -166,13 +169,13 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
     assert proc.stdout is not None
     lines: list[str] = []
     try:
-        await _read_until(proc.stdout, "stack is up", lines, 60)
+        await _read_until(proc.stdout, "stack is up", lines, 90)
         bus = await Bus.connect(f"nats://127.0.0.1:{port}", "probe")
         await bus.flush()
         await bus.close()
         body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
         async with aiohttp.ClientSession() as s:
-            for p in (worker_port, worker_port + 1):
+            for p in (worker_port, worker_port + 1, router_port):
                 async with s.post(f"http://127.0.0.1:{p}/v1/chat/completions", json=body) as r:
                     assert r.status == 200
                     assert (await r.json())["choices"][0]["message"]["content"]
@@ -186,6 +189,8 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
     assert "capacity is healthy" in text
     assert "worker-1 is healthy" in text
     assert "worker-2 is healthy" in text
+    assert "router is healthy" in text
+    assert f"OpenAI API at http://127.0.0.1:{router_port}/v1" in text
     assert "registry   | " in text  # the child's own log lines, prefixed
     assert (tmp_path / "sb" / "nats" / "jetstream").is_dir()
 

@@ -1,17 +1,18 @@
-"""Worker admission control and load reporting. Pure, no I/O.
+"""Admission control: slots plus a bounded priority queue with a max wait. Pure, no I/O.
 
-Invariants (per model):
-- in_flight <= max_in_flight and len(queue) <= max_queue_depth, always.
+Used by the worker (per model, limit = the engine's batch) and the router's gateway admission
+(per model, limit = the model's fleet capacity). Invariants:
+- in_flight <= max_in_flight and len(queue) <= max_queue_depth, except that lowering the limit
+  never evicts a running request (in_flight drains down to it).
 - A ticket is in exactly one place: running, queued, or gone; release()/leave() of an unknown
   ticket is a no-op, so a double release can never free someone else's slot.
-- Queued tickets are admitted strictly FIFO as slots free up.
+- Queued tickets are admitted highest priority first, FIFO within a priority.
 - Retry-After comes from measured service time (EWMA of request durations), not a constant.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Literal
 
 import msgspec
@@ -54,7 +55,7 @@ class Admission:
     def __init__(self, limits: AdmissionLimits, initial_service_s: float = 1.0) -> None:
         self.limits = limits
         self.running: set[int] = set()
-        self.queue: OrderedDict[int, float] = OrderedDict()  # ticket -> enqueued_at
+        self.queue: dict[int, tuple[int, float]] = {}  # ticket -> (priority, enqueued_at)
         self.draining = False
         self.mean_service_s = initial_service_s
         self._next = 0
@@ -73,7 +74,7 @@ class Admission:
         estimate = math.ceil(self.mean_service_s * rounds)
         return min(max(estimate, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
 
-    def request(self, now: float) -> Decision:
+    def request(self, now: float, priority: int = 0) -> Decision:
         if self.draining:
             return Busy("draining", self.retry_after_s())
         self._next += 1
@@ -82,9 +83,15 @@ class Admission:
             self.running.add(ticket)
             return Admitted(ticket)
         if self.queue_depth < self.limits.max_queue_depth:
-            self.queue[ticket] = now
-            return Queued(ticket, self.queue_depth)
+            self.queue[ticket] = (priority, now)
+            ahead = sum(1 for p, _ in self.queue.values() if p >= priority)
+            return Queued(ticket, ahead)
         return Busy("queue_full", self.retry_after_s())
+
+    def set_limit(self, max_in_flight: int) -> list[int]:
+        """Change the slot count (capacity moved); return tickets admitted by a raise."""
+        self.limits = msgspec.structs.replace(self.limits, max_in_flight=max(max_in_flight, 0))
+        return self._promote()
 
     def release(self, ticket: int, duration_s: float | None = None) -> list[int]:
         """A running ticket finished, failed or lost its client; return the tickets now admitted."""
@@ -103,7 +110,7 @@ class Admission:
 
     def expire(self, now: float) -> list[int]:
         """Queued tickets that waited longer than max_wait_s; they are removed."""
-        expired = [t for t, at in self.queue.items() if now - at >= self.limits.max_wait_s]
+        expired = [t for t, (_, at) in self.queue.items() if now - at >= self.limits.max_wait_s]
         for ticket in expired:
             del self.queue[ticket]
         return expired
@@ -112,12 +119,14 @@ class Admission:
         """When the oldest queued ticket expires."""
         if not self.queue:
             return None
-        return next(iter(self.queue.values())) + self.limits.max_wait_s
+        return min(at for _, at in self.queue.values()) + self.limits.max_wait_s
 
     def _promote(self) -> list[int]:
         admitted = []
         while self.queue and self.in_flight < self.limits.max_in_flight:
-            ticket, _ = self.queue.popitem(last=False)
+            # Highest priority first; the oldest ticket (smallest number) within a priority.
+            ticket = max(self.queue, key=lambda t: (self.queue[t][0], -t))
+            del self.queue[ticket]
             self.running.add(ticket)
             admitted.append(ticket)
         return admitted

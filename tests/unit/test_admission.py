@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.core import Admission, AdmissionLimits, Admitted, Busy, Queued
+from services.common.admission import Admission, AdmissionLimits, Admitted, Busy, Queued
 
 
 def adm(max_in_flight: int = 2, depth: int = 2, wait: float = 5.0) -> Admission:
@@ -125,3 +125,29 @@ def test_load_reports_limits() -> None:
         load.max_in_flight,
         load.max_queue_depth,
     ) == ("m", 1, 0, 3, 7)
+
+
+def test_priority_then_fifo() -> None:
+    a = adm(max_in_flight=1, depth=5)
+    a.request(0.0)  # 1 runs
+    a.request(0.0, priority=0)  # 2
+    a.request(0.0, priority=5)  # 3
+    a.request(0.0, priority=5)  # 4
+    a.request(0.0, priority=1)  # 5
+    order = []
+    running = 1
+    for _ in range(4):
+        (running,) = a.release(running)
+        order.append(running)
+    assert order == [3, 4, 5, 2]
+
+
+def test_lowering_the_limit_never_evicts_and_raising_admits() -> None:
+    a = adm(max_in_flight=3, depth=5)
+    for _ in range(5):
+        a.request(0.0)
+    assert a.set_limit(1) == []
+    assert a.in_flight == 3  # running requests keep their slots
+    assert a.release(1) == []
+    assert a.release(2) == []  # still above the new limit
+    assert a.set_limit(4) == [4, 5]

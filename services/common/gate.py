@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-from services.worker.core import Admission, AdmissionLimits, Busy, Queued
+from services.common.admission import Admission, AdmissionLimits, Busy, Queued
 
 
 class Rejected(Exception):
@@ -34,9 +34,9 @@ class Gate:
         self.idle.set()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a running slot for the body; raises Rejected when the worker is busy."""
-        decision = self.core.request(self.clock())
+    async def slot(self, priority: int = 0) -> AsyncIterator[None]:
+        """Hold a running slot for the body; raises Rejected when there is no room."""
+        decision = self.core.request(self.clock(), priority)
         if isinstance(decision, Busy):
             raise Rejected(decision)
         ticket = decision.ticket
@@ -102,6 +102,10 @@ class Gate:
         else:
             self.idle.set()
         self.on_change()
+
+    def set_limit(self, max_in_flight: int) -> None:
+        self._admit(self.core.set_limit(max_in_flight))
+        self._changed()
 
     def drain(self) -> None:
         """Refuse newcomers from now on; running and queued requests still complete."""

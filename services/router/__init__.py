@@ -1,0 +1,1 @@
+"""Router service: the OpenAI ingress that picks the least-busy replica and relays backpressure."""

@@ -1,0 +1,42 @@
+"""Router config: ingress bind, API keys, body cap, upstream timeouts, retries, gateway queue."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated
+
+import msgspec
+
+from services.common.config import Port, ServiceConfig, load_config
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8080
+    # Several router processes may share the port (SO_REUSEPORT); the kernel spreads connections.
+    reuse_port: bool = True
+    # Empty: no auth. Otherwise every /v1/* request needs "Authorization: Bearer <one of these>".
+    api_keys: tuple[str, ...] = ()
+    request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=256 << 20)] = 4 << 20
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+    connect_timeout_s: Seconds = 2.0
+    # Until the worker's response headers (covers time in the worker's own queue).
+    header_timeout_s: Seconds = 90.0
+    # Between two pieces of a response body (SSE chunks).
+    body_read_timeout_s: Seconds = 120.0
+    # Shorter than the worker's keep-alive (75 s), so the pool never reuses a socket the worker
+    # is about to close (a source of connection resets in other gateways).
+    upstream_keepalive_s: Seconds = 30.0
+    upstream_pool_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1024
+    gateway_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 256
+    gateway_max_wait_s: Seconds = 10.0
+    # This router's share of each model's capacity (1/N with N routers side by side).
+    capacity_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    checkpoint_interval_s: Seconds = 5.0
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str]) -> RouterConfig:
+    return load_config(RouterConfig, "router", argv, environ)

@@ -1,0 +1,173 @@
+"""Router ingress (Starlette): OpenAI routes, API keys, body cap, gateway admission, log lines."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from schemas import codec
+from schemas.inference import ModelCard, ModelList
+from services.common.gate import Rejected
+from services.common.http import HealthCheck, ops_routes
+from services.router.core import Refusal, UnknownModel, gateway_busy, refusal
+from services.router.proxy import Outcome, Proxy, router_refusal
+from services.router.state import RouterState
+
+log = logging.getLogger(__name__)
+
+
+class RoutingFields(msgspec.Struct, frozen=True):
+    """The only parts of a request the router reads; the body is forwarded byte for byte."""
+
+    model: str
+    stream: bool = False
+
+
+def bad_request(message: str, code: str, status: int = 400, param: str | None = None) -> Response:
+    return router_refusal(
+        Refusal(
+            status=status, message=message, type="invalid_request_error", code=code, param=param
+        )
+    )
+
+
+async def read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it exceeds limit (refused before reading it all)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def create_app(
+    state: RouterState,
+    proxy: Proxy,
+    *,
+    api_keys: tuple[str, ...],
+    body_limit: int,
+    metrics_registry: CollectorRegistry,
+    health: HealthCheck,
+) -> Starlette:
+    keys = [k.encode() for k in api_keys]
+
+    def authorized(request: Request) -> bool:
+        if not keys:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Compare against every key (no early exit) so timing says nothing about which matched.
+        matches = [hmac.compare_digest(given.encode(), key) for key in keys]
+        return scheme.lower() == "bearer" and any(matches)
+
+    def guarded(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            if not authorized(request):
+                response = router_refusal(
+                    Refusal(
+                        status=401,
+                        message="missing or invalid API key",
+                        type="authentication_error",
+                        code="invalid_api_key",
+                    )
+                )
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await fn(request)
+
+        return wrapped
+
+    async def completions(request: Request) -> Response:
+        began = time.perf_counter()
+        body = await read_capped(request, body_limit)
+        if body is None:
+            return bad_request(f"request body exceeds {body_limit} bytes", "request_too_large", 413)
+        try:
+            fields = codec.decode(body, RoutingFields)
+        except msgspec.ValidationError as exc:
+            return bad_request(f"invalid request: {exc}", "invalid_value", param="model")
+        except msgspec.DecodeError as exc:
+            return bad_request(f"malformed JSON body: {exc}", "invalid_json")
+        try:
+            priority = int(request.headers.get("x-switchboard-priority", "0"))
+        except ValueError:
+            return bad_request("x-switchboard-priority must be an integer", "invalid_value")
+        model = fields.model
+        outcome = Outcome(model)
+        decision = state.view.choose(model, state.clock())
+        if isinstance(decision, UnknownModel):
+            finish(outcome, 404, "router", began)
+            return router_refusal(refusal(decision))
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(state.gate(model).slot(priority))
+        except Rejected as rejected:
+            finish(outcome, 503, "router", began)
+            return router_refusal(
+                gateway_busy(model, rejected.busy.reason, rejected.busy.retry_after_s)
+            )
+
+        async def release() -> None:
+            await stack.aclose()
+            finish(outcome, outcome.status, outcome.origin, began)
+
+        response = await proxy.forward(request.url.path, body, model, outcome, release)
+        if outcome.status == 0:  # a refusal made or relayed without streaming
+            outcome.status = response.status_code
+        return response
+
+    def finish(outcome: Outcome, status: int, origin: str, began: float) -> None:
+        m = state.metrics
+        label = "ok" if status < 400 else ("busy" if status in (429, 503) else f"http_{status}")
+        m.requests.labels(outcome.model, label).inc()
+        if status in (429, 503):
+            m.backpressure.labels(origin).inc()
+        duration = time.perf_counter() - began
+        m.duration.observe(duration)
+        if outcome.ttfb_s is not None:
+            m.ttfb.observe(outcome.ttfb_s)
+        log.info(
+            "request",
+            extra={
+                "model": outcome.model,
+                "status": status,
+                "origin": origin,
+                "worker_id": outcome.worker,
+                "attempts": outcome.attempts,
+                "duration_ms": round(duration * 1000, 2),
+            },
+        )
+
+    async def models(_: Request) -> Response:
+        data = ModelList(data=[ModelCard(id=m) for m in state.view.models()])
+        return Response(codec.encode(data), media_type="application/json")
+
+    async def readyz(_: Request) -> Response:
+        ready = state.follower.synced.is_set() and not state.draining
+        return JSONResponse(
+            {"ready": ready, "models": state.view.models()}, status_code=200 if ready else 503
+        )
+
+    routes = [
+        Route("/v1/chat/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/readyz", readyz),
+        *ops_routes(metrics_registry, health),
+    ]
+    return Starlette(routes=routes)

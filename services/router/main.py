@@ -1,0 +1,98 @@
+"""Router process wiring: NATS followers, pooled aiohttp upstream client, ingress HTTP; drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from schemas.subjects import Subjects
+from services.common.bus import Bus
+from services.common.http import HttpServer, bind
+from services.common.metrics import new_registry
+from services.common.run import cancel_and_wait
+from services.router.config import RouterConfig
+from services.router.http import create_app
+from services.router.proxy import Proxy
+from services.router.state import RouterMetrics, RouterState
+
+log = logging.getLogger(__name__)
+
+
+class RunningRouter:
+    def __init__(self, state: RouterState, http: HttpServer) -> None:
+        self.state, self.http = state, http
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.port}"
+
+
+async def serve(
+    cfg: RouterConfig, stop: asyncio.Event, started: asyncio.Future[RunningRouter] | None = None
+) -> None:
+    subjects = Subjects.for_prefix(cfg.subject_prefix)
+    registry = new_registry()
+    bus = await Bus.connect(cfg.nats_url, "router")
+    # keepalive shorter than the worker's; aiohttp enables TCP_NODELAY on its sockets.
+    connector = aiohttp.TCPConnector(
+        limit=cfg.upstream_pool_size,
+        keepalive_timeout=cfg.upstream_keepalive_s,
+        enable_cleanup_closed=True,
+    )
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    try:
+        state = RouterState(
+            bus,
+            subjects,
+            RouterMetrics(registry),
+            queue_depth=cfg.gateway_queue_depth,
+            max_wait_s=cfg.gateway_max_wait_s,
+            capacity_share=cfg.capacity_share,
+            retry_budget_ratio=cfg.retry_budget_ratio,
+            checkpoint_interval_s=cfg.checkpoint_interval_s,
+        )
+        await state.start()
+        proxy = Proxy(
+            state,
+            session,
+            max_attempts=cfg.max_attempts,
+            header_timeout_s=cfg.header_timeout_s,
+            body_read_timeout_s=cfg.body_read_timeout_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+        )
+
+        def health() -> dict[str, object]:
+            return {
+                "ok": bus.connected,
+                "registry_synced": state.follower.synced.is_set(),
+                "capacity_known": state.capacity is not None,
+                "workers": len(state.view.records),
+            }
+
+        app = create_app(
+            state,
+            proxy,
+            api_keys=cfg.api_keys,
+            body_limit=cfg.request_body_limit,
+            metrics_registry=registry,
+            health=health,
+        )
+        http = HttpServer(app, bind(cfg.http_host, cfg.http_port, reuse_port=cfg.reuse_port))
+        async with asyncio.TaskGroup() as tg:
+            follower = tg.create_task(state.follower.run())
+            capacity = tg.create_task(state.fetch_capacity())
+            http_task = tg.create_task(http.serve())
+            await state.follower.synced.wait()
+            log.info("router serving", extra={"port": http.port})
+            if started is not None:
+                started.set_result(RunningRouter(state, http))
+            await stop.wait()
+            state.drain()  # new requests: 503; in-flight ones finish (uvicorn's graceful shutdown)
+            http.stop()
+            await http_task
+            await cancel_and_wait(follower, capacity)
+    finally:
+        await session.close()
+        await bus.close()

@@ -1,0 +1,186 @@
+"""Upstream forwarding: pick a replica, send, retry before the first byte, relay the rest intact."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from starlette.responses import Response
+
+from schemas.codec import error_body
+from services.common.http import GuardedStream
+from services.router.core import (
+    Choice,
+    NoReplica,
+    Refusal,
+    UnknownModel,
+    parse_retry_after,
+    refusal,
+)
+from services.router.state import RouterState
+
+log = logging.getLogger(__name__)
+ORIGIN = "x-switchboard-origin"
+# Headers a worker's refusal must keep when relayed (status and body are kept as they are).
+RELAYED = ("retry-after", "content-type")
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
+
+
+def router_refusal(r: Refusal) -> Response:
+    headers = {ORIGIN: "router"}
+    if r.retry_after_s is not None:
+        headers["Retry-After"] = str(r.retry_after_s)
+    return Response(
+        error_body(r.message, r.type, r.code, r.param),
+        status_code=r.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def sse_error(message: str) -> bytes:
+    return b"data: " + error_body(message, "server_error", "upstream_failed") + b"\n\n"
+
+
+class Outcome:
+    """What happened to one request, for the canonical log line and metrics."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.worker = ""
+        self.attempts = 0
+        self.status = 0
+        self.origin = "worker"
+        self.ttfb_s: float | None = None
+
+
+class Proxy:
+    def __init__(
+        self,
+        state: RouterState,
+        session: aiohttp.ClientSession,
+        *,
+        max_attempts: int,
+        header_timeout_s: float,
+        body_read_timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        self.state = state
+        self.session = session
+        self.max_attempts = max_attempts
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=connect_timeout_s,
+            connect=connect_timeout_s,
+            sock_read=header_timeout_s,
+        )
+        self.body_read_timeout_s = body_read_timeout_s
+
+    async def forward(
+        self,
+        path: str,
+        body: bytes,
+        model: str,
+        outcome: Outcome,
+        release: Callable[[], Awaitable[None]],
+    ) -> Response:
+        """Returns the response; `release` runs when the response is completely sent."""
+        view, metrics = self.state.view, self.state.metrics
+        self.state.budget.request()
+        tried: set[str] = set()
+        relay: Response | None = None  # the last worker refusal, relayed if nobody else has room
+        started = time.perf_counter()
+        while True:
+            decision = view.choose(
+                model, self.state.clock(), frozenset(tried), need_room=bool(tried)
+            )
+            if not isinstance(decision, Choice):
+                await release()
+                if relay is not None:
+                    return relay
+                outcome.origin = "router"
+                assert isinstance(decision, UnknownModel | NoReplica)
+                return router_refusal(refusal(decision))
+            if tried and not self.state.budget.try_retry():
+                await release()
+                return (
+                    relay
+                    if relay is not None
+                    else router_refusal(refusal(NoReplica(model, False, "retry budget spent")))
+                )
+            tried.add(decision.worker_id)
+            view.dispatched_to(decision.worker_id)
+            outcome.worker, outcome.attempts = decision.worker_id, outcome.attempts + 1
+            try:
+                resp = await self.session.post(
+                    decision.url + path,
+                    data=body,
+                    timeout=self.timeout,
+                    headers={"Content-Type": "application/json"},
+                )
+            except CONNECTION_ERRORS as exc:
+                log.warning("upstream %s unreachable: %r", decision.worker_id, exc)
+                view.connection_failed(decision.worker_id, self.state.clock())
+                if outcome.attempts < self.max_attempts:
+                    metrics.retries.labels("connect").inc()
+                    continue
+                await release()
+                outcome.origin = "router"
+                return router_refusal(
+                    Refusal(
+                        status=502,
+                        message=f"upstream worker unreachable: {exc!r}",
+                        type="server_error",
+                        code="upstream_unreachable",
+                    )
+                )
+            if resp.status in (429, 503):
+                data = await resp.read()
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                view.busy(decision.worker_id, retry_after, self.state.clock())
+                headers = {k: v for k, v in resp.headers.items() if k.lower() in RELAYED}
+                relay = Response(
+                    data, status_code=resp.status, headers={**headers, ORIGIN: "worker"}
+                )
+                resp.release()
+                if outcome.attempts < self.max_attempts:
+                    metrics.retries.labels("busy").inc()
+                    continue
+                await release()
+                return relay
+            outcome.ttfb_s = time.perf_counter() - started
+            return self._relay(resp, outcome, release)
+
+    def _relay(
+        self, resp: aiohttp.ClientResponse, outcome: Outcome, release: Callable[[], Awaitable[None]]
+    ) -> Response:
+        outcome.status = resp.status
+        content_type = resp.headers.get("Content-Type", "application/json")
+        headers = {ORIGIN: "worker"}
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    async with asyncio.timeout(self.body_read_timeout_s):
+                        chunk = await resp.content.readany()
+                    if not chunk:
+                        return
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # After the first byte we cannot retry: end with an explicit error, never a hang.
+                log.warning("upstream %s failed mid-response: %r", outcome.worker, exc)
+                self.state.view.connection_failed(outcome.worker, self.state.clock())
+                outcome.status = 502
+                if content_type.startswith("text/event-stream"):
+                    yield sse_error(f"the worker serving this stream failed: {exc!r}")
+
+        async def cleanup() -> None:
+            resp.release()
+            await release()
+
+        return GuardedStream(
+            chunks(), cleanup, status_code=resp.status, headers=headers, media_type=content_type
+        )

@@ -1,0 +1,168 @@
+"""Router shell state: follows registry events, heartbeats and capacity; owns the gateway gates."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from schemas import codec
+from schemas.capacity import MAX_CAPACITY, CapacityView
+from schemas.subjects import Subjects
+from services.common.admission import AdmissionLimits
+from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout
+from services.common.follower import RegistryFollower
+from services.common.gate import Gate
+from services.common.metrics import BusMetrics
+from services.common.seq import is_newer
+from services.router.core import FleetView, RetryBudget
+
+log = logging.getLogger(__name__)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "router_requests_total", "Requests by outcome.", ["model", "outcome"], registry=registry
+        )
+        self.duration = Histogram(
+            "router_request_duration_seconds", "Whole request.", buckets=BUCKETS, registry=registry
+        )
+        self.ttfb = Histogram(
+            "router_time_to_first_byte_seconds",
+            "Until the first body byte.",
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "router_upstream_retries_total",
+            "Retries on another replica.",
+            ["reason"],
+            registry=registry,
+        )
+        self.backpressure = Counter(
+            "router_backpressure_total", "503/429 sent to clients.", ["origin"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "router_queue_depth", "Gateway queue.", ["model"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "router_in_flight", "Requests in flight.", ["model"], registry=registry
+        )
+        self.stale = Gauge(
+            "router_stale_heartbeats", "Ready workers with stale heartbeats.", registry=registry
+        )
+        self.bus = BusMetrics(registry, "router")
+
+
+class RouterState:
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: Subjects,
+        metrics: RouterMetrics,
+        *,
+        queue_depth: int,
+        max_wait_s: float,
+        capacity_share: float = 1.0,
+        retry_budget_ratio: float = 0.2,
+        checkpoint_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bus, self.subjects, self.metrics, self.clock = bus, subjects, metrics, clock
+        self.view = FleetView()
+        self.budget = RetryBudget(ratio=retry_budget_ratio)
+        self.capacity: CapacityView | None = None
+        self._capacity_pos: tuple[int, int] | None = None
+        self.capacity_share = capacity_share
+        self.queue_depth, self.max_wait_s = queue_depth, max_wait_s
+        self.gates: dict[str, Gate] = {}
+        self.draining = False
+        self.follower = RegistryFollower(
+            bus,
+            subjects,
+            self._records_changed,
+            on_bad_message=lambda: metrics.bus.rejected.labels("registry.events").inc(),
+            checkpoint_interval_s=checkpoint_interval_s,
+        )
+
+    async def start(self) -> None:
+        await self.follower.start()
+        await self.bus.subscribe(self.subjects.load_all, cb=self._on_load)
+        await self.bus.subscribe(self.subjects.capacity_view, cb=self._on_capacity)
+        await self.bus.flush()
+
+    async def _records_changed(self) -> None:
+        self.view.set_records(dict(self.follower.mirror.records))
+        self.metrics.stale.set(self.view.stale_count(self.clock()))
+
+    async def _on_load(self, msg: Message) -> None:
+        try:
+            env = codec.load_decoder.decode(msg.data)
+        except codec.DecodeError:
+            self.metrics.bus.rejected.labels("load").inc()
+            return
+        self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock())
+
+    async def _on_capacity(self, msg: Message) -> None:
+        try:
+            env = codec.capacity_view_decoder.decode(msg.data)
+        except codec.DecodeError:
+            self.metrics.bus.rejected.labels("capacity.view").inc()
+            return
+        if is_newer(self._capacity_pos, env.epoch, env.seq):
+            self._capacity_pos = (env.epoch, env.seq)
+            self.apply_capacity(env.body)
+
+    async def fetch_capacity(self) -> None:
+        """The latest view at start (a late reader must not run on a stale default)."""
+        delay = 0.1
+        while self.capacity is None:
+            try:
+                data = await self.bus.request(self.subjects.capacity_snapshot, b"", 2.0)
+                if self.capacity is None:  # a published view may have arrived meanwhile
+                    self.apply_capacity(codec.capacity_decoder.decode(data))
+                return
+            except (NoRespondersError, RequestTimeout):
+                log.info("capacity service not answering yet; gateway admission open until it does")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def apply_capacity(self, view: CapacityView) -> None:
+        self.capacity = view
+        for model, gate in self.gates.items():
+            gate.set_limit(self.limit_for(model))
+
+    def limit_for(self, model: str) -> int:
+        if self.capacity is None:
+            return MAX_CAPACITY  # unknown: workers' own admission still protects them
+        entry = self.capacity.models.get(model, self.capacity.fleet)
+        return max(int(entry.capacity * self.capacity_share), 1)
+
+    def gate(self, model: str) -> Gate:
+        gate = self.gates.get(model)
+        if gate is None:
+            limits = AdmissionLimits(
+                max_in_flight=self.limit_for(model),
+                max_queue_depth=self.queue_depth,
+                max_wait_s=self.max_wait_s,
+            )
+
+            def changed() -> None:
+                core = self.gates[model].core
+                self.metrics.queue_depth.labels(model).set(core.queue_depth)
+                self.metrics.in_flight.labels(model).set(core.in_flight)
+
+            gate = self.gates[model] = Gate(limits, on_change=changed)
+            if self.draining:
+                gate.drain()
+        return gate
+
+    def drain(self) -> None:
+        self.draining = True
+        for gate in self.gates.values():
+            gate.drain()

@@ -1,0 +1,326 @@
+"""Router with a real registry, capacity service and sim workers: choice, backpressure, retries,
+mid-stream failure, the official client, error envelopes and gateway admission."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+
+from schemas import codec
+from schemas.load import ModelLoad, WorkerLoad
+from schemas.registry import WorkerStatus
+from schemas.subjects import Subjects
+from services.common.bus import Bus
+from services.common.seq import Sequencer
+from tests.helpers import eventually, free_port
+from tests.integration.fleet_fixtures import running_capacity, running_router, running_worker
+from tests.integration.registry_fixtures import running_registry
+
+pytestmark = pytest.mark.integration
+CHAT = "/v1/chat/completions"
+
+
+def body(max_tokens: int = 4, stream: bool = False, model: str = "sim-model") -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    nats_url: str, prefix: str, workers: list[dict[str, Any]], **router: Any
+) -> AsyncIterator[Any]:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running_registry(nats_url, prefix))
+        await stack.enter_async_context(
+            running_capacity(nats_url, prefix, **router.pop("capacity", {}))
+        )
+        ws = [
+            await stack.enter_async_context(running_worker(nats_url, prefix, **w)) for w in workers
+        ]
+        r = await stack.enter_async_context(running_router(nats_url, prefix, **router))
+        await eventually(
+            lambda: all(
+                r.state.view.is_fresh(w.worker_id, r.state.clock())
+                and r.state.view.records.get(w.worker_id) is not None
+                and r.state.view.records[w.worker_id].status == WorkerStatus.READY
+                for w in ws
+            ),
+            timeout_s=10,
+        )
+        yield r, ws
+
+
+async def post(
+    s: aiohttp.ClientSession, url: str, payload: Any, **kw: Any
+) -> tuple[int, Any, dict[str, str]]:
+    kwargs = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
+    async with s.post(url, **kwargs, **kw) as resp:
+        data = await resp.read()
+        parsed = codec.decode(data, Any) if data.startswith(b"{") else data
+        return resp.status, parsed, dict(resp.headers)
+
+
+async def test_routes_to_the_idle_replica_and_follows_load(
+    bus: Bus, nats_url: str, prefix: str
+) -> None:
+    slow = {"sim_tokens_per_s": 20.0, "max_in_flight": 4}
+    async with (
+        fleet(nats_url, prefix, [slow, slow]) as (router, (a, b)),
+        aiohttp.ClientSession() as s,
+    ):
+        hogs = [asyncio.create_task(post(s, a.url + CHAT, body(max_tokens=40))) for _ in range(3)]
+        await eventually(lambda: router.state.view.score(a.worker_id, "sim-model") == 3)
+        for _ in range(2):  # each goes to b: a is visibly busier
+            status, _data, headers = await post(s, router.url + CHAT, body())
+            assert status == 200
+            assert headers["x-switchboard-origin"] == "worker"
+        assert (
+            router.state.view.dispatched.get(b.worker_id, 0)
+            + router.state.view.score(b.worker_id, "sim-model")
+            >= 0
+        )
+        b_gate, a_gate = b.models["sim-model"].gate, a.models["sim-model"].gate
+        hogs += [asyncio.create_task(post(s, b.url + CHAT, body(max_tokens=60))) for _ in range(4)]
+        await eventually(lambda: router.state.view.score(b.worker_id, "sim-model") >= 4)
+        await eventually(lambda: a_gate.core.in_flight == 0, timeout_s=5)  # a's hogs finished
+        await eventually(lambda: router.state.view.score(a.worker_id, "sim-model") == 0)
+        served_before = a.models["sim-model"].engine.peak_running
+        status, _, _ = await post(s, router.url + CHAT, body())
+        assert status == 200
+        assert b_gate.core.in_flight == 4  # the flip: this one went to a
+        assert served_before >= 1
+        await asyncio.gather(*hogs)
+
+
+async def test_saturated_worker_backpressure_reaches_the_client_intact(
+    nats_url: str, prefix: str
+) -> None:
+    tight = {"sim_tokens_per_s": 10.0, "max_in_flight": 1, "max_queue_depth": 0}
+    async with fleet(nats_url, prefix, [tight]) as (router, (w,)), aiohttp.ClientSession() as s:
+        hog = asyncio.create_task(post(s, w.url + CHAT, body(max_tokens=30)))
+        await eventually(lambda: w.models["sim-model"].gate.core.in_flight == 1)
+        direct = await post(s, w.url + CHAT, body())
+        relayed = await post(s, router.url + CHAT, body())
+        assert relayed[0] == direct[0] == 503
+        assert relayed[2]["Retry-After"] == direct[2]["Retry-After"]
+        assert relayed[2]["x-switchboard-origin"] == "worker"
+        assert relayed[1]["error"]["type"] == "rate_limit_error"
+        assert relayed[1]["error"]["code"] == "rate_limit_exceeded"
+        assert relayed[1]["error"]["message"] == direct[1]["error"]["message"]
+        await hog
+
+
+async def test_refused_request_is_retried_on_a_replica_with_room(
+    bus: Bus, nats_url: str, prefix: str
+) -> None:
+    tight = {"sim_tokens_per_s": 10.0, "max_in_flight": 1, "max_queue_depth": 0}
+    async with (
+        fleet(nats_url, prefix, [tight, tight]) as (router, ws),
+        aiohttp.ClientSession() as s,
+    ):
+        first = min(ws, key=lambda w: w.worker_id)  # the tie-break favourite
+        other = max(ws, key=lambda w: w.worker_id)
+        hog = asyncio.create_task(post(s, first.url + CHAT, body(max_tokens=30)))
+        await eventually(lambda: first.models["sim-model"].gate.core.in_flight == 1)
+        # Heartbeat lag, made explicit: the router is told `first` is idle while it is not.
+        lie = WorkerLoad(
+            worker_id=first.worker_id,
+            url=first.url,
+            status=WorkerStatus.READY,
+            models=(
+                ModelLoad(
+                    id="sim-model", in_flight=0, queue_depth=0, max_in_flight=1, max_queue_depth=0
+                ),
+            ),
+            heartbeat_interval_s=5.0,
+        )
+        env = Sequencer(first.worker_id, epoch=time.time_ns()).stamp(lie, time.time())
+        await bus.publish(Subjects.for_prefix(prefix).load(first.worker_id), codec.encode(env))
+        await eventually(lambda: router.state.view.score(first.worker_id, "sim-model") == 0)
+        status, _data, _headers = await post(s, router.url + CHAT, body())
+        assert status == 200
+        assert other.models["sim-model"].engine.peak_running == 1
+        assert router.state.metrics.retries.labels("busy")._value.get() == 1
+        await hog
+
+
+async def test_official_client_and_error_envelopes(nats_url: str, prefix: str) -> None:
+    async with fleet(nats_url, prefix, [{}], api_keys=("k-1", "k-2"), request_body_limit=4096) as (
+        router,
+        _,
+    ):
+        client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k-2", max_retries=0)
+        full = await client.chat.completions.create(
+            model="sim-model", messages=[{"role": "user", "content": "x"}], max_tokens=5
+        )
+        assert full.usage is not None
+        assert full.usage.completion_tokens == 5
+        text = ""
+        async for chunk in await client.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=5,
+            stream=True,
+        ):
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+        assert text == full.choices[0].message.content
+        assert [m.id for m in (await client.models.list()).data] == ["sim-model"]
+        await client.close()
+        async with aiohttp.ClientSession() as s:
+            auth = {"Authorization": "Bearer k-1"}
+            cases = [
+                (body(), {}, 401, "invalid_api_key"),
+                (body(), {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
+                (body(model="ghost"), auth, 404, "model_not_found"),
+                (b"x" * 5000, auth, 413, "request_too_large"),
+                (b"{bad json", auth, 400, "invalid_json"),
+                (b'{"messages": []}', auth, 400, "invalid_value"),
+            ]
+            for payload, headers, status, code in cases:
+                got, data, resp_headers = await post(s, router.url + CHAT, payload, headers=headers)
+                assert (got, data["error"]["code"]) == (status, code), data
+                assert set(data["error"]) == {"message", "type", "code", "param"}
+                assert resp_headers["x-switchboard-origin"] == "router"
+
+
+async def test_gateway_queue_and_its_503_when_capacity_is_exhausted(
+    nats_url: str, prefix: str
+) -> None:
+    slow = {"sim_tokens_per_s": 10.0}
+    async with (
+        fleet(
+            nats_url,
+            prefix,
+            [slow],
+            capacity={"override": 1},
+            gateway_queue_depth=1,
+            gateway_max_wait_s=0.5,
+        ) as (router, _),
+        aiohttp.ClientSession() as s,
+    ):
+        await eventually(lambda: router.state.limit_for("sim-model") == 1)
+        running = asyncio.create_task(post(s, router.url + CHAT, body(max_tokens=20)))
+        gate = router.state.gate("sim-model")
+        await eventually(lambda: gate.core.in_flight == 1)
+        queued = asyncio.create_task(post(s, router.url + CHAT, body()))
+        await eventually(lambda: gate.core.queue_depth == 1)
+        full = await post(s, router.url + CHAT, body())
+        assert full[0] == 503
+        assert full[2]["x-switchboard-origin"] == "router"
+        assert full[1]["error"]["type"] == "rate_limit_error"
+        assert "queue is full" in full[1]["error"]["message"]
+        timed_out = await queued
+        assert timed_out[0] == 503
+        assert "no slot freed in time" in timed_out[1]["error"]["message"]
+        assert int(timed_out[2]["Retry-After"]) >= 1
+        assert (await running)[0] == 200
+        assert router.state.metrics.backpressure.labels("router")._value.get() == 2
+
+
+async def test_no_replica_pending_is_503_and_models_lists_only_ready(
+    nats_url: str, prefix: str
+) -> None:
+    async with (
+        fleet(nats_url, prefix, [{"models": ("a", "b")}]) as (router, (w,)),
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(router.url + "/v1/models") as resp:
+            assert [m["id"] for m in (await resp.json())["data"]] == ["a", "b"]
+        # a rolling update: the only replica is starting again
+        record = router.state.view.records[w.worker_id]
+        router.state.view.records[w.worker_id] = msgspec.structs.replace(
+            record, status=WorkerStatus.PENDING
+        )
+        status, data, headers = await post(s, router.url + CHAT, body(model="a"))
+        assert (status, data["error"]["code"], headers["Retry-After"]) == (
+            503,
+            "no_replica_available",
+            "2",
+        )
+
+
+async def test_worker_killed_mid_stream(bus: Bus, nats_url: str, prefix: str) -> None:
+    ports = [free_port(), free_port()]
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running_registry(nats_url, prefix, heartbeat_ttl_s=1.5))
+        await stack.enter_async_context(running_capacity(nats_url, prefix))
+        procs = []
+        for port in ports:
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "services.worker",
+                    "--engine",
+                    "sim",
+                    "--http-port",
+                    str(port),
+                    "--nats-url",
+                    nats_url,
+                    "--subject-prefix",
+                    prefix,
+                    "--sim-tokens-per-s",
+                    "20",
+                    "--heartbeat-interval-s",
+                    "0.3",
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+        try:
+            router = await stack.enter_async_context(running_router(nats_url, prefix))
+            await eventually(
+                lambda: (
+                    sum(r.status == WorkerStatus.READY for r in router.state.view.records.values())
+                    == 2
+                    and router.state.view.stale_count(router.state.clock()) == 0
+                ),
+                timeout_s=20,
+            )
+            async with aiohttp.ClientSession() as s:
+
+                async def stream() -> tuple[str, float]:
+                    async with s.post(
+                        router.url + CHAT, json=body(max_tokens=60, stream=True)
+                    ) as resp:
+                        assert resp.status == 200
+                        last = b""
+                        async for line in resp.content:
+                            if line.strip():
+                                last = line.strip()
+                        return last.decode(), time.monotonic()
+
+                streams = [asyncio.create_task(stream()) for _ in range(4)]
+                await asyncio.sleep(0.6)
+                killed_at = time.monotonic()
+                procs[0].send_signal(signal.SIGKILL)
+                results = await asyncio.wait_for(asyncio.gather(*streams), 10)
+                errored = [t for last, t in results if '"error"' in last]
+                done = [last for last, _ in results if last == "data: [DONE]"]
+                assert len(errored) == 2, results  # the dead worker's two streams
+                assert len(done) == 2  # the other worker's streams are unaffected
+                assert all(t - killed_at < 2.0 for t in errored)
+                for _ in range(4):  # new requests avoid the dead worker
+                    status, _, _ = await post(s, router.url + CHAT, body())
+                    assert status == 200
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                await proc.wait()

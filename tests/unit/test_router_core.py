@@ -1,0 +1,129 @@
+"""Router choice: least busy, ties by id, stale heartbeats, cooldown, suspects, burst spreading."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from schemas.load import ModelLoad, WorkerLoad
+from schemas.registry import WorkerRecord, WorkerStatus
+from services.router.core import Choice, FleetView, NoReplica, UnknownModel
+
+S = WorkerStatus
+
+
+def rec(wid: str, status: WorkerStatus = S.READY, models: tuple[str, ...] = ("m",)) -> WorkerRecord:
+    return WorkerRecord(id=wid, url=f"http://{wid}:1", models=models, status=status, revision=1)
+
+
+def load(wid: str, in_flight: int = 0, queue: int = 0, mif: int = 4, mq: int = 4) -> WorkerLoad:
+    return WorkerLoad(
+        worker_id=wid,
+        url=f"http://{wid}:1",
+        status=S.READY,
+        models=(
+            ModelLoad(
+                id="m",
+                in_flight=in_flight,
+                queue_depth=queue,
+                max_in_flight=mif,
+                max_queue_depth=mq,
+            ),
+        ),
+        heartbeat_interval_s=1.0,
+    )
+
+
+def view(*records: WorkerRecord, now: float = 100.0, **loads: WorkerLoad) -> FleetView:
+    v = FleetView()
+    v.set_records({r.id: r for r in records})
+    for wid, wl in loads.items():
+        v.heartbeat(wid, 1, 1, wl, now)
+    return v
+
+
+def chosen(decision: object) -> str:
+    assert isinstance(decision, Choice), decision
+    return decision.worker_id
+
+
+def test_least_busy_wins_and_ties_go_to_the_smallest_id() -> None:
+    v = view(rec("b"), rec("a"), rec("c"), b=load("b", 1), a=load("a", 1), c=load("c", 3))
+    assert chosen(v.choose("m", 100.0)) == "a"
+    v.heartbeat("a", 1, 2, load("a", 2, 1), 100.0)
+    assert chosen(v.choose("m", 100.0)) == "b"
+
+
+def test_unknown_model_and_no_ready_replica() -> None:
+    v = view(rec("a", S.PENDING), a=load("a"))
+    assert v.choose("other", 100.0) == UnknownModel("other")
+    assert v.choose("m", 100.0) == NoReplica("m", True, "no ready replica")
+    v.set_records({"a": rec("a", S.NOT_READY)})
+    assert v.choose("m", 100.0) == NoReplica("m", False, "no ready replica")
+
+
+def test_stale_heartbeat_is_unknown_not_idle() -> None:
+    # "a" looked idle long ago; "b" is fresh and busier: fresh wins.
+    v = view(rec("a"), rec("b"), now=90.0, a=load("a", 0))
+    v.heartbeat("b", 1, 1, load("b", 3), 100.0)
+    decision = v.choose("m", 100.0)
+    assert chosen(decision) == "b"
+    assert isinstance(decision, Choice)
+    assert decision.fresh
+    assert v.stale_count(100.0) == 1
+    # with nothing fresh, the stale one is still usable, scored by what was last known
+    only_stale = view(rec("a"), now=90.0, a=load("a", 2))
+    decision = only_stale.choose("m", 100.0)
+    assert isinstance(decision, Choice)
+    assert (decision.worker_id, decision.score, decision.fresh) == ("a", 2, False)
+
+
+def test_exactly_at_ttl_is_still_fresh() -> None:
+    v = view(rec("a"), now=97.0, a=load("a"))
+    assert v.is_fresh("a", 100.0)
+    assert not v.is_fresh("a", 100.01)
+
+
+def test_cooldown_skips_until_it_ends() -> None:
+    v = view(rec("a"), rec("b"), a=load("a", 0), b=load("b", 2))
+    v.busy("a", 5.0, now=100.0)
+    assert chosen(v.choose("m", 104.9)) == "b"
+    assert chosen(v.choose("m", 105.0)) == "a"
+
+
+def test_suspect_until_next_good_heartbeat() -> None:
+    v = view(rec("a"), rec("b"), a=load("a", 0), b=load("b", 2))
+    v.connection_failed("a", 100.0)
+    assert chosen(v.choose("m", 100.0)) == "b"
+    v.heartbeat("a", 1, 2, load("a", 0), 101.0)
+    assert chosen(v.choose("m", 101.0)) == "a"
+
+
+def test_exclude_and_need_room() -> None:
+    v = view(rec("a"), rec("b"), a=load("a", 0), b=load("b", 4, 4))  # b is full (4 + 4)
+    assert chosen(v.choose("m", 100.0, exclude=frozenset({"a"}))) == "b"
+    decision = v.choose("m", 100.0, exclude=frozenset({"a"}), need_room=True)
+    assert isinstance(decision, NoReplica)
+    assert v.has_room("a", "m")
+    assert not v.has_room("b", "m")
+
+
+def test_burst_between_heartbeats_spreads_evenly() -> None:
+    workers = ["w1", "w2", "w3", "w4"]
+    v = view(*(rec(w) for w in workers))
+    for w in workers:
+        v.heartbeat(w, 1, 1, load(w), 100.0)
+    counts: Counter[str] = Counter()
+    for _ in range(100):
+        wid = chosen(v.choose("m", 100.5))
+        v.dispatched_to(wid)
+        counts[wid] += 1
+    assert all(24 <= counts[w] <= 26 for w in workers), counts
+
+
+def test_removed_workers_are_forgotten_and_old_heartbeats_ignored() -> None:
+    v = view(rec("a"), a=load("a", 1))
+    assert not v.heartbeat("a", 1, 1, load("a", 9), 101.0)  # same seq: ignored
+    assert v.score("a", "m") == 1
+    v.set_records({})
+    assert v.beats == {}
+    assert v.models() == []
