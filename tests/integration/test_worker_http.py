@@ -65,7 +65,7 @@ async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix
         status, body, headers = await post(s, w.url + CHAT, chat_body())
         rejected_in = time.perf_counter() - began
         assert status == 503
-        assert rejected_in < 0.25, rejected_in  # a full queue answers at once, not after max_wait
+        assert rejected_in < 0.5, rejected_in  # a full queue answers at once, not after max_wait
         assert_envelope(body, "rate_limit_error", "rate_limit_exceeded")
         assert int(headers["Retry-After"]) >= 1
         results = await asyncio.gather(*slow)

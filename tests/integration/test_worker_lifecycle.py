@@ -68,7 +68,7 @@ async def test_ready_heartbeats_and_load(bus: Bus, prefix: str, nats_url: str) -
         loads.loads.clear()
         await asyncio.sleep(1.3)
         idle = [env for _, env in loads.loads]
-        assert 4 <= len(idle) <= 7, len(idle)
+        assert 3 <= len(idle) <= 8, len(idle)  # ~5 expected at 0.25 s; slack for a loaded box
         assert all(env.body.models[0].in_flight == 0 for env in idle)
         assert [e.seq for e in idle] == list(range(idle[0].seq, idle[0].seq + len(idle)))
         # load shows up promptly (debounced publish on change), then drains back to 0
