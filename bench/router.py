@@ -33,12 +33,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    *argv: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    out = subprocess.DEVNULL if log is None else log.open("wb")
     return subprocess.Popen(
-        argv,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        argv, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
     )
 
 
@@ -154,6 +154,9 @@ async def main(total: int, peers: bool) -> None:
                         str(sg),
                         "--policy",
                         "round_robin",
+                        "--prometheus-port",  # both peers default to the same metrics port
+                        str(free_port()),
+                        log=PEERS.parent / "sglang-router.log",
                     )
                 )
                 procs.append(
@@ -165,6 +168,9 @@ async def main(total: int, peers: bool) -> None:
                         str(vl),
                         "--policy",
                         "round_robin",
+                        "--prometheus-port",
+                        str(free_port()),
+                        log=PEERS.parent / "vllm-router.log",
                     )
                 )
                 targets |= {
@@ -176,6 +182,10 @@ async def main(total: int, peers: bool) -> None:
                     await wait_ok(base + "/v1/chat/completions")
                 except RuntimeError as exc:
                     print(f"{name}: not usable ({exc}); left out")
+                    log = PEERS.parent / f"{name}.log"
+                    if log.exists():
+                        tail = log.read_text(errors="replace").splitlines()[-5:]
+                        print("  last lines of its log:", *tail, sep="\n    ")
                     del targets[name]
             print(
                 f"{'target':<13} {'conc':>4} {'rps':>7} {'p50 ms':>7} {'p99 ms':>7} {'ttfb p50':>9}"

@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", help="where to write it (created)")
     demo.add_argument("--seed", type=int, default=0)
 
+    status = sub.add_parser("status", help="one table: workers, load, heartbeat age, capacity")
+    status.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    status.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
+
+    drain = sub.add_parser("drain", help="stop routing new requests to a worker (--undo: resume)")
+    drain.add_argument("worker_id")
+    drain.add_argument("--undo", action="store_true", help="set the worker Ready again")
+    drain.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    drain.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
+
     tail = sub.add_parser("tail", help="print bus messages, one line each, marking seq gaps")
     tail.add_argument(
         "pattern", nargs="?", default=None, help="subject pattern (default <prefix>.>)"
@@ -143,10 +153,31 @@ async def _make_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     return 0
 
 
+async def _status(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.ops import status
+
+    print(await status(args.nats_url, args.prefix))
+    return 0
+
+
+async def _drain(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.ops import drain
+
+    print(await drain(args.nats_url, args.prefix, args.worker_id, undo=args.undo))
+    return 0
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    handlers = {"up": _up, "nats": _nats, "tail": _tail, "make-demo-model": _make_demo}
+    handlers = {
+        "up": _up,
+        "nats": _nats,
+        "tail": _tail,
+        "make-demo-model": _make_demo,
+        "status": _status,
+        "drain": _drain,
+    }
     return await handlers[args.command](args, stop)
 
 

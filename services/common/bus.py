@@ -47,6 +47,7 @@ class Bus:
         self.nc = nc
         self._reconnect_listeners: list[Callback] = []
         self._error_listeners: list[ErrorCallback] = []
+        self.closing = False
 
     @classmethod
     async def connect(
@@ -68,7 +69,8 @@ class Bus:
                 await listener(exc)
 
         async def on_disconnect() -> None:
-            log.warning("nats disconnected")
+            if not bus.closing:  # a disconnect we asked for is not news
+                log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats reconnected", extra={"url": str(bus.nc.connected_url)})
@@ -167,6 +169,7 @@ class Bus:
         """Drain (flush what we published, finish in-flight handlers), then close."""
         if self.nc.is_closed:
             return
+        self.closing = True
         try:
             await self.nc.drain()
         except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError, TimeoutError):
