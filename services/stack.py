@@ -52,6 +52,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
             args=worker_args(opts, opts.worker_base_port + i),
             env=env,
             health_url=f"http://127.0.0.1:{opts.worker_base_port + i}/healthz",
+            essential=False,
         )
         for i in range(opts.workers)
     ]

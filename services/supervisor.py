@@ -32,6 +32,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     args: tuple[str, ...] = ()
     env: dict[str, str] = msgspec.field(default_factory=dict)
     health_url: str | None = None
+    # A non-essential child (a worker) may die without taking the stack down: the fleet is built
+    # to survive losing workers. Its death is still reported and makes `up` exit non-zero.
+    essential: bool = True
 
 
 def print_prefixed(name: str, line: str) -> None:
@@ -100,6 +103,31 @@ async def wait_healthy(child: Child, timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
+async def _watch(children: list[Child], stop: asyncio.Event, printer: Printer) -> int:
+    """Wait for stop or an essential child's exit; report every exit. Returns the exit code."""
+    code = 0
+    waiting = {asyncio.ensure_future(c.proc.wait()): c for c in children}
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        while waiting:
+            done, _ = await asyncio.wait([stopper, *waiting], return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                return code
+            for waiter in done:
+                child = waiting.pop(waiter)
+                code = 1
+                exited = f"{child.spec.name} exited with code {child.proc.returncode}"
+                if child.spec.essential:
+                    printer("up", f"{exited}; stopping everything")
+                    return code
+                printer("up", f"{exited}; it is not restarted, the fleet goes on without it")
+        return code
+    finally:
+        stopper.cancel()
+        for waiter in waiting:
+            waiter.cancel()
+
+
 async def supervise(
     specs: Sequence[ServiceSpec],
     *,
@@ -132,17 +160,7 @@ async def supervise(
             await wait_healthy(child, health_timeout_s)
             printer("up", f"{spec.name} is healthy")
         on_ready()
-        exits = [asyncio.create_task(c.proc.wait()) for c in children]
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *exits], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        for child, waiter in zip(children, exits, strict=True):
-            waiter.cancel()
-            if waiter in done:
-                printer(
-                    "up", f"{child.spec.name} exited with code {child.proc.returncode}; stopping"
-                )
-                code = 1
+        code = await _watch(children, stop, printer)
     except (RuntimeError, OSError) as exc:
         printer("up", f"start failed: {exc}")
         code = 1

@@ -18,6 +18,7 @@ from services.capacity.config import CapacityConfig
 from services.capacity.main import RunningCapacity, serve
 from services.common.bus import Bus, Message
 from services.common.seq import Sequencer
+from tests.integration.inprocess import in_process
 
 
 @contextlib.asynccontextmanager
@@ -25,18 +26,8 @@ async def running_capacity(
     nats_url: str, prefix: str, **overrides: Any
 ) -> AsyncIterator[RunningCapacity]:
     cfg = CapacityConfig(nats_url=nats_url, subject_prefix=prefix, http_port=0, **overrides)
-    stop = asyncio.Event()
-    started: asyncio.Future[RunningCapacity] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(cfg, stop, started))
-    waiters: list[asyncio.Future[Any]] = [task, started]
-    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    try:
-        yield started.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
+    async with in_process(serve, cfg) as cap:
+        yield cap
 
 
 class Heartbeats:
@@ -104,43 +95,21 @@ async def record_views(bus: Bus, prefix: str) -> ViewLog:
 async def running_worker(nats_url: str, prefix: str, **overrides: Any) -> AsyncIterator[Any]:
     """A worker in-process (sim engine unless overridden); yields a RunningWorker."""
     from services.worker.config import WorkerConfig
-    from services.worker.main import RunningWorker
     from services.worker.main import serve as serve_worker
 
     fields: dict[str, Any] = {"engine": "sim", "http_port": 0, "heartbeat_interval_s": 0.2}
     cfg = WorkerConfig(nats_url=nats_url, subject_prefix=prefix, **(fields | overrides))
-    stop = asyncio.Event()
-    started: asyncio.Future[RunningWorker] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve_worker(cfg, stop, started))
-    waiters: list[asyncio.Future[Any]] = [task, started]
-    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    try:
-        yield started.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    async with in_process(serve_worker, cfg) as worker:
+        yield worker
 
 
 @contextlib.asynccontextmanager
 async def running_router(nats_url: str, prefix: str, **overrides: Any) -> AsyncIterator[Any]:
     """A router in-process on a free port; yields services.router.main.RunningRouter."""
     from services.router.config import RouterConfig
-    from services.router.main import RunningRouter
     from services.router.main import serve as serve_router
 
     fields: dict[str, Any] = {"http_port": 0, "reuse_port": False}
     cfg = RouterConfig(nats_url=nats_url, subject_prefix=prefix, **(fields | overrides))
-    stop = asyncio.Event()
-    started: asyncio.Future[RunningRouter] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve_router(cfg, stop, started))
-    waiters: list[asyncio.Future[Any]] = [task, started]
-    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    try:
-        yield started.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    async with in_process(serve_router, cfg) as router:
+        yield router

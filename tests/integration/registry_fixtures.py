@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,6 +13,7 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus, Message
 from services.registry.config import RegistryConfig
 from services.registry.main import RunningRegistry, serve
+from tests.integration.inprocess import start_in_process
 
 
 async def start_registry(
@@ -23,19 +23,8 @@ async def start_registry(
     cfg = RegistryConfig(
         nats_url=nats_url, subject_prefix=prefix, http_port=0, log_format="text", **overrides
     )
-    stop = asyncio.Event()
-    started: asyncio.Future[RunningRegistry] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(cfg, stop, started))
-    waiters: list[asyncio.Future[Any]] = [task, started]
-    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # raises what went wrong at start
-
-    async def stopper() -> None:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-    return started.result(), stopper
+    handle, stop = await start_in_process(serve, cfg)
+    return handle, stop
 
 
 @contextlib.asynccontextmanager

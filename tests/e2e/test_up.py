@@ -1,0 +1,180 @@
+"""The stack as a user runs it: `switchboard up` as a subprocess with 3 sim workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from services.common.natsd import NatsServer
+from tests.helpers import eventually, free_port, free_port_range
+
+pytestmark = pytest.mark.e2e
+MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+
+
+class Stack:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        nats: NatsServer,
+        router_port: int,
+        worker_port: int,
+        prefix: str,
+    ) -> None:
+        self.proc, self.nats, self.prefix = proc, nats, prefix
+        self.router_url = f"http://127.0.0.1:{router_port}/v1"
+        self.worker_port = worker_port
+        self.lines: list[str] = []
+
+    async def pump(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    async def cli(self, *args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli",
+            *args,
+            "--nats-url",
+            self.nats.url,
+            "--prefix",
+            self.prefix,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+
+def worker_pid(port: int) -> int:
+    """The worker process listening on port (its command line names the port)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"services.worker" in argv and str(port).encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no worker on port {port}")
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    nats = NatsServer(tmp_path / "js", port=free_port())
+    nats.start()
+    router_port, worker_port = free_port(), free_port_range(3)
+    prefix = "e2e"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "up",
+        "--nats-url",
+        nats.url,
+        "--prefix",
+        prefix,
+        "--workers",
+        "3",
+        "--engine",
+        "sim",
+        "--router-port",
+        str(router_port),
+        "--worker-base-port",
+        str(worker_port),
+        "--registry-port",
+        str(free_port()),
+        "--capacity-port",
+        str(free_port()),
+        "--state-dir",
+        str(tmp_path / "sb"),
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "WORKER_HEARTBEAT_INTERVAL_S": "0.3",
+            "REGISTRY_HEARTBEAT_TTL_S": "1.5",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    s = Stack(proc, nats, router_port, worker_port, prefix)
+    pump = asyncio.create_task(s.pump())
+    try:
+        await eventually(lambda: any("stack is up" in line for line in s.lines), timeout_s=90)
+        yield s
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 60)
+        await pump
+        nats.stop()
+
+
+async def chat_works(client: openai.AsyncOpenAI) -> bool:
+    full = await client.chat.completions.create(model="sim-model", messages=MESSAGES, max_tokens=5)
+    text = ""
+    async for chunk in await client.chat.completions.create(
+        model="sim-model", messages=MESSAGES, max_tokens=5, stream=True
+    ):
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+    return bool(
+        full.usage and full.usage.completion_tokens == 5 and text == full.choices[0].message.content
+    )
+
+
+async def test_fleet_survives_a_dead_worker_and_a_nats_restart(stack: Stack) -> None:
+    client = openai.AsyncOpenAI(base_url=stack.router_url, api_key="unused", max_retries=0)
+    try:
+        assert await chat_works(client)
+        status = await stack.cli("status")
+        assert sum(" ready " in f" {line} " for line in status.splitlines()) == 3, status
+
+        # kill one worker: traffic continues on the others, status shows it NotReady
+        os.kill(worker_pid(stack.worker_port), signal.SIGKILL)
+        for _ in range(6):
+            assert await chat_works(client)
+
+        async def marked_not_ready() -> bool:
+            return "not_ready" in await stack.cli("status")
+
+        await eventually(marked_not_ready, timeout_s=10)
+        assert any(
+            "it is not restarted, the fleet goes on without it" in line for line in stack.lines
+        )
+
+        # restart NATS while idle: every service reconnects and the fleet view converges
+        stack.nats.stop()
+        await asyncio.sleep(1.0)
+        stack.nats.start()
+
+        async def converged() -> bool:
+            try:
+                text = await stack.cli("status")
+                return sum(" ready " in f" {line} " for line in text.splitlines()) == 2
+            except AssertionError:
+                return False
+
+        await eventually(converged, timeout_s=30, interval_s=1.0)
+
+        async def routes_again() -> bool:
+            try:
+                return await chat_works(client)
+            except openai.APIError:
+                return False
+
+        await eventually(routes_again, timeout_s=20, interval_s=0.5)
+    finally:
+        await client.close()
+    stack.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(stack.proc.wait(), 60) == 1  # a worker died: up says so
