@@ -13,6 +13,16 @@ from schemas.subjects import SubjectError, Subjects
 from services.common.run import install_stop_signals
 
 
+def default_nats_url() -> str:
+    """NATS_URL, else the operator credentials `switchboard up` wrote, else the local default."""
+    if os.environ.get("NATS_URL"):
+        return os.environ["NATS_URL"]
+    saved = Path(".switchboard") / "operator-url"
+    if saved.is_file():
+        return saved.read_text().strip()
+    return "nats://127.0.0.1:4222"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="switchboard", description="LLM inference fleet gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,20 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     status = sub.add_parser("status", help="one table: workers, load, heartbeat age, capacity")
-    status.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    status.add_argument("--nats-url", default=default_nats_url())
     status.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
 
     drain = sub.add_parser("drain", help="stop routing new requests to a worker (--undo: resume)")
     drain.add_argument("worker_id")
     drain.add_argument("--undo", action="store_true", help="set the worker Ready again")
-    drain.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    drain.add_argument("--nats-url", default=default_nats_url())
     drain.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
 
     tail = sub.add_parser("tail", help="print bus messages, one line each, marking seq gaps")
     tail.add_argument(
         "pattern", nargs="?", default=None, help="subject pattern (default <prefix>.>)"
     )
-    tail.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    tail.add_argument("--nats-url", default=default_nats_url())
     tail.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
     tail.add_argument("--json", action="store_true", help="print raw JSON payloads")
     tail.add_argument("--worker", default=None, help="only messages about this worker id")
@@ -119,6 +129,7 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
         state_dir=Path(args.state_dir),
         nats_port=args.nats_port,
         stop=stop,
+        prefix=args.prefix,
         on_ready=ready,
     )
 

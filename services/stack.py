@@ -37,6 +37,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
         args=("--http-port", str(opts.registry_port), "--http-host", "127.0.0.1"),
         env={**env, "REGISTRY_ADMIN_TOKEN": opts.admin_token},
         health_url=f"http://127.0.0.1:{opts.registry_port}/healthz",
+        role="registry",
     )
     capacity = ServiceSpec(
         name="capacity",
@@ -44,6 +45,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
         args=("--http-port", str(opts.capacity_port)),
         env=env,
         health_url=f"http://127.0.0.1:{opts.capacity_port}/healthz",
+        role="capacity",
     )
     workers = [
         ServiceSpec(
@@ -53,6 +55,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
             env=env,
             health_url=f"http://127.0.0.1:{opts.worker_base_port + i}/healthz",
             essential=False,
+            role="worker",
         )
         for i in range(opts.workers)
     ]
@@ -68,6 +71,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
             ),
             env=env,
             health_url=f"http://127.0.0.1:{opts.router_port}/healthz",
+            role="router",
         )
         for i in range(opts.routers)
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from services.common import natsauth
 from services.common.child import die_with_parent
 from services.common.natsd import NatsServer
 
@@ -35,6 +37,17 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # A non-essential child (a worker) may die without taking the stack down: the fleet is built
     # to survive losing workers. Its death is still reported and makes `up` exit non-zero.
     essential: bool = True
+    # Its NATS user when `up` runs the embedded server with per-role credentials.
+    role: str = "operator"
+
+
+def private_file(path: Path, text: str) -> Path:
+    """Write a file only its owner can read (it holds credentials)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def print_prefixed(name: str, line: str) -> None:
@@ -135,27 +148,46 @@ async def supervise(
     state_dir: Path,
     nats_port: int,
     stop: asyncio.Event,
+    prefix: str = "fleet",
     on_ready: Callable[[], None] = lambda: None,
     printer: Printer = print_prefixed,
     health_timeout_s: float = 60.0,
 ) -> int:
     """Run NATS (unless nats_url is given) and the children; return the process exit code."""
     nats: NatsServer | None = None
+    passwords: dict[str, str] = {}
     if nats_url is None:
+        passwords = {role: secrets.token_urlsafe(18) for role in natsauth.ROLES}
+        config = private_file(state_dir / "nats.conf", natsauth.render_config(prefix, passwords))
         nats = NatsServer(
-            state_dir / "nats", port=nats_port, on_line=lambda line: printer("nats", line)
+            state_dir / "nats",
+            port=nats_port,
+            config_file=config,
+            on_line=lambda line: printer("nats", line),
         )
         # On this (main) thread: the parent-death signal is tied to the thread that forks.
         nats_url = nats.start()
+        operator = natsauth.url_for(nats_url, "operator", passwords["operator"])
+        private_file(state_dir / "operator-url", operator + "\n")
         printer(
             "up", f"embedded nats-server ready at {nats_url} (JetStream in {state_dir / 'nats'})"
         )
+        printer(
+            "up",
+            f"one NATS user per service role; operator credentials: {state_dir / 'operator-url'}",
+        )
     base_env = {**os.environ, "NATS_URL": nats_url}
+
+    def role_env(spec: ServiceSpec) -> dict[str, str]:
+        if not passwords:
+            return {}
+        return {"NATS_URL": natsauth.url_for(base_env["NATS_URL"], spec.role, passwords[spec.role])}
+
     children: list[Child] = []
     code = 0
     try:
         for spec in specs:
-            child = await start_child(spec, base_env, printer)
+            child = await start_child(spec, {**base_env, **role_env(spec)}, printer)
             children.append(child)
             await wait_healthy(child, health_timeout_s)
             printer("up", f"{spec.name} is healthy")

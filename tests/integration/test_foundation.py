@@ -170,7 +170,10 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
     lines: list[str] = []
     try:
         await _read_until(proc.stdout, "stack is up", lines, 90)
-        bus = await Bus.connect(f"nats://127.0.0.1:{port}", "probe")
+        operator_url = (tmp_path / "sb" / "operator-url").read_text().strip()
+        assert operator_url.startswith("nats://operator:")
+        assert (tmp_path / "sb" / "operator-url").stat().st_mode & 0o077 == 0  # owner-only
+        bus = await Bus.connect(operator_url, "probe")
         await bus.flush()
         await bus.close()
         body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
