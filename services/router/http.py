@@ -126,10 +126,7 @@ def create_app(
             await stack.aclose()
             finish(outcome, outcome.status, outcome.origin, began)
 
-        response = await proxy.forward(request.url.path, body, model, outcome, release)
-        if outcome.status == 0:  # a refusal made or relayed without streaming
-            outcome.status = response.status_code
-        return response
+        return await proxy.forward(request.url.path, body, model, outcome, release)
 
     def finish(outcome: Outcome, status: int, origin: str, began: float) -> None:
         m = state.metrics

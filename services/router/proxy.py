@@ -93,24 +93,27 @@ class Proxy:
         tried: set[str] = set()
         relay: Response | None = None  # the last worker refusal, relayed if nobody else has room
         started = time.perf_counter()
+
+        async def finish(response: Response, origin: str) -> Response:
+            # Record what the client gets before release() logs and counts the request.
+            outcome.status, outcome.origin = response.status_code, origin
+            await release()
+            return response
+
         while True:
             decision = view.choose(
                 model, self.state.clock(), frozenset(tried), need_room=bool(tried)
             )
             if not isinstance(decision, Choice):
-                await release()
                 if relay is not None:
-                    return relay
-                outcome.origin = "router"
+                    return await finish(relay, "worker")
                 assert isinstance(decision, UnknownModel | NoReplica)
-                return router_refusal(refusal(decision))
+                return await finish(router_refusal(refusal(decision)), "router")
             if tried and not self.state.budget.try_retry():
-                await release()
-                return (
-                    relay
-                    if relay is not None
-                    else router_refusal(refusal(NoReplica(model, False, "retry budget spent")))
-                )
+                if relay is not None:
+                    return await finish(relay, "worker")
+                spent = NoReplica(model, False, "retry budget spent")
+                return await finish(router_refusal(refusal(spent)), "router")
             tried.add(decision.worker_id)
             view.dispatched_to(decision.worker_id)
             outcome.worker, outcome.attempts = decision.worker_id, outcome.attempts + 1
@@ -127,16 +130,13 @@ class Proxy:
                 if outcome.attempts < self.max_attempts:
                     metrics.retries.labels("connect").inc()
                     continue
-                await release()
-                outcome.origin = "router"
-                return router_refusal(
-                    Refusal(
-                        status=502,
-                        message=f"upstream worker unreachable: {exc!r}",
-                        type="server_error",
-                        code="upstream_unreachable",
-                    )
+                unreachable = Refusal(
+                    status=502,
+                    message=f"upstream worker unreachable: {exc!r}",
+                    type="server_error",
+                    code="upstream_unreachable",
                 )
+                return await finish(router_refusal(unreachable), "router")
             if resp.status in (429, 503):
                 data = await resp.read()
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -149,8 +149,7 @@ class Proxy:
                 if outcome.attempts < self.max_attempts:
                     metrics.retries.labels("busy").inc()
                     continue
-                await release()
-                return relay
+                return await finish(relay, "worker")
             outcome.ttfb_s = time.perf_counter() - started
             return self._relay(resp, outcome, release)
 

@@ -122,6 +122,9 @@ async def test_saturated_worker_backpressure_reaches_the_client_intact(
         assert relayed[1]["error"]["type"] == "rate_limit_error"
         assert relayed[1]["error"]["code"] == "rate_limit_exceeded"
         assert relayed[1]["error"]["message"] == direct[1]["error"]["message"]
+        metrics = router.state.metrics
+        assert metrics.backpressure.labels("worker")._value.get() == 1
+        assert metrics.requests.labels("sim-model", "busy")._value.get() == 1
         await hog
 
 
