@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -37,6 +38,15 @@ def decode(data: bytes | str, type_: type[T]) -> T:
     return msgspec.json.decode(data, type=type_)
 
 
+_FIELD = re.compile(r"at `\$\.(\w+)")
+
+
+def error_field(message: str) -> str | None:
+    """The top-level field a msgspec ValidationError message points at (`... - at `$.x[0]``)."""
+    match = _FIELD.search(message)
+    return match.group(1) if match else None
+
+
 def error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> bytes:
@@ -44,3 +54,8 @@ def error_body(
     return encode(
         ErrorEnvelope(error=ErrorBody(message=message, type=type_, code=code, param=param))
     )
+
+
+def error_event(message: str, type_: str, code: str) -> bytes:
+    """An SSE event carrying the error envelope, for failures after the first byte was sent."""
+    return b"data: " + error_body(message, type_, code) + b"\n\n"

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 import msgspec
 
 from schemas import subjects
+from schemas.codec import error_field
 from services.common.errors import ConfigError
 
 # Fields every service shares; their env vars have no service prefix (compose sets them once).
@@ -113,9 +114,8 @@ def load_config(cls: type[C], service: str, argv: Sequence[str], environ: Mappin
 
 
 def _explain(service: str, message: str) -> str:
-    match = re.search(r"at `\$\.(\w+)", message)
-    if match:
-        field = match.group(1)
+    field = error_field(message)
+    if field:
         where = f"{env_name(service, field)} / {flag_name(field)}"
         return f"config error in field '{field}' ({where}): {message}"
     # __post_init__ failures have no path; they name the field in their own message.

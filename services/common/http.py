@@ -65,6 +65,19 @@ class GuardedStream(StreamingResponse):
             await self.cleanup()
 
 
+async def read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it exceeds limit (refused before reading it all)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def ops_routes(registry: CollectorRegistry, health: HealthCheck) -> list[BaseRoute]:
     """/metrics (Prometheus text) and /healthz (200 with details, 503 when unhealthy)."""
 

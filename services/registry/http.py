@@ -28,7 +28,7 @@ from schemas.registry import (
     WorkerSpec,
     WorkerStatus,
 )
-from services.common.http import HealthCheck, error_response, ops_routes
+from services.common.http import HealthCheck, error_response, ops_routes, read_capped
 
 Dispatch = Callable[[str, Any], Awaitable[CommandReply]]
 
@@ -73,16 +73,11 @@ def to_response(result: CommandReply, created_status: int = 200) -> Response:
 
 
 async def read_json(request: Request, type_: type[Any], limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    body = await read_capped(request, limit)
+    if body is None:
         raise BadRequest(413, f"request body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"request body larger than {limit} bytes")
     try:
-        return codec.decode(bytes(body), type_)
+        return codec.decode(body, type_)
     except msgspec.ValidationError as exc:
         raise BadRequest(400, f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from schemas import codec
 from schemas.inference import ModelCard, ModelList
 from services.common.gate import Rejected
-from services.common.http import HealthCheck, ops_routes
+from services.common.http import HealthCheck, ops_routes, read_capped
 from services.router.core import Refusal, UnknownModel, gateway_busy, refusal
 from services.router.proxy import Outcome, Proxy, router_refusal
 from services.router.state import RouterState
@@ -39,19 +39,6 @@ def bad_request(message: str, code: str, status: int = 400, param: str | None = 
             status=status, message=message, type="invalid_request_error", code=code, param=param
         )
     )
-
-
-async def read_capped(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it exceeds limit (refused before reading it all)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 def create_app(

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from starlette.responses import Response
 
-from schemas.codec import error_body
-from services.common.http import GuardedStream
+from schemas.codec import error_event
+from services.common.http import GuardedStream, error_response
 from services.router.core import (
     Choice,
     NoReplica,
@@ -33,16 +33,7 @@ def router_refusal(r: Refusal) -> Response:
     headers = {ORIGIN: "router"}
     if r.retry_after_s is not None:
         headers["Retry-After"] = str(r.retry_after_s)
-    return Response(
-        error_body(r.message, r.type, r.code, r.param),
-        status_code=r.status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def sse_error(message: str) -> bytes:
-    return b"data: " + error_body(message, "server_error", "upstream_failed") + b"\n\n"
+    return error_response(r.status, r.message, r.type, r.code, r.param, headers)
 
 
 class Outcome:
@@ -174,7 +165,11 @@ class Proxy:
                 self.state.view.connection_failed(outcome.worker, self.state.clock())
                 outcome.status = 502
                 if content_type.startswith("text/event-stream"):
-                    yield sse_error(f"the worker serving this stream failed: {exc!r}")
+                    yield error_event(
+                        f"the worker serving this stream failed: {exc!r}",
+                        "server_error",
+                        "upstream_failed",
+                    )
 
         async def cleanup() -> None:
             resp.release()

@@ -25,10 +25,10 @@ from schemas.inference import (
     SamplingFields,
 )
 from services.common.gate import Gate, Rejected
-from services.common.http import GuardedStream, HealthCheck, error_response, ops_routes
+from services.common.http import GuardedStream, HealthCheck, error_response, ops_routes, read_capped
 from services.worker.engine import Engine, EngineError, Job, SamplingParams
 from services.worker.metrics import WorkerMetrics
-from services.worker.openai import DONE, Shape, error_event, usage
+from services.worker.openai import DONE, Shape, usage
 
 
 class ServedModel:
@@ -79,33 +79,24 @@ def busy_error(rejected: Rejected, model: str) -> ApiError:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    body = await read_capped(request, limit)
+    if body is None:
         raise ApiError(
             413, f"request body exceeds {limit} bytes", "invalid_request_error", "request_too_large"
         )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(
-                413,
-                f"request body exceeds {limit} bytes",
-                "invalid_request_error",
-                "request_too_large",
-            )
-    return bytes(body)
+    return body
 
 
 def decode_request(body: bytes, type_: type[Any]) -> Any:
     try:
         return codec.decode(body, type_)
     except msgspec.ValidationError as exc:
-        param = (
-            str(exc).rsplit("`$.", 1)[-1].rstrip("`").split("[")[0] if "`$." in str(exc) else None
-        )
         raise ApiError(
-            400, f"invalid request: {exc}", "invalid_request_error", "invalid_value", param
+            400,
+            f"invalid request: {exc}",
+            "invalid_request_error",
+            "invalid_value",
+            codec.error_field(str(exc)),
         ) from None
     except msgspec.DecodeError as exc:
         raise ApiError(
@@ -239,7 +230,7 @@ class WorkerApi:
                 if chunk.text or chunk.finish_reason:
                     yield shape.piece(chunk.text, chunk.finish_reason)
         except EngineError as exc:
-            yield error_event(f"generation failed: {exc}", "server_error", "engine_error")
+            yield codec.error_event(f"generation failed: {exc}", "server_error", "engine_error")
             return
         if include_usage:
             yield shape.usage_chunk(usage(job.prompt_tokens, job.completion_tokens))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from schemas.subjects import Subjects
 from services.common.admission import AdmissionLimits
@@ -38,7 +39,10 @@ class RunningWorker:
 
 
 def serve_models(
-    cfg: WorkerConfig, engines: list[Engine], metrics: WorkerMetrics, on_change: list[object]
+    cfg: WorkerConfig,
+    engines: list[Engine],
+    metrics: WorkerMetrics,
+    on_change: list[Callable[[], None]],
 ) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for engine in engines:
@@ -54,7 +58,7 @@ def serve_models(
             metrics.in_flight.labels(name).set(core.in_flight)
             metrics.queue_depth.labels(name).set(core.queue_depth)
             for hook in on_change:
-                hook()  # type: ignore[operator]
+                hook()
 
         models[name] = ServedModel(engine, Gate(limits, on_change=changed))
     return models
@@ -66,7 +70,7 @@ async def serve(
     engines = await build_engines(cfg)
     registry = new_registry()
     metrics = WorkerMetrics(registry)
-    hooks: list[object] = []
+    hooks: list[Callable[[], None]] = []
     models = serve_models(cfg, engines, metrics, hooks)
     sock = bind(cfg.http_host, cfg.http_port)
     url = cfg.advertise_url or f"http://{cfg.http_host}:{sock.getsockname()[1]}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import msgspec
 
 from schemas.codec import encode
-from schemas.errors import ErrorBody, ErrorEnvelope
 from schemas.inference import (
     AssistantMessage,
     ChatChoice,
@@ -87,8 +86,3 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[choice]
         )
-
-
-def error_event(message: str, type_: str, code: str) -> bytes:
-    """An SSE event carrying the OpenAI error envelope, for failures after the first byte."""
-    return sse(ErrorEnvelope(error=ErrorBody(message=message, type=type_, code=code)))
