@@ -28,9 +28,10 @@ from schemas.registry import (
 )
 from schemas.subjects import Subjects
 from services.capacity.config import CapacityConfig
-from services.capacity.main import RunningCapacity, serve
+from services.capacity.main import serve
 from services.common.bus import Bus, Message, reply
 from services.common.natsd import NatsServer
+from services.common.run import start_in_process
 
 S = WorkerStatus
 
@@ -74,10 +75,7 @@ async def main(events: int, samples: int) -> None:
             log_level="error",
             checkpoint_interval_s=3600,
         )
-        stop = asyncio.Event()
-        started: asyncio.Future[RunningCapacity] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(serve(cfg, stop, started))
-        cap = await started
+        cap, stop_capacity = await start_in_process(serve, cfg)
         await cap.service.follower.synced.wait()
 
         async def send(body: RegistryEvent) -> None:
@@ -136,8 +134,7 @@ async def main(events: int, samples: int) -> None:
         print(f"{'re-snapshots in burst':<32} {resyncs:>12.0f}")
         print(f"{'event -> view p50 (ms)':<32} {p50:>12.2f}")
         print(f"{'event -> view p99 (ms)':<32} {p99:>12.2f}")
-        stop.set()
-        await task
+        await stop_capacity()
         await bus.close()
         server.stop()
 

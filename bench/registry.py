@@ -16,9 +16,10 @@ from schemas.registry import RegisterRequest, SetStatusRequest, WorkerSpec, Work
 from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.common.natsd import NatsServer
+from services.common.run import start_in_process
 from services.registry.client import RegistryClient
 from services.registry.config import RegistryConfig
-from services.registry.main import RunningRegistry, serve
+from services.registry.main import serve
 
 
 def bench_url(n: int) -> str:
@@ -45,10 +46,7 @@ async def main(ops: int, levels: list[int]) -> None:
             cfg = RegistryConfig(
                 nats_url=url, subject_prefix="bench", http_port=0, log_level="error"
             )
-            stop = asyncio.Event()
-            started: asyncio.Future[RunningRegistry] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(serve(cfg, stop, started))
-            await started
+            _, stop_registry = await start_in_process(serve, cfg)
             bus = await Bus.connect(url, "bench")
             client = RegistryClient(bus, Subjects.for_prefix("bench"))
             print(f"{'operation':<12} {'concurrency':>11} {'ops':>6} {'ops/s':>9}")
@@ -72,8 +70,7 @@ async def main(ops: int, levels: list[int]) -> None:
                 rate = await run_ops(client, flips, level)
                 print(f"{'set_status':<12} {level:>11} {ops:>6} {rate:>9.0f}")
             await bus.close()
-            stop.set()
-            await task
+            await stop_registry()
         finally:
             server.stop()
 

@@ -10,10 +10,12 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
+from services.common.run import start_in_process
 from services.worker.config import WorkerConfig
 from services.worker.engine import SamplingParams
 from services.worker.main import RunningWorker, serve
@@ -25,16 +27,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-async def start(**fields: Any) -> tuple[RunningWorker, asyncio.Event, asyncio.Task[None]]:
+async def start(**fields: Any) -> tuple[RunningWorker, Callable[[], Awaitable[None]]]:
     cfg = WorkerConfig(engine="sim", http_port=0, register=False, log_level="error", **fields)
-    stop = asyncio.Event()
-    started: asyncio.Future[RunningWorker] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(cfg, stop, started))
-    return await started, stop, task
+    worker, stop = await start_in_process(serve, cfg)
+    return worker, stop
 
 
 async def rejection_latency(n: int) -> list[float]:
-    worker, stop, task = await start(max_in_flight=2, max_queue_depth=2, sim_tokens_per_s=5.0)
+    worker, stop = await start(max_in_flight=2, max_queue_depth=2, sim_tokens_per_s=5.0)
     body = {"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 200}
     async with aiohttp.ClientSession() as s:
         hogs = [
@@ -53,8 +53,7 @@ async def rejection_latency(n: int) -> list[float]:
             times.append((time.perf_counter() - began) * 1000)
         for hog in hogs:
             hog.cancel()
-    stop.set()
-    await task
+    await stop()
     return times
 
 
@@ -75,9 +74,7 @@ async def raw_engine(n: int, concurrency: int, max_tokens: int) -> float:
 
 
 async def through_http(n: int, concurrency: int, max_tokens: int, stream: bool) -> float:
-    worker, stop, task = await start(
-        sim_ttft_s=0.0, sim_tokens_per_s=1e7, sim_max_batch=concurrency
-    )
+    worker, stop = await start(sim_ttft_s=0.0, sim_tokens_per_s=1e7, sim_max_batch=concurrency)
     body = {
         "model": "sim-model",
         "messages": [{"role": "user", "content": "x"}],
@@ -97,8 +94,7 @@ async def through_http(n: int, concurrency: int, max_tokens: int, stream: bool) 
         began = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
-    stop.set()
-    await task
+    await stop()
     return elapsed / n * concurrency * 1e6
 
 

@@ -17,8 +17,8 @@ from schemas.subjects import Subjects
 from services.capacity.config import CapacityConfig
 from services.capacity.main import RunningCapacity, serve
 from services.common.bus import Bus, Message
+from services.common.run import in_process
 from services.common.seq import Sequencer
-from tests.integration.inprocess import in_process
 
 
 @contextlib.asynccontextmanager
@@ -113,3 +113,29 @@ async def running_router(nats_url: str, prefix: str, **overrides: Any) -> AsyncI
     cfg = RouterConfig(nats_url=nats_url, subject_prefix=prefix, **(fields | overrides))
     async with in_process(serve_router, cfg) as router:
         yield router
+
+
+async def spawn_worker(
+    nats_url: str, prefix: str, port: int, *flags: str
+) -> asyncio.subprocess.Process:
+    """A sim worker as a real process (for SIGTERM / SIGKILL tests); flags are worker flags."""
+    import os
+    import sys
+
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.worker",
+        "--engine",
+        "sim",
+        "--http-port",
+        str(port),
+        "--nats-url",
+        nats_url,
+        "--subject-prefix",
+        prefix,
+        *flags,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )

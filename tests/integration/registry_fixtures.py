@@ -11,9 +11,9 @@ from schemas.base import Envelope
 from schemas.registry import RegistryBeacon, RegistryEvent
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message
+from services.common.run import start_in_process
 from services.registry.config import RegistryConfig
 from services.registry.main import RunningRegistry, serve
-from tests.integration.inprocess import start_in_process
 
 
 async def start_registry(

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +22,12 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.common.seq import Sequencer
 from tests.helpers import eventually, free_port
-from tests.integration.fleet_fixtures import running_capacity, running_router, running_worker
+from tests.integration.fleet_fixtures import (
+    running_capacity,
+    running_router,
+    running_worker,
+    spawn_worker,
+)
 from tests.integration.registry_fixtures import running_registry
 
 pytestmark = pytest.mark.integration
@@ -265,25 +268,14 @@ async def test_worker_killed_mid_stream(bus: Bus, nats_url: str, prefix: str) ->
         procs = []
         for port in ports:
             procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "services.worker",
-                    "--engine",
-                    "sim",
-                    "--http-port",
-                    str(port),
-                    "--nats-url",
+                await spawn_worker(
                     nats_url,
-                    "--subject-prefix",
                     prefix,
+                    port,
                     "--sim-tokens-per-s",
                     "20",
                     "--heartbeat-interval-s",
                     "0.3",
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
                 )
             )
         try:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -29,7 +27,7 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus, Message
 from services.registry.client import RegistryClient
 from tests.helpers import eventually, free_port
-from tests.integration.fleet_fixtures import running_worker
+from tests.integration.fleet_fixtures import running_worker, spawn_worker
 from tests.integration.registry_fixtures import record_events, running_registry, start_registry
 
 pytestmark = pytest.mark.integration
@@ -127,27 +125,16 @@ async def test_sigterm_drains_then_deregisters(bus: Bus, prefix: str, nats_url: 
     events = await record_events(bus, prefix)
     port = free_port()
     async with running_registry(nats_url, prefix):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.worker",
-            "--engine",
-            "sim",
-            "--http-port",
-            str(port),
-            "--nats-url",
+        proc = await spawn_worker(
             nats_url,
-            "--subject-prefix",
             prefix,
+            port,
             "--sim-tokens-per-s",
             "20",
             "--max-in-flight",
             "2",
             "--max-queue-depth",
             "4",
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         try:
