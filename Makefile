@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint type unit fmt test-gpu clean
+.PHONY: up test lint type unit fmt test-gpu browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ fmt: $(VENV)/.dev-deps
 
 test-gpu: $(VENV)/.dev-deps
 	$(BIN)/pytest -m gpu tests/gpu
+
+# Headless Chromium (Debian's package) for the /dashboard browser test; that test skips without it.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; else \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$sudo apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends chromium; \
+	fi
 
 clean:
 	rm -rf $(VENV) .switchboard .mypy_cache .ruff_cache .pytest_cache

@@ -119,8 +119,11 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
             f'-d \'{{"model": "{name}", "stream": true, "messages": '
             f'[{{"role": "user", "content": "hi"}}]}}\'',
         )
+        print_prefixed("up", f"live fleet page: {url}/dashboard")
         print_prefixed(
-            "up", "watch the bus with: .venv/bin/switchboard tail; Ctrl-C stops everything"
+            "up",
+            "fleet table: .venv/bin/switchboard status; the bus: .venv/bin/switchboard tail; "
+            "Ctrl-C stops everything",
         )
 
     return await supervise(

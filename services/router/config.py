@@ -36,6 +36,10 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     # This router's share of each model's capacity (1/N with N routers side by side).
     capacity_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     checkpoint_interval_s: Seconds = 5.0
+    # The live fleet page at /dashboard (behind the API keys when there are any).
+    dashboard: bool = True
+    # At most one dashboard update per this many seconds per viewer, however busy the fleet.
+    dashboard_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.25
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> RouterConfig:

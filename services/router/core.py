@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import msgspec
 
+from schemas.capacity import CapacityView
+from schemas.dashboard import DashboardWorker, FleetSnapshot, GatewayLoad
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.common.seq import is_newer
@@ -151,6 +153,41 @@ class FleetView:
         pool = fresh or usable  # unknown load is used only when nothing is known to be fine
         best = min(pool, key=lambda r: (self.score(r.id, model), r.id))
         return Choice(best.id, best.url, self.score(best.id, model), bool(fresh))
+
+    def snapshot(
+        self,
+        now: float,
+        capacity: CapacityView | None,
+        gateway: dict[str, GatewayLoad],
+        position: tuple[int, int],
+        wall: float,
+    ) -> FleetSnapshot:
+        """What /dashboard shows: every record with its heartbeat's load, age and freshness."""
+        workers = []
+        for worker_id in sorted(self.records):
+            record = self.records[worker_id]
+            beat = self.beats.get(worker_id)
+            workers.append(
+                DashboardWorker(
+                    id=worker_id,
+                    url=record.url,
+                    status=record.status,
+                    models=record.models,
+                    load=() if beat is None else beat.load.models,
+                    heartbeat_age_s=None if beat is None else round(now - beat.received_at, 1),
+                    fresh=self.is_fresh(worker_id, now),
+                    cooling_down=self.cooldown_until.get(worker_id, 0.0) > now
+                    or worker_id in self.suspect_since,
+                )
+            )
+        return FleetSnapshot(
+            workers=tuple(workers),
+            capacity=capacity,
+            gateway=dict(sorted(gateway.items())),
+            registry_epoch=position[0],
+            registry_seq=position[1],
+            generated_at=wall,
+        )
 
 
 # ---- refusals the router itself makes: the one table from outcome to HTTP ----

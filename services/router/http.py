@@ -20,6 +20,7 @@ from schemas.inference import ModelCard, ModelList
 from services.common.gate import Rejected
 from services.common.http import HealthCheck, ops_routes, read_capped
 from services.router.core import Refusal, UnknownModel, gateway_busy, refusal
+from services.router.dashboard import dashboard_routes
 from services.router.proxy import Outcome, Proxy, router_refusal
 from services.router.state import RouterState
 
@@ -49,32 +50,46 @@ def create_app(
     body_limit: int,
     metrics_registry: CollectorRegistry,
     health: HealthCheck,
+    dashboard_interval_s: float | None = 0.25,
 ) -> Starlette:
+    """dashboard_interval_s None: no /dashboard."""
     keys = [k.encode() for k in api_keys]
+
+    def key_matches(given: str) -> bool:
+        # Compare against every key (no early exit) so timing says nothing about which matched.
+        matches = [hmac.compare_digest(given.encode(), key) for key in keys]
+        return any(matches)
 
     def authorized(request: Request) -> bool:
         if not keys:
             return True
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # Compare against every key (no early exit) so timing says nothing about which matched.
-        matches = [hmac.compare_digest(given.encode(), key) for key in keys]
-        return scheme.lower() == "bearer" and any(matches)
+        return scheme.lower() == "bearer" and key_matches(given)
+
+    def authorized_page(request: Request) -> bool:
+        """The dashboard also takes ?key=: a browser's EventSource cannot send headers."""
+        return authorized(request) or (
+            bool(keys) and key_matches(request.query_params.get("key", ""))
+        )
+
+    def unauthorized() -> Response:
+        response = router_refusal(
+            Refusal(
+                status=401,
+                message="missing or invalid API key",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     def guarded(
         fn: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
             if not authorized(request):
-                response = router_refusal(
-                    Refusal(
-                        status=401,
-                        message="missing or invalid API key",
-                        type="authentication_error",
-                        code="invalid_api_key",
-                    )
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
+                return unauthorized()
             return await fn(request)
 
         return wrapped
@@ -154,4 +169,8 @@ def create_app(
         Route("/readyz", readyz),
         *ops_routes(metrics_registry, health),
     ]
+    if dashboard_interval_s is not None:
+        routes += dashboard_routes(
+            state, authorized_page, unauthorized, interval_s=dashboard_interval_s
+        )
     return Starlette(routes=routes)

@@ -78,6 +78,7 @@ async def serve(
             body_limit=cfg.request_body_limit,
             metrics_registry=registry,
             health=health,
+            dashboard_interval_s=cfg.dashboard_interval_s if cfg.dashboard else None,
         )
         http = HttpServer(app, bind(cfg.http_host, cfg.http_port, reuse_port=cfg.reuse_port))
         async with asyncio.TaskGroup() as tg:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas import codec
 from schemas.capacity import MAX_CAPACITY, CapacityView
+from schemas.dashboard import FleetSnapshot, GatewayLoad
 from schemas.subjects import Subjects
 from services.common.admission import AdmissionLimits
 from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout
@@ -56,7 +58,28 @@ class RouterMetrics:
         self.stale = Gauge(
             "router_stale_heartbeats", "Ready workers with stale heartbeats.", registry=registry
         )
+        self.dashboard_viewers = Gauge(
+            "router_dashboard_viewers", "Open /dashboard live feeds.", registry=registry
+        )
         self.bus = BusMetrics(registry, "router")
+
+
+class Changes:
+    """Wakes every waiter when what the router knows changes (the dashboard's live feed)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()  # later waiters wait for the next change
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next change or timeout_s, whichever is first."""
+        event = self._event
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
 
 
 class RouterState:
@@ -82,6 +105,7 @@ class RouterState:
         self.queue_depth, self.max_wait_s = queue_depth, max_wait_s
         self.gates: dict[str, Gate] = {}
         self.draining = False
+        self.changes = Changes()
         self.follower = RegistryFollower(
             bus,
             subjects,
@@ -99,6 +123,7 @@ class RouterState:
     async def _records_changed(self) -> None:
         self.view.set_records(dict(self.follower.mirror.records))
         self.metrics.stale.set(self.view.stale_count(self.clock()))
+        self.changes.notify()
 
     async def _on_load(self, msg: Message) -> None:
         try:
@@ -106,7 +131,8 @@ class RouterState:
         except codec.DecodeError:
             self.metrics.bus.rejected.labels("load").inc()
             return
-        self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock())
+        if self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock()):
+            self.changes.notify()
 
     async def _on_capacity(self, msg: Message) -> None:
         try:
@@ -136,6 +162,7 @@ class RouterState:
         self.capacity = view
         for model, gate in self.gates.items():
             gate.set_limit(self.limit_for(model))
+        self.changes.notify()
 
     def limit_for(self, model: str) -> int:
         if self.capacity is None:
@@ -156,6 +183,7 @@ class RouterState:
                 core = self.gates[model].core
                 self.metrics.queue_depth.labels(model).set(core.queue_depth)
                 self.metrics.in_flight.labels(model).set(core.in_flight)
+                self.changes.notify()
 
             gate = self.gates[model] = Gate(limits, on_change=changed)
             if self.draining:
@@ -166,3 +194,17 @@ class RouterState:
         self.draining = True
         for gate in self.gates.values():
             gate.drain()
+        self.changes.notify()  # live feeds end so the HTTP server can shut down
+
+    def snapshot(self) -> FleetSnapshot:
+        gateway = {
+            model: GatewayLoad(
+                in_flight=gate.core.in_flight,
+                queue_depth=gate.core.queue_depth,
+                limit=gate.core.limits.max_in_flight,
+            )
+            for model, gate in self.gates.items()
+        }
+        return self.view.snapshot(
+            self.clock(), self.capacity, gateway, self.follower.mirror.position, time.time()
+        )

@@ -127,3 +127,32 @@ def test_removed_workers_are_forgotten_and_old_heartbeats_ignored() -> None:
     v.set_records({})
     assert v.beats == {}
     assert v.models() == []
+
+
+def test_dashboard_snapshot_shows_records_loads_ages_and_cooldowns() -> None:
+    from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
+    from schemas.dashboard import GatewayLoad
+
+    v = view(rec("b"), rec("a", S.NOT_READY), rec("c"), now=98.0, a=load("a", 1), b=load("b", 2))
+    v.busy("b", retry_after_s=5, now=99.0)
+    cap = ModelCapacity(capacity=8, source=CapacitySource.WORKER_REPORTED, workers_available=2)
+    capacity = CapacityView(fleet=cap, models={"m": cap}, registry_epoch=7, registry_seq=3)
+    gateway = {"m": GatewayLoad(in_flight=1, queue_depth=0, limit=8)}
+    snap = v.snapshot(100.0, capacity, gateway, (7, 3), wall=1.5e9)
+    assert [w.id for w in snap.workers] == ["a", "b", "c"]  # stable order for the page
+    a, b, c = snap.workers
+    assert (a.status, a.load[0].in_flight, a.heartbeat_age_s, a.fresh) == (
+        S.NOT_READY,
+        1,
+        2.0,
+        True,
+    )
+    assert b.cooling_down
+    assert not a.cooling_down
+    assert (c.load, c.heartbeat_age_s, c.fresh) == ((), None, False)  # never heard from
+    assert snap.capacity == capacity
+    assert snap.gateway == gateway
+    assert (snap.registry_epoch, snap.registry_seq, snap.generated_at) == (7, 3, 1.5e9)
+    later = v.snapshot(110.0, None, {}, (7, 3), wall=0.0)
+    assert not later.workers[0].fresh  # 12 s > 3 x 1 s interval
+    assert not later.workers[1].cooling_down  # Retry-After passed

@@ -1,0 +1,247 @@
+"""The router's live fleet page: its SSE feed, its auth, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from schemas import codec
+from schemas.dashboard import FleetSnapshot
+from schemas.registry import CommandOk, SetStatusRequest, WorkerStatus, WorkerStatusChanged
+from schemas.subjects import Subjects
+from services.common.bus import Bus
+from services.registry.client import RegistryClient
+from tests.browser import MISSING, chromium_page, find_chromium
+from tests.helpers import eventually, free_port
+from tests.integration.fleet_fixtures import (
+    running_capacity,
+    running_router,
+    running_worker,
+    spawn_worker,
+)
+from tests.integration.registry_fixtures import record_events, running_registry
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def fleet(nats_url: str, prefix: str, **router: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """Registry (1 s heartbeat TTL), capacity, one in-process sim worker and a router."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            running_registry(nats_url, prefix, heartbeat_ttl_s=1.0, beacon_interval_s=0.3)
+        )
+        await stack.enter_async_context(running_capacity(nats_url, prefix))
+        worker = await stack.enter_async_context(
+            running_worker(nats_url, prefix, max_in_flight=3, models=("sim-model",))
+        )
+        r = await stack.enter_async_context(running_router(nats_url, prefix, **router))
+        yield r, worker
+
+
+class Feed:
+    """Reads /dashboard/events and keeps every snapshot."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.snapshots: list[FleetSnapshot] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        event = ""
+        async for raw in self.resp.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: ") and event == "fleet":
+                self.snapshots.append(codec.decode(line[len("data: ") :].encode(), FleetSnapshot))
+
+    @property
+    def last(self) -> FleetSnapshot | None:
+        return self.snapshots[-1] if self.snapshots else None
+
+    def status_of(self, worker_id: str) -> WorkerStatus | None:
+        last = self.last
+        found = None if last is None else next((w for w in last.workers if w.id == worker_id), None)
+        return None if found is None else found.status
+
+
+async def test_feed_streams_the_fleet_and_follows_a_status_change(
+    nats_url: str, prefix: str, bus: Bus
+) -> None:
+    async with (
+        fleet(nats_url, prefix) as (router, worker),
+        aiohttp.ClientSession() as s,
+        s.get(router.url + "/dashboard/events") as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        feed = Feed(resp)
+
+        def ready_with_capacity() -> bool:
+            last = feed.last
+            return (
+                feed.status_of(worker.worker_id) == WorkerStatus.READY
+                and last is not None
+                and last.capacity is not None
+                and last.capacity.models.get("sim-model") is not None
+                and last.capacity.models["sim-model"].capacity == 3
+                and bool(last.workers[0].load)
+                and last.workers[0].fresh
+            )
+
+        await eventually(ready_with_capacity, timeout_s=10)
+        last = feed.last
+        assert last is not None
+        assert last.capacity is not None
+        assert last.capacity.models["sim-model"].source.value == "worker_reported"
+        assert last.workers[0].load[0].max_in_flight == 3
+        assert last.registry_seq > 0
+
+        # A request through the router shows up as this router's gateway load for the model.
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": "x"}]}
+        async with s.post(router.url + "/v1/chat/completions", json=body) as reply:
+            assert reply.status == 200
+        await eventually(lambda: "sim-model" in (feed.last.gateway if feed.last else {}))
+        assert feed.last is not None
+        assert feed.last.gateway["sim-model"].limit == 3
+
+        done = await RegistryClient(bus, Subjects.for_prefix(prefix)).call(
+            SetStatusRequest(id=worker.worker_id, status=WorkerStatus.DRAINING, reason="test")
+        )
+        assert isinstance(done, CommandOk), done
+        await eventually(lambda: feed.status_of(worker.worker_id) == WorkerStatus.DRAINING)
+        feed.task.cancel()
+
+
+async def test_page_and_feed_need_the_api_key_when_keys_are_set(nats_url: str, prefix: str) -> None:
+    async with (
+        fleet(nats_url, prefix, api_keys=("k1",)) as (router, _),
+        aiohttp.ClientSession() as s,
+    ):
+        for path in ("/dashboard", "/dashboard/events"):
+            async with s.get(router.url + path) as resp:
+                assert resp.status == 401
+                error = (await resp.json())["error"]
+                assert error["code"] == "invalid_api_key"
+            async with s.get(router.url + path + "?key=wrong") as resp:
+                assert resp.status == 401
+        async with s.get(router.url + "/dashboard?key=k1") as resp:
+            assert resp.status == 200
+            assert resp.headers["content-type"].startswith("text/html")
+            assert "default-src 'none'" in resp.headers["content-security-policy"]
+            assert "Switchboard fleet" in await resp.text()
+        headers = {"Authorization": "Bearer k1"}
+        async with s.get(router.url + "/dashboard/events", headers=headers) as resp:
+            assert resp.status == 200
+            assert (await resp.content.readline()).startswith(b"retry:")
+
+
+async def test_dashboard_can_be_turned_off(nats_url: str, prefix: str) -> None:
+    async with (
+        fleet(nats_url, prefix, dashboard=False) as (router, _),
+        aiohttp.ClientSession() as s,
+        s.get(router.url + "/dashboard") as resp,
+    ):
+        assert resp.status == 404
+
+
+async def test_open_feed_does_not_hold_up_router_shutdown(nats_url: str, prefix: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running_registry(nats_url, prefix))
+        s = await stack.enter_async_context(aiohttp.ClientSession())
+        began = 0.0
+        async with running_router(nats_url, prefix) as router:
+            resp = await s.get(router.url + "/dashboard/events")
+            assert resp.status == 200
+            await resp.content.readline()
+            began = time.monotonic()
+        # uvicorn waits up to 30 s for open responses; draining ends the feed instead.
+        assert time.monotonic() - began < 10
+        assert await resp.content.read() is not None  # the stream ended cleanly
+        resp.release()
+
+
+@pytest.mark.skipif(find_chromium() is None, reason=MISSING)
+async def test_page_renders_in_chromium_and_shows_a_dead_worker_within_2s(
+    nats_url: str, prefix: str, bus: Bus, tmp_path: Path
+) -> None:
+    binary = find_chromium()
+    assert binary is not None
+    events = await record_events(bus, prefix)
+    port = free_port()
+    proc = None
+    async with fleet(nats_url, prefix) as (router, worker):
+        try:
+            proc = await spawn_worker(
+                nats_url, prefix, port, "--heartbeat-interval-s", "0.2", "--models", "sim-model"
+            )
+            url = f"http://127.0.0.1:{port}"
+            await eventually(
+                lambda: any(
+                    r.url == url and r.status == WorkerStatus.READY
+                    for r in router.state.view.records.values()
+                ),
+                timeout_s=20,
+            )
+            victim = next(r.id for r in router.state.view.records.values() if r.url == url)
+            async with chromium_page(binary, tmp_path / "profile") as page:
+                await page.goto(router.url + "/dashboard")
+
+                async def row_status(worker_id: str) -> str | None:
+                    found = await page.evaluate(
+                        f"(document.querySelector('tr[data-worker=\"{worker_id}\"]') || {{}})"
+                        ".dataset?.status ?? null"
+                    )
+                    return None if found is None else str(found)
+
+                async def rendered() -> bool:
+                    return (
+                        await row_status(worker.worker_id) == "ready"
+                        and await row_status(victim) == "ready"
+                        and await page.evaluate("document.getElementById('conn').textContent")
+                        == "live"
+                        and await page.evaluate(
+                            "document.querySelector('tr[data-model=\"sim-model\"] .tier')"
+                            "?.textContent"
+                        )
+                        == "worker-reported"
+                    )
+
+                await eventually(rendered, timeout_s=15)
+                assert await page.evaluate("document.getElementById('fleet-capacity').textContent")
+                bars = await page.evaluate("document.querySelectorAll('#workers .bar').length")
+                assert bars == 2  # one load bar per (worker, model)
+
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+
+                def went_not_ready() -> bool:
+                    return any(
+                        isinstance(b, WorkerStatusChanged)
+                        and b.worker_id == victim
+                        and b.new_status == WorkerStatus.NOT_READY
+                        for b in events.bodies()
+                    )
+
+                await eventually(went_not_ready, timeout_s=10)
+
+                # From the registry's NotReady event to the page showing it: within 2 s.
+                async def shows_not_ready() -> bool:
+                    return await row_status(victim) == "not_ready"
+
+                await eventually(shows_not_ready, timeout_s=2.0)
+                assert await row_status(worker.worker_id) == "ready"
+                assert page.exceptions == []
+        finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
