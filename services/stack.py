@@ -33,28 +33,30 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
     env = _common_env(opts)
     registry = ServiceSpec(
         name="registry",
-        module="registry",
+        module="services.registry",
         args=("--http-port", str(opts.registry_port), "--http-host", "127.0.0.1"),
         env={**env, "REGISTRY_ADMIN_TOKEN": opts.admin_token},
         health_url=f"http://127.0.0.1:{opts.registry_port}/healthz",
         role="registry",
+        on_exit="restart",  # its state is in JetStream KV; a new process picks it up
     )
     capacity = ServiceSpec(
         name="capacity",
-        module="capacity",
+        module="services.capacity",
         args=("--http-port", str(opts.capacity_port)),
         env=env,
         health_url=f"http://127.0.0.1:{opts.capacity_port}/healthz",
         role="capacity",
+        on_exit="restart",
     )
     workers = [
         ServiceSpec(
             name=f"worker-{i + 1}",
-            module="worker",
+            module="services.worker",
             args=worker_args(opts, opts.worker_base_port + i),
             env=env,
             health_url=f"http://127.0.0.1:{opts.worker_base_port + i}/healthz",
-            essential=False,
+            on_exit="report",
             role="worker",
         )
         for i in range(opts.workers)
@@ -62,7 +64,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
     routers = [
         ServiceSpec(
             name=f"router-{i + 1}" if opts.routers > 1 else "router",
-            module="router",
+            module="services.router",
             args=(
                 "--http-port",
                 str(opts.router_port),
@@ -72,6 +74,7 @@ def plan(opts: StackOptions) -> list[ServiceSpec]:
             env=env,
             health_url=f"http://127.0.0.1:{opts.router_port}/healthz",
             role="router",
+            on_exit="restart",
         )
         for i in range(opts.routers)
     ]

@@ -1,7 +1,10 @@
 """`switchboard up`: embedded NATS, then each service as a child process, health-gated.
 
-Nothing is restarted silently: a child that exits is reported and `up` stops everything and exits
-non-zero. Ctrl-C / SIGTERM stops the children in reverse start order, then NATS.
+Every exit is reported. What happens next is the child's on_exit: the control plane (registry,
+capacity, routers) keeps no state of its own outside NATS, so it is restarted with backoff (and a
+crash loop stops everything); a dead worker is left dead, so the operator sees it NotReady and the
+fleet goes on. Any unplanned exit makes `up` exit non-zero at the end. Ctrl-C / SIGTERM stops the
+children in reverse start order, then NATS.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import msgspec
@@ -27,16 +31,16 @@ Printer = Callable[[str, str], None]
 
 
 class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """One child, `python -m services.<module> *args`; healthy once health_url answers 200."""
+    """One child, `python -m <module> *args`; healthy once health_url answers 200."""
 
     name: str
     module: str
     args: tuple[str, ...] = ()
     env: dict[str, str] = msgspec.field(default_factory=dict)
     health_url: str | None = None
-    # A non-essential child (a worker) may die without taking the stack down: the fleet is built
-    # to survive losing workers. Its death is still reported and makes `up` exit non-zero.
-    essential: bool = True
+    # restart: start it again after a backoff; report: leave it dead, the fleet goes on (workers:
+    # the fleet is built to survive losing them); stop: stop everything.
+    on_exit: Literal["restart", "report", "stop"] = "stop"
     # Its NATS user when `up` runs the embedded server with per-role credentials.
     role: str = "operator"
 
@@ -85,7 +89,7 @@ async def start_child(spec: ServiceSpec, base_env: dict[str, str], printer: Prin
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        f"services.{spec.module}",
+        spec.module,
         *spec.args,
         env={**base_env, **spec.env, "PYTHONUNBUFFERED": "1"},
         stdout=asyncio.subprocess.PIPE,
@@ -116,29 +120,102 @@ async def wait_healthy(child: Child, timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _watch(children: list[Child], stop: asyncio.Event, printer: Printer) -> int:
-    """Wait for stop or an essential child's exit; report every exit. Returns the exit code."""
-    code = 0
-    waiting = {asyncio.ensure_future(c.proc.wait()): c for c in children}
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        while waiting:
-            done, _ = await asyncio.wait([stopper, *waiting], return_when=asyncio.FIRST_COMPLETED)
-            if stopper in done:
-                return code
-            for waiter in done:
-                child = waiting.pop(waiter)
-                code = 1
-                exited = f"{child.spec.name} exited with code {child.proc.returncode}"
-                if child.spec.essential:
-                    printer("up", f"{exited}; stopping everything")
+class RestartBudget:
+    """Backoff doubling from first_s to max_s; more than max_restarts within window_s: give up."""
+
+    def __init__(
+        self, first_s: float = 0.5, max_s: float = 8.0, max_restarts: int = 5, window_s: float = 60
+    ) -> None:
+        self.first_s, self.max_s = first_s, max_s
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.history: dict[str, list[float]] = {}
+
+    def delay(self, name: str, now: float) -> float | None:
+        """Seconds to wait before restarting name, or None when it crashes in a loop."""
+        recent = [t for t in self.history.get(name, []) if now - t < self.window_s]
+        if len(recent) >= self.max_restarts:
+            return None
+        self.history[name] = [*recent, now]
+        return min(self.first_s * 2.0 ** len(recent), self.max_s)
+
+
+class Watch:
+    """Waits for stop or a child's exit and applies the child's on_exit."""
+
+    def __init__(
+        self,
+        children: list[Child],
+        stop: asyncio.Event,
+        printer: Printer,
+        respawn: Callable[[ServiceSpec], Awaitable[Child]],
+        budget: RestartBudget,
+    ) -> None:
+        self.children, self.stop, self.printer = children, stop, printer
+        self.respawn, self.budget = respawn, budget
+        self.health_checks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> int:
+        code = 0
+        waiting = {asyncio.ensure_future(c.proc.wait()): i for i, c in enumerate(self.children)}
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(
+                    [stopper, *waiting], return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopper in done:
                     return code
-                printer("up", f"{exited}; it is not restarted, the fleet goes on without it")
-        return code
-    finally:
-        stopper.cancel()
-        for waiter in waiting:
-            waiter.cancel()
+                for waiter in done:
+                    index = waiting.pop(waiter)
+                    code = 1
+                    if not await self._handle_exit(index):
+                        return code
+                    if self.stop.is_set():
+                        return code
+                    waiting[asyncio.ensure_future(self.children[index].proc.wait())] = index
+            return code
+        finally:
+            stopper.cancel()
+            for waiter in waiting:
+                waiter.cancel()
+            for task in self.health_checks:
+                task.cancel()
+
+    async def _handle_exit(self, index: int) -> bool:
+        """Apply on_exit; False: stop everything. True: keep watching (maybe a new child)."""
+        child = self.children[index]
+        spec, say = child.spec, self.printer
+        exited = f"{spec.name} exited with code {child.proc.returncode}"
+        with contextlib.suppress(asyncio.CancelledError):
+            await child.pump
+        if spec.on_exit == "report":
+            say("up", f"{exited}; it is not restarted, the fleet goes on without it")
+            return True
+        delay = (
+            self.budget.delay(spec.name, time.monotonic()) if spec.on_exit == "restart" else None
+        )
+        if delay is None:
+            why = "it keeps crashing" if spec.on_exit == "restart" else "it is essential"
+            say("up", f"{exited}; {why}: stopping everything")
+            return False
+        say("up", f"{exited}; restarting it in {delay:.1f}s")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self.stop.wait()
+        if self.stop.is_set():
+            return True
+        fresh = self.children[index] = await self.respawn(spec)
+        task = asyncio.create_task(self._announce(fresh))
+        self.health_checks.add(task)
+        task.add_done_callback(self.health_checks.discard)
+        return True
+
+    async def _announce(self, child: Child) -> None:
+        try:
+            await wait_healthy(child, 60.0)
+            self.printer("up", f"{child.spec.name} restarted and healthy")
+        except RuntimeError as exc:
+            self.printer("up", f"restart of {child.spec.name}: {exc}")
 
 
 async def supervise(
@@ -152,6 +229,7 @@ async def supervise(
     on_ready: Callable[[], None] = lambda: None,
     printer: Printer = print_prefixed,
     health_timeout_s: float = 60.0,
+    restart_budget: RestartBudget | None = None,
 ) -> int:
     """Run NATS (unless nats_url is given) and the children; return the process exit code."""
     nats: NatsServer | None = None
@@ -183,16 +261,19 @@ async def supervise(
             return {}
         return {"NATS_URL": natsauth.url_for(base_env["NATS_URL"], spec.role, passwords[spec.role])}
 
+    async def spawn(spec: ServiceSpec) -> Child:
+        return await start_child(spec, {**base_env, **role_env(spec)}, printer)
+
     children: list[Child] = []
     code = 0
     try:
         for spec in specs:
-            child = await start_child(spec, {**base_env, **role_env(spec)}, printer)
+            child = await spawn(spec)
             children.append(child)
             await wait_healthy(child, health_timeout_s)
             printer("up", f"{spec.name} is healthy")
         on_ready()
-        code = await _watch(children, stop, printer)
+        code = await Watch(children, stop, printer, spawn, restart_budget or RestartBudget()).run()
     except (RuntimeError, OSError) as exc:
         printer("up", f"start failed: {exc}")
         code = 1

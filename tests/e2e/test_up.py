@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
+from schemas import codec
+from schemas.dashboard import FleetSnapshot
 from services.common.natsd import NatsServer
 from tests.helpers import eventually, free_port, free_port_range
 
@@ -27,11 +30,13 @@ class Stack:
         nats: NatsServer,
         router_port: int,
         worker_port: int,
+        registry_port: int,
         prefix: str,
     ) -> None:
         self.proc, self.nats, self.prefix = proc, nats, prefix
         self.router_url = f"http://127.0.0.1:{router_port}/v1"
         self.worker_port = worker_port
+        self.registry_port = registry_port
         self.lines: list[str] = []
 
     async def pump(self) -> None:
@@ -57,24 +62,24 @@ class Stack:
         return out.decode()
 
 
-def worker_pid(port: int) -> int:
-    """The worker process listening on port (its command line names the port)."""
+def service_pid(module: str, port: int) -> int:
+    """The service process listening on port (its command line names the module and port)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"services.worker" in argv and str(port).encode() in argv:
+            if module.encode() in argv and str(port).encode() in argv:
                 return int(entry.name)
-    raise AssertionError(f"no worker on port {port}")
+    raise AssertionError(f"no {module} on port {port}")
 
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     nats = NatsServer(tmp_path / "js", port=free_port())
     nats.start()
-    router_port, worker_port = free_port(), free_port_range(3)
+    router_port, worker_port, registry_port = free_port(), free_port_range(3), free_port()
     prefix = "e2e"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -94,7 +99,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         "--worker-base-port",
         str(worker_port),
         "--registry-port",
-        str(free_port()),
+        str(registry_port),
         "--capacity-port",
         str(free_port()),
         "--state-dir",
@@ -108,7 +113,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    s = Stack(proc, nats, router_port, worker_port, prefix)
+    s = Stack(proc, nats, router_port, worker_port, registry_port, prefix)
     pump = asyncio.create_task(s.pump())
     try:
         await eventually(lambda: any("stack is up" in line for line in s.lines), timeout_s=90)
@@ -139,9 +144,19 @@ async def test_fleet_survives_a_dead_worker_and_a_nats_restart(stack: Stack) -> 
         assert await chat_works(client)
         status = await stack.cli("status")
         assert sum(" ready " in f" {line} " for line in status.splitlines()) == 3, status
+        assert any("live fleet page" in line for line in stack.lines)
+        base = stack.router_url.removesuffix("/v1")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/dashboard") as page:
+                assert page.status == 200
+            async with s.get(base + "/dashboard/events") as feed:
+                async for raw in feed.content:
+                    if raw.startswith(b"data: "):
+                        assert len(codec.decode(raw[6:], FleetSnapshot).workers) == 3
+                        break
 
         # kill one worker: traffic continues on the others, status shows it NotReady
-        os.kill(worker_pid(stack.worker_port), signal.SIGKILL)
+        os.kill(service_pid("services.worker", stack.worker_port), signal.SIGKILL)
         for _ in range(6):
             assert await chat_works(client)
 
@@ -174,6 +189,18 @@ async def test_fleet_survives_a_dead_worker_and_a_nats_restart(stack: Stack) -> 
                 return False
 
         await eventually(routes_again, timeout_s=20, interval_s=0.5)
+
+        # restart the registry (SIGKILL; `up` restarts it): no worker is lost, traffic goes on
+        os.kill(service_pid("services.registry", stack.registry_port), signal.SIGKILL)
+        await eventually(
+            lambda: any("registry restarted and healthy" in line for line in stack.lines),
+            timeout_s=30,
+        )
+        after = await stack.cli("status")
+        assert "3 workers" in after, after  # the dead one is still on record, as NotReady
+        assert sum(" ready " in f" {line} " for line in after.splitlines()) == 2, after
+        assert "not_ready" in after
+        assert await chat_works(client)
     finally:
         await client.close()
     stack.proc.send_signal(signal.SIGINT)
