@@ -1,4 +1,4 @@
-"""The `switchboard` command: up, nats, tail."""
+"""The `switchboard` command: up, nats, tail, status, drain, and deployment helpers."""
 
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("make-demo-model", help="write a tiny random-weight Llama checkpoint")
     demo.add_argument("directory", help="where to write it (created)")
     demo.add_argument("--seed", type=int, default=0)
+
+    conf = sub.add_parser(
+        "nats-config", help="print nats-server config: one user per service role (deploy/)"
+    )
+    conf.add_argument("--prefix", default=os.environ.get("SUBJECT_PREFIX", "fleet"))
+
+    cenv = sub.add_parser("compose-env", help="write .env with fresh credentials for compose")
+    cenv.add_argument("--output", default=".env", help="file to write (default .env)")
+    cenv.add_argument("--force", action="store_true", help="replace an existing file")
 
     status = sub.add_parser("status", help="one table: workers, load, heartbeat age, capacity")
     status.add_argument("--nats-url", default=default_nats_url())
@@ -167,6 +176,32 @@ async def _make_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     return 0
 
 
+async def _nats_config(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.common.natsauth import render_config
+
+    print(COMPOSE_CONFIG_HEADER + render_config(args.prefix))
+    return 0
+
+
+COMPOSE_CONFIG_HEADER = (
+    "# nats-server users for docker-compose, one per service role, with least-privilege\n"
+    "# subject permissions. Written by `switchboard nats-config`; passwords come from the\n"
+    "# server's environment (`switchboard compose-env` writes them to .env).\n"
+)
+
+
+async def _compose_env(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from services.ops import ComposeEnvExists, write_compose_env
+
+    try:
+        written = write_compose_env(Path(args.output), force=args.force)
+    except ComposeEnvExists as exc:
+        print(f"switchboard compose-env: {exc} exists (--force replaces it)", file=sys.stderr)
+        return 2
+    print(f"wrote {written} (mode 0600): the registry admin token and one NATS password per role")
+    return 0
+
+
 async def _status(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from services.ops import status
 
@@ -191,6 +226,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "make-demo-model": _make_demo,
         "status": _status,
         "drain": _drain,
+        "nats-config": _nats_config,
+        "compose-env": _compose_env,
     }
     return await handlers[args.command](args, stop)
 

@@ -1,15 +1,18 @@
-"""Operator commands: `switchboard status` (one table of the fleet) and `switchboard drain`."""
+"""Operator commands: `switchboard status` (the fleet in one table), `drain`, `compose-env`."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from pathlib import Path
 
 from schemas import codec
 from schemas.capacity import CapacityView
 from schemas.load import WorkerLoad
 from schemas.registry import CommandOk, RegistrySnapshot, SetStatusRequest, WorkerStatus
 from schemas.subjects import Subjects
+from services.common import natsauth
 from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout
 from services.registry.client import RegistryClient
 
@@ -90,6 +93,24 @@ async def status(nats_url: str, prefix: str, listen_s: float = 1.5) -> str:
         return render_status(snap, loads, capacity, time.time())
     finally:
         await bus.close()
+
+
+class ComposeEnvExists(Exception):
+    """The .env file is there already; replacing credentials must be asked for."""
+
+
+def write_compose_env(out: Path, *, force: bool = False) -> Path:
+    """docker compose's .env: the registry admin token and one NATS password per role (0600)."""
+    from services.supervisor import private_file
+
+    if out.exists() and not force:
+        raise ComposeEnvExists(str(out))
+    lines = ["# docker compose credentials from `switchboard compose-env`; keep this file private."]
+    lines.append(f"SWITCHBOARD_ADMIN_TOKEN={secrets.token_urlsafe(24)}")
+    lines += [
+        f"{natsauth.password_env(role)}={secrets.token_urlsafe(18)}" for role in natsauth.ROLES
+    ]
+    return private_file(out, "\n".join(lines) + "\n")
 
 
 async def drain(nats_url: str, prefix: str, worker_id: str, undo: bool = False) -> str:

@@ -9,6 +9,7 @@ publishes capacity views. Request/reply works through `allow_responses` and `_IN
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import quote
 
 ROLES = ("registry", "capacity", "worker", "router", "operator")
@@ -60,13 +61,32 @@ def permissions(role: str, prefix: str) -> dict[str, object]:
     }
 
 
-def render_config(prefix: str, passwords: dict[str, str]) -> str:
-    """nats-server config text (JSON is valid nats-server config syntax)."""
+def password_env(role: str) -> str:
+    """The environment variable that holds a role's password where the config references it."""
+    return f"NATS_{role.upper()}_PASSWORD"
+
+
+def render_config(prefix: str, passwords: dict[str, str] | None = None) -> str:
+    """nats-server config text (JSON is valid nats-server config syntax).
+
+    passwords None: each password is a `$NATS_<ROLE>_PASSWORD` reference, which nats-server
+    resolves from its environment at start (and refuses to start when one is unset), so the file
+    itself holds no secret and can be committed (docker-compose uses it that way).
+    """
     users = [
-        {"user": role, "password": passwords[role], "permissions": permissions(role, prefix)}
+        {
+            "user": role,
+            "password": _ENV_MARK + password_env(role) if passwords is None else passwords[role],
+            "permissions": permissions(role, prefix),
+        }
         for role in ROLES
     ]
-    return json.dumps({"authorization": {"users": users}}, indent=2)
+    text = json.dumps({"authorization": {"users": users}}, indent=2)
+    # A variable reference must be a bare token, not a JSON string.
+    return re.sub(rf'"{_ENV_MARK}([A-Z_]+)"', r"$\1", text)
+
+
+_ENV_MARK = "@env:"
 
 
 def url_for(base_url: str, role: str, password: str) -> str:

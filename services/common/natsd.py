@@ -49,12 +49,14 @@ class NatsServer:
         port: int = -1,
         config_file: Path | None = None,
         on_line: Callable[[str], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.requested_port = port
         self.config_file = config_file
         self.on_line = on_line
+        self.env = env  # added to ours: a config may reference $VARIABLES from it
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
@@ -77,6 +79,7 @@ class NatsServer:
         self._ready.clear()
         self._proc = subprocess.Popen(
             argv,
+            env=None if self.env is None else {**os.environ, **self.env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -21,7 +21,7 @@ def docker_engine() -> str | None:
 
 
 @pytest.mark.e2e
-def test_compose_stack_serves_a_chat_completion() -> None:
+def test_compose_stack_serves_a_chat_completion(tmp_path: Path) -> None:
     why = docker_engine()
     if why is not None:
         pytest.skip(
@@ -33,9 +33,17 @@ def test_compose_stack_serves_a_chat_completion() -> None:
 
     from testcontainers.compose import DockerCompose
 
-    os.environ.setdefault("SWITCHBOARD_ADMIN_TOKEN", "e2e-token")
+    from services.ops import write_compose_env
+
+    secrets = write_compose_env(tmp_path / ".env")
+    for line in secrets.read_text().splitlines():  # what `switchboard compose-env` gives a user
+        if not line.startswith("#"):
+            name, value = line.split("=", 1)
+            os.environ[name] = value
     with DockerCompose(str(ROOT), wait=True) as compose:
         compose.wait_for("http://127.0.0.1:8080/readyz")
+        with urllib.request.urlopen("http://127.0.0.1:8080/dashboard", timeout=10) as page:
+            assert b"Switchboard fleet" in page.read()
         request = urllib.request.Request(
             "http://127.0.0.1:8080/v1/chat/completions",
             data=json.dumps(

@@ -22,11 +22,20 @@ PREFIX = "fleet"
 PASSWORDS = {role: f"pw-{role}" for role in natsauth.ROLES}
 
 
-@pytest.fixture
-def secured(tmp_path: Path) -> Iterator[str]:
-    config = tmp_path / "nats.conf"
-    config.write_text(natsauth.render_config(PREFIX, PASSWORDS))
-    server = NatsServer(tmp_path / "js", config_file=config)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["up", "compose"])
+def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """up: the config `switchboard up` generates; compose: the committed deploy/nats.conf with
+    the passwords in nats-server's environment, as docker-compose runs it."""
+    if request.param == "up":
+        config = tmp_path / "nats.conf"
+        config.write_text(natsauth.render_config(PREFIX, PASSWORDS))
+        server = NatsServer(tmp_path / "js", config_file=config)
+    else:
+        env = {natsauth.password_env(role): pw for role, pw in PASSWORDS.items()}
+        server = NatsServer(tmp_path / "js", config_file=ROOT / "deploy" / "nats.conf", env=env)
     url = server.start()
     try:
         yield url

@@ -12,6 +12,8 @@ import msgspec
 import pytest
 import yaml
 
+from services import cli
+from services.common import natsauth
 from services.common.config import SHARED_ENV, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,3 +75,52 @@ def test_gpu_worker_is_a_profile_with_a_device_reservation() -> None:
     assert gpu["environment"]["WORKER_ENGINE"] == "exllamav2"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
+
+
+ROLE_OF = {"registry": "registry", "capacity": "capacity", "worker": "worker", "router": "router"}
+
+
+def test_every_service_connects_to_nats_as_its_own_role() -> None:
+    for name, spec in APP_SERVICES.items():
+        role = ROLE_OF[module_of(spec)]
+        url = spec["environment"]["NATS_URL"]
+        match = re.fullmatch(r"nats://(\w+):\$\{(\w+):\?[^}]+\}@nats:4222", url)
+        assert match is not None, f"{name}: NATS_URL {url!r} carries no credentials"
+        assert match.groups() == (role, natsauth.password_env(role)), name
+
+
+def test_nats_loads_the_committed_users_with_every_password_from_env() -> None:
+    nats = COMPOSE["services"]["nats"]
+    command = nats["command"]
+    conf = command[command.index("-c") + 1]
+    assert f"./deploy/nats.conf:{conf}:ro" in nats["volumes"]
+    assert set(nats["environment"]) == {natsauth.password_env(r) for r in natsauth.ROLES}
+    for value in nats["environment"].values():
+        assert value.startswith("${")
+        assert ":?" in value  # compose refuses to start without it
+
+
+def test_committed_nats_config_is_what_nats_config_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    prefix = COMPOSE["x-service"]["environment"]["SUBJECT_PREFIX"]
+    assert cli.main(["nats-config", "--prefix", prefix]) == 0
+    committed = (ROOT / "deploy" / "nats.conf").read_text()
+    assert committed == capsys.readouterr().out, "regenerate: switchboard nats-config > deploy/..."
+    assert "password" in committed
+    assert "pw-" not in committed  # no literal secret in a committed file
+    assert committed.count("$NATS_") == len(natsauth.ROLES)
+
+
+def test_compose_env_writes_every_secret_compose_requires(tmp_path: Path) -> None:
+    out = tmp_path / ".env"
+    assert cli.main(["compose-env", "--output", str(out)]) == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+    written = dict(
+        line.split("=", 1) for line in out.read_text().splitlines() if not line.startswith("#")
+    )
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text()))
+    assert required <= set(written)
+    assert all(len(v) >= 20 for v in written.values())
+    assert cli.main(["compose-env", "--output", str(out)]) == 2  # never clobbers silently
+    assert cli.main(["compose-env", "--output", str(out), "--force"]) == 0
