@@ -11,11 +11,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q -U pip
 
 $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[cpu]'
+	$(BIN)/python -m pip install -q -e '.[cpu,client]'
 	touch $@
 
 $(VENV)/.dev-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev,cpu]'
+	$(BIN)/python -m pip install -q -e '.[dev,cpu,client]'
 	touch $@ $(VENV)/.run-deps
 
 up: $(VENV)/.run-deps

@@ -239,6 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SubjectError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> None:
+    """After a pipe reader left, make the interpreter's final flush of stdout a no-op."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

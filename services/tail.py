@@ -137,12 +137,15 @@ async def tail(
     formatter = TailFormatter(filters)
 
     async def on_msg(msg: Any) -> None:
-        if raw_json:
-            write(f"{msg.subject} {bytes(msg.data).decode(errors='replace')}")
-            return
-        for line in formatter.lines(msg.subject, bytes(msg.data), time.time()):
-            write(line)
-        sys.stdout.flush()
+        try:
+            if raw_json:
+                write(f"{msg.subject} {bytes(msg.data).decode(errors='replace')}")
+            else:
+                for line in formatter.lines(msg.subject, bytes(msg.data), time.time()):
+                    write(line)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `switchboard tail | head`: the reader is gone, so are we
+            stop.set()
 
     await bus.subscribe(pattern, cb=on_msg)
     try:
