@@ -25,6 +25,8 @@ class CapacityConfig(ServiceConfig, frozen=True, kw_only=True):
     checkpoint_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     snapshot_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
     kv_bucket: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "capacity"
+    # Copies of the KV bucket on a NATS cluster (3 survives losing a node); used at creation.
+    kv_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> CapacityConfig:

@@ -41,7 +41,7 @@ async def serve(
     registry = new_registry()
     bus = await Bus.connect(cfg.nats_url, "capacity")
     try:
-        kv = await bus.key_value(subjects.kv_bucket(cfg.kv_bucket))
+        kv = await bus.key_value(subjects.kv_bucket(cfg.kv_bucket), replicas=cfg.kv_replicas)
         service = CapacityService(
             bus,
             kv,

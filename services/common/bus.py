@@ -40,6 +40,14 @@ Sub = Subscription
 KV = KeyValue
 
 
+def servers(url: str) -> list[str]:
+    """NATS_URL may list several servers of a cluster, comma-separated (as the nats CLI takes)."""
+    found = [u.strip() for u in url.split(",") if u.strip()]
+    if not found:
+        raise ValueError("no NATS server URL given")
+    return found
+
+
 class Bus:
     """A connected NATS client plus the callbacks a service registered for its trouble."""
 
@@ -78,7 +86,7 @@ class Bus:
                 await listener()
 
         options: dict[str, Any] = {
-            "servers": [url],
+            "servers": servers(url),
             "name": name,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
@@ -153,17 +161,56 @@ class Bus:
     async def flush(self, timeout_s: int = 2) -> None:
         await self.nc.flush(timeout=timeout_s)
 
-    async def key_value(self, bucket: str, *, history: int = 1, create: bool = True) -> KeyValue:
-        """Open a file-backed JetStream KV bucket, creating it if asked and missing."""
+    async def key_value(
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        create: bool = True,
+        replicas: int = 1,
+        ready_timeout_s: float = 60.0,
+    ) -> KeyValue:
+        """Open a file-backed JetStream KV bucket, creating it (with replicas) if asked and missing.
+
+        A JetStream cluster that is still electing its leader answers "unavailable" or not at
+        all; that is waited out (up to ready_timeout_s) instead of failing the service's start.
+        """
         js = self.nc.jetstream()
-        try:
-            return await js.key_value(bucket)
-        except BucketNotFoundError:
-            if not create:
-                raise
-        return await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE)
-        )
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                try:
+                    kv = await js.key_value(bucket)
+                except BucketNotFoundError:
+                    if not create:
+                        raise
+                    return await js.create_key_value(
+                        KeyValueConfig(
+                            bucket=bucket,
+                            history=history,
+                            storage=StorageType.FILE,
+                            replicas=replicas,
+                        )
+                    )
+                status = await kv.status()
+                have = status.stream_info.config.num_replicas or 1
+                if have != replicas:  # changing an existing stream's replicas is an admin's call
+                    log.warning(
+                        "KV bucket %s has %d replicas, config asks for %d; keeping %d "
+                        "(change it with `nats stream edit KV_%s --replicas %d`)",
+                        bucket,
+                        have,
+                        replicas,
+                        have,
+                        bucket,
+                        replicas,
+                    )
+                return kv
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("JetStream not ready for KV %s (%r); retrying", bucket, exc)
+                await asyncio.sleep(0.5)
 
     async def close(self) -> None:
         """Drain (flush what we published, finish in-flight handlers), then close."""

@@ -50,6 +50,7 @@ class NatsServer:
         config_file: Path | None = None,
         on_line: Callable[[str], None] | None = None,
         env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.host = host
@@ -57,6 +58,7 @@ class NatsServer:
         self.config_file = config_file
         self.on_line = on_line
         self.env = env  # added to ours: a config may reference $VARIABLES from it
+        self.extra_args = extra_args  # e.g. cluster flags
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
@@ -76,6 +78,7 @@ class NatsServer:
         argv += ["-js", "-sd", str(self.data_dir)]
         if self.config_file is not None:
             argv += ["-c", str(self.config_file)]
+        argv += self.extra_args
         self._ready.clear()
         self._proc = subprocess.Popen(
             argv,

@@ -30,6 +30,8 @@ class RegistryConfig(ServiceConfig, frozen=True, kw_only=True):
     heartbeat_ttl_s: PositiveSeconds = 3.0
     beacon_interval_s: PositiveSeconds = 1.0
     kv_bucket: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "registry"
+    # Copies of the KV bucket on a NATS cluster (3 survives losing a node); used at creation.
+    kv_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
 
     def __post_init__(self) -> None:

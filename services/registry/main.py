@@ -33,7 +33,9 @@ async def serve(
     metrics_registry = new_registry()
     bus = await Bus.connect(cfg.nats_url, "registry")
     try:
-        store = await RegistryStore.open(bus, subjects.kv_bucket(cfg.kv_bucket))
+        store = await RegistryStore.open(
+            bus, subjects.kv_bucket(cfg.kv_bucket), replicas=cfg.kv_replicas
+        )
         service = Registry(bus, store, subjects, RegistryMetrics(metrics_registry))
         await service.start()
         # Queue groups: with two registries, each command is handled once (KV CAS keeps it safe).

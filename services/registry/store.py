@@ -54,8 +54,8 @@ class RegistryStore:
         self.meta = SequenceMeta(epoch=0, seq=0)
 
     @classmethod
-    async def open(cls, bus: Bus, bucket: str) -> RegistryStore:
-        return cls(await bus.key_value(bucket, history=1))
+    async def open(cls, bus: Bus, bucket: str, *, replicas: int = 1) -> RegistryStore:
+        return cls(await bus.key_value(bucket, history=1, replicas=replicas))
 
     async def load(self) -> list[WorkerRecord]:
         """Read every record and the sequence position; start a new epoch if there is none."""
