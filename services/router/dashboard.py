@@ -8,11 +8,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from schemas import codec
+from schemas.dashboard import FleetSnapshot
 from services.common.http import GuardedStream
 from services.router.state import RouterState
 
@@ -57,15 +59,21 @@ def dashboard_routes(
         return GuardedStream(feed(), done)
 
     async def feed() -> AsyncIterator[bytes]:
-        """A snapshot on every change (at most one per interval_s) and at least every TICK_S."""
+        """A snapshot when it changed: woken by every change (at most once per interval_s) and
+        every TICK_S (heartbeat ages); a comment every KEEPALIVE_S when nothing changes."""
         yield b"retry: 1000\n\n"  # EventSource reconnects after 1 s if the router restarts
-        last, sent_at = b"", 0.0
+        last: FleetSnapshot | None = None
+        sent_at = 0.0
         while not state.draining:
-            data = codec.encode(state.snapshot())
+            snapshot = state.snapshot()
             now = time.monotonic()
-            if data != last:
-                yield b"event: fleet\ndata: " + data + b"\n\n"
-                last, sent_at = data, now
+            same = (
+                last is not None
+                and msgspec.structs.replace(snapshot, generated_at=last.generated_at) == last
+            )  # the clock alone is no news
+            if not same:
+                yield b"event: fleet\ndata: " + codec.encode(snapshot) + b"\n\n"
+                last, sent_at = snapshot, now
             elif now - sent_at >= KEEPALIVE_S:
                 yield b": keepalive\n\n"
                 sent_at = now
