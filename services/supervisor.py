@@ -168,11 +168,12 @@ class Watch:
                 for waiter in done:
                     index = waiting.pop(waiter)
                     code = 1
-                    if not await self._handle_exit(index):
+                    outcome = await self._handle_exit(index)
+                    if outcome == "stop" or self.stop.is_set():
                         return code
-                    if self.stop.is_set():
-                        return code
-                    waiting[asyncio.ensure_future(self.children[index].proc.wait())] = index
+                    if outcome == "replaced":
+                        fresh = self.children[index]
+                        waiting[asyncio.ensure_future(fresh.proc.wait())] = index
             return code
         finally:
             stopper.cancel()
@@ -181,8 +182,8 @@ class Watch:
             for task in self.health_checks:
                 task.cancel()
 
-    async def _handle_exit(self, index: int) -> bool:
-        """Apply on_exit; False: stop everything. True: keep watching (maybe a new child)."""
+    async def _handle_exit(self, index: int) -> Literal["stop", "gone", "replaced"]:
+        """Apply on_exit: stop everything, leave it dead, or start a new child in its place."""
         child = self.children[index]
         spec, say = child.spec, self.printer
         exited = f"{spec.name} exited with code {child.proc.returncode}"
@@ -190,25 +191,25 @@ class Watch:
             await child.pump
         if spec.on_exit == "report":
             say("up", f"{exited}; it is not restarted, the fleet goes on without it")
-            return True
+            return "gone"
         delay = (
             self.budget.delay(spec.name, time.monotonic()) if spec.on_exit == "restart" else None
         )
         if delay is None:
             why = "it keeps crashing" if spec.on_exit == "restart" else "it is essential"
             say("up", f"{exited}; {why}: stopping everything")
-            return False
+            return "stop"
         say("up", f"{exited}; restarting it in {delay:.1f}s")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self.stop.wait()
         if self.stop.is_set():
-            return True
+            return "stop"
         fresh = self.children[index] = await self.respawn(spec)
         task = asyncio.create_task(self._announce(fresh))
         self.health_checks.add(task)
         task.add_done_callback(self.health_checks.discard)
-        return True
+        return "replaced"
 
     async def _announce(self, child: Child) -> None:
         try:
