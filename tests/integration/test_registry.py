@@ -240,12 +240,22 @@ async def test_bad_commands_get_invalid_and_change_nothing(
 
 async def test_bad_heartbeat_is_counted_and_ignored(bus: Bus, prefix: str, nats_url: str) -> None:
     async with running_registry(nats_url, prefix) as reg:
+        rejected = reg.service.metrics.bus.rejected.labels("load")
+
+        async def subscribed() -> bool:
+            # nats-server may take a moment to route to a subscription another connection just
+            # made; until one message is counted, a publish can go nowhere.
+            await bus.publish(f"{prefix}.load.w0", b"probe")
+            return bool(rejected._value.get() >= 1)
+
+        await eventually(subscribed)
+        await asyncio.sleep(0.1)  # let any probe still in flight be counted
+        base = rejected._value.get()
         await bus.publish(f"{prefix}.load.w1", b"garbage")
         await bus.publish(
             f"{prefix}.load.w1",
             codec.encode(Envelope(source="w1", epoch=1, seq=1, sent_at=0.0, body={"x": 1})),
         )
-        rejected = reg.service.metrics.bus.rejected.labels("load")
-        await eventually(lambda: rejected._value.get() == 2)
+        await eventually(lambda: rejected._value.get() == base + 2)
         snap = await RegistryClient(bus, Subjects.for_prefix(prefix)).snapshot()
         assert snap.workers == ()
