@@ -49,3 +49,23 @@ def free_port_range(count: int) -> int:
         finally:
             for s in socks:
                 s.close()
+
+
+async def until_counted(
+    publish: Callable[[], Awaitable[None]], count: Callable[[], float], settle_s: float = 0.1
+) -> float:
+    """Publish probes until count() moves; return its value once in-flight probes settled.
+
+    nats-server may take a moment to route to a subscription another connection just made, so a
+    message published right after a service starts can go nowhere; tests that count messages
+    first wait for the subscription this way.
+    """
+    start = count()
+
+    async def moved() -> bool:
+        await publish()
+        return count() > start
+
+    await eventually(moved)
+    await asyncio.sleep(settle_s)
+    return count()

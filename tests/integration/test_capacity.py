@@ -24,7 +24,7 @@ from schemas.registry import (
 from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.registry.client import RegistryClient
-from tests.helpers import eventually
+from tests.helpers import eventually, until_counted
 from tests.integration.fleet_fixtures import Heartbeats, record_views, running_capacity
 from tests.integration.registry_fixtures import running_registry
 
@@ -211,14 +211,15 @@ async def test_malformed_events_are_counted_and_survived(
     events = Subjects.for_prefix(prefix).registry_events
     async with running_registry(nats_url, prefix), running_capacity(nats_url, prefix) as cap:
         await eventually(lambda: cap.service.follower.synced.is_set())
+        rejected = cap.service.metrics.bus.rejected.labels("registry.events")
+        base = await until_counted(lambda: bus.publish(events, b"probe"), rejected._value.get)
         for bad in (
             b"nonsense",
             b"{}",
             b'{"source":"registry","epoch":1,"seq":1,"sent_at":0,"body":{"type":"x"}}',
         ):
             await bus.publish(events, bad)
-        rejected = cap.service.metrics.bus.rejected.labels("registry.events")
-        await eventually(lambda: rejected._value.get() == 3)
+        await eventually(lambda: rejected._value.get() == base + 3)
         a = await register(client, "http://a:1", 5)
         hb = Heartbeats(bus, prefix, a).start()
         try:

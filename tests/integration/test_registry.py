@@ -29,7 +29,7 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.common.seq import Sequencer
 from services.registry.client import RegistryClient
-from tests.helpers import eventually
+from tests.helpers import eventually, until_counted
 from tests.integration.registry_fixtures import record_events, running_registry
 
 pytestmark = pytest.mark.integration
@@ -242,15 +242,9 @@ async def test_bad_heartbeat_is_counted_and_ignored(bus: Bus, prefix: str, nats_
     async with running_registry(nats_url, prefix) as reg:
         rejected = reg.service.metrics.bus.rejected.labels("load")
 
-        async def subscribed() -> bool:
-            # nats-server may take a moment to route to a subscription another connection just
-            # made; until one message is counted, a publish can go nowhere.
-            await bus.publish(f"{prefix}.load.w0", b"probe")
-            return bool(rejected._value.get() >= 1)
-
-        await eventually(subscribed)
-        await asyncio.sleep(0.1)  # let any probe still in flight be counted
-        base = rejected._value.get()
+        base = await until_counted(
+            lambda: bus.publish(f"{prefix}.load.w0", b"probe"), rejected._value.get
+        )
         await bus.publish(f"{prefix}.load.w1", b"garbage")
         await bus.publish(
             f"{prefix}.load.w1",
