@@ -10,6 +10,7 @@ import pytest
 from schemas import codec
 from schemas.base import Envelope, WireStruct
 from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
+from schemas.dashboard import DashboardWorker, FleetSnapshot, GatewayLoad
 from schemas.errors import ErrorBody, ErrorEnvelope
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import (
@@ -133,6 +134,29 @@ GOLDEN_OTHER: list[tuple[WireStruct, str, Any]] = [
         RegistrySnapshot(epoch=5, seq=9, workers=(REC,)),
         f'{{"epoch":5,"seq":9,"workers":[{REC_JSON}]}}',
         RegistrySnapshot,
+    ),
+    (
+        FleetSnapshot(
+            workers=(
+                DashboardWorker(
+                    id="w1",
+                    url="http://10.0.0.5:8000",
+                    status=WorkerStatus.NOT_READY,
+                    models=("m",),
+                    heartbeat_age_s=4.2,
+                ),
+            ),
+            capacity=None,
+            gateway={"m": GatewayLoad(in_flight=2, queue_depth=1, limit=8)},
+            registry_epoch=5,
+            registry_seq=9,
+            generated_at=1.5,
+        ),
+        '{"workers":[{"id":"w1","url":"http://10.0.0.5:8000","status":"not_ready","models":["m"],'
+        '"load":[],"heartbeat_age_s":4.2,"fresh":false,"cooling_down":false}],"capacity":null,'
+        '"gateway":{"m":{"in_flight":2,"queue_depth":1,"limit":8}},"registry_epoch":5,'
+        '"registry_seq":9,"generated_at":1.5}',
+        FleetSnapshot,
     ),
 ]
 
