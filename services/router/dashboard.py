@@ -59,12 +59,13 @@ def dashboard_routes(
         return GuardedStream(feed(), done)
 
     async def feed() -> AsyncIterator[bytes]:
-        """A snapshot when it changed: woken by every change (at most once per interval_s) and
-        every TICK_S (heartbeat ages); a comment every KEEPALIVE_S when nothing changes."""
+        """A snapshot when it changed: after every change (at most once per interval_s) and every
+        TICK_S (heartbeat ages); a comment every KEEPALIVE_S when nothing changes."""
         yield b"retry: 1000\n\n"  # EventSource reconnects after 1 s if the router restarts
         last: FleetSnapshot | None = None
         sent_at = 0.0
         while not state.draining:
+            seen = state.changes.version
             snapshot = state.snapshot()
             now = time.monotonic()
             same = (
@@ -77,7 +78,8 @@ def dashboard_routes(
             elif now - sent_at >= KEEPALIVE_S:
                 yield b": keepalive\n\n"
                 sent_at = now
-            await state.changes.wait(TICK_S)
-            await asyncio.sleep(interval_s)  # coalesce a burst of changes into one update
+            # A change is shown at once; a burst of them, at most once per interval_s.
+            await asyncio.sleep(interval_s)
+            await state.changes.wait(TICK_S, since=seen)
 
     return [Route("/dashboard", page), Route("/dashboard/events", events)]

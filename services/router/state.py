@@ -68,14 +68,18 @@ class Changes:
     """Wakes every waiter when what the router knows changes (the dashboard's live feed)."""
 
     def __init__(self) -> None:
+        self.version = 0
         self._event = asyncio.Event()
 
     def notify(self) -> None:
+        self.version += 1
         self._event.set()
         self._event = asyncio.Event()  # later waiters wait for the next change
 
-    async def wait(self, timeout_s: float) -> None:
-        """Until the next change or timeout_s, whichever is first."""
+    async def wait(self, timeout_s: float, since: int) -> None:
+        """Until a change after version `since` (at once if one happened already) or timeout_s."""
+        if self.version != since:
+            return
         event = self._event
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
