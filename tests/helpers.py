@@ -69,3 +69,13 @@ async def until_counted(
     await eventually(moved)
     await asyncio.sleep(settle_s)
     return count()
+
+
+def assert_error_envelope(body: Any, code: str, type_: str | None = None) -> None:
+    """body is exactly the OpenAI error envelope, with this code (and type, when given)."""
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    if type_ is not None:
+        assert body["error"]["type"] == type_

@@ -15,7 +15,7 @@ from schemas.registry import RegisterRequest, WorkerSpec
 from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.registry.client import RegistryClient
-from tests.helpers import eventually, free_port
+from tests.helpers import assert_error_envelope, eventually, free_port
 from tests.integration.registry_fixtures import record_events, running_registry
 
 pytestmark = pytest.mark.integration
@@ -31,13 +31,6 @@ async def call(
         return resp.status, body, dict(resp.headers)
 
 
-def assert_envelope(body: Any, code: str) -> None:
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "code", "param"}
-    assert body["error"]["code"] == code
-    assert body["error"]["message"]
-
-
 async def test_admin_api_walk_with_token(nats_url: str, prefix: str) -> None:
     async with (
         running_registry(nats_url, prefix, admin_token=TOKEN) as reg,
@@ -47,7 +40,7 @@ async def test_admin_api_walk_with_token(nats_url: str, prefix: str) -> None:
         status, body, headers = await call(s, "GET", f"{base}/workers")
         assert status == 401
         assert headers["WWW-Authenticate"] == "Bearer"
-        assert_envelope(body, "invalid_api_key")
+        assert_error_envelope(body, "invalid_api_key")
         status, body, _ = await call(
             s, "GET", f"{base}/workers", headers={"Authorization": "Bearer wrong"}
         )
@@ -60,7 +53,7 @@ async def test_admin_api_walk_with_token(nats_url: str, prefix: str) -> None:
         assert body["worker"]["status"] == "pending"
         status, body, _ = await call(s, "POST", f"{base}/workers", json=new, headers=AUTH)
         assert status == 409
-        assert_envelope(body, "conflict")
+        assert_error_envelope(body, "conflict")
         assert body["error"]["param"] == "url"
 
         status, body, _ = await call(
@@ -98,7 +91,7 @@ async def test_admin_api_walk_with_token(nats_url: str, prefix: str) -> None:
         assert status == 204
         status, body, _ = await call(s, "GET", f"{base}/workers/{wid}", headers=AUTH)
         assert status == 404
-        assert_envelope(body, "not_found")
+        assert_error_envelope(body, "not_found")
         status, body, _ = await call(s, "PUT", f"{base}/workers/w-missing", json=new, headers=AUTH)
         assert status == 404
 
@@ -143,7 +136,7 @@ async def test_admin_api_bad_input(
             headers={**AUTH, "Content-Type": "application/json"},
         )
         assert got == status
-        assert_envelope(body, code)
+        assert_error_envelope(body, code)
         assert reg.service.state.records == {}
 
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from schemas.inference import ChatMessage
-from tests.helpers import eventually
+from tests.helpers import assert_error_envelope, eventually
 from tests.integration.fleet_fixtures import running_worker
 
 pytestmark = pytest.mark.integration
@@ -37,12 +37,6 @@ async def post(
         return resp.status, data, dict(resp.headers)
 
 
-def assert_envelope(body: Any, type_: str, code: str) -> None:
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "code", "param"}
-    assert (body["error"]["type"], body["error"]["code"]) == (type_, code)
-
-
 async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix: str) -> None:
     async with (
         running_worker(
@@ -66,7 +60,7 @@ async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix
         rejected_in = time.perf_counter() - began
         assert status == 503
         assert rejected_in < 0.5, rejected_in  # a full queue answers at once, not after max_wait
-        assert_envelope(body, "rate_limit_error", "rate_limit_exceeded")
+        assert_error_envelope(body, "rate_limit_exceeded", "rate_limit_error")
         assert int(headers["Retry-After"]) >= 1
         results = await asyncio.gather(*slow)
         # two ran; two waited 0.8 s without a slot (30 tokens at 20/s = 1.5 s) and timed out
@@ -190,7 +184,7 @@ async def test_error_envelopes(
     async with running_worker(nats_url, prefix, register=False) as w, aiohttp.ClientSession() as s:
         got, data, _ = await post(s, w.url + path, body)
         assert got == status
-        assert_envelope(data, type_, code)
+        assert_error_envelope(data, code, type_)
 
 
 async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str) -> None:
