@@ -9,7 +9,6 @@ import pytest
 
 from schemas import codec
 from schemas.base import Envelope
-from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import (
     CommandError,
     CommandOk,
@@ -27,9 +26,9 @@ from schemas.registry import (
 )
 from schemas.subjects import Subjects
 from services.common.bus import Bus
-from services.common.seq import Sequencer
 from services.registry.client import RegistryClient
 from tests.helpers import eventually, until_counted
+from tests.integration.fleet_fixtures import Heartbeats
 from tests.integration.registry_fixtures import record_events, running_registry
 
 pytestmark = pytest.mark.integration
@@ -139,32 +138,7 @@ async def test_heartbeat_ttl_not_ready_then_ready(bus: Bus, prefix: str, nats_ur
         client = RegistryClient(bus, subjects)
         rec = ok(await client.call(RegisterRequest(worker=spec()))).worker
         assert rec is not None
-        seqr = Sequencer(rec.id, epoch=1)
-        beating = True
-
-        async def heartbeats() -> None:
-            while True:
-                if beating:
-                    load = WorkerLoad(
-                        worker_id=rec.id,
-                        url=rec.url,
-                        status=S.READY,
-                        models=(
-                            ModelLoad(
-                                id="m1",
-                                in_flight=0,
-                                queue_depth=0,
-                                max_in_flight=4,
-                                max_queue_depth=8,
-                            ),
-                        ),
-                    )
-                    await bus.publish(
-                        subjects.load(rec.id), codec.encode(seqr.stamp(load, time.time()))
-                    )
-                await asyncio.sleep(0.2)
-
-        task = asyncio.create_task(heartbeats())
+        beats = Heartbeats(bus, prefix, rec).start()
         try:
 
             def statuses() -> list[tuple[WorkerStatus, WorkerStatus]]:
@@ -175,17 +149,17 @@ async def test_heartbeat_ttl_not_ready_then_ready(bus: Bus, prefix: str, nats_ur
                 ]
 
             await eventually(lambda: statuses() == [(S.PENDING, S.READY)])
-            beating = False
+            beats.stop()
             stopped_at = time.monotonic()
             await eventually(lambda: len(statuses()) == 2, timeout_s=3.0)
             # within TTL + 1 s of the last heartbeat
             assert time.monotonic() - stopped_at <= 1.0 + 1.0 + 0.2
             assert statuses()[1] == (S.READY, S.NOT_READY)
-            beating = True
+            beats.start()
             await eventually(lambda: len(statuses()) == 3)
             assert statuses()[2] == (S.NOT_READY, S.READY)
         finally:
-            task.cancel()
+            beats.stop()
 
 
 async def test_every_operation_emits_exactly_the_core_events(
