@@ -175,42 +175,39 @@ class Bus:
         A JetStream cluster that is still electing its leader answers "unavailable" or not at
         all; that is waited out (up to ready_timeout_s) instead of failing the service's start.
         """
-        js = self.nc.jetstream()
         deadline = time.monotonic() + ready_timeout_s
         while True:
             try:
-                try:
-                    kv = await js.key_value(bucket)
-                except BucketNotFoundError:
-                    if not create:
-                        raise
-                    return await js.create_key_value(
-                        KeyValueConfig(
-                            bucket=bucket,
-                            history=history,
-                            storage=StorageType.FILE,
-                            replicas=replicas,
-                        )
-                    )
-                status = await kv.status()
-                have = status.stream_info.config.num_replicas or 1
-                if have != replicas:  # changing an existing stream's replicas is an admin's call
-                    log.warning(
-                        "KV bucket %s has %d replicas, config asks for %d; keeping %d "
-                        "(change it with `nats stream edit KV_%s --replicas %d`)",
-                        bucket,
-                        have,
-                        replicas,
-                        have,
-                        bucket,
-                        replicas,
-                    )
-                return kv
+                return await self._open_kv(bucket, history, create, replicas)
             except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("JetStream not ready for KV %s (%r); retrying", bucket, exc)
                 await asyncio.sleep(0.5)
+
+    async def _open_kv(self, bucket: str, history: int, create: bool, replicas: int) -> KeyValue:
+        js = self.nc.jetstream()
+        try:
+            kv = await js.key_value(bucket)
+        except BucketNotFoundError:
+            if not create:
+                raise
+            config = KeyValueConfig(
+                bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
+            )
+            return await js.create_key_value(config)
+        have = (await kv.status()).stream_info.config.num_replicas or 1
+        if have != replicas:  # changing an existing stream's replicas is an admin's call
+            log.warning(
+                "KV bucket %s keeps its %d replicas (config asks for %d; "
+                "`nats stream edit KV_%s --replicas %d` changes them)",
+                bucket,
+                have,
+                replicas,
+                bucket,
+                replicas,
+            )
+        return kv
 
     async def close(self) -> None:
         """Drain (flush what we published, finish in-flight handlers), then close."""

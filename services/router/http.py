@@ -68,9 +68,7 @@ def create_app(
 
     def authorized_page(request: Request) -> bool:
         """The dashboard also takes ?key=: a browser's EventSource cannot send headers."""
-        return authorized(request) or (
-            bool(keys) and key_matches(request.query_params.get("key", ""))
-        )
+        return authorized(request) or key_matches(request.query_params.get("key", ""))
 
     def unauthorized() -> Response:
         response = router_refusal(
