@@ -139,3 +139,36 @@ async def spawn_worker(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    nats_url: str, prefix: str, workers: list[dict[str, Any]], **router: Any
+) -> AsyncIterator[Any]:
+    """Registry, capacity, in-process sim workers and a router, yielded once the router sees
+    every worker Ready with a fresh heartbeat. router["registry"] / router["capacity"] hold
+    those services' overrides; the rest configure the router."""
+    from tests.helpers import eventually
+    from tests.integration.registry_fixtures import running_registry
+
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            running_registry(nats_url, prefix, **router.pop("registry", {}))
+        )
+        await stack.enter_async_context(
+            running_capacity(nats_url, prefix, **router.pop("capacity", {}))
+        )
+        ws = [
+            await stack.enter_async_context(running_worker(nats_url, prefix, **w)) for w in workers
+        ]
+        r = await stack.enter_async_context(running_router(nats_url, prefix, **router))
+        await eventually(
+            lambda: all(
+                r.state.view.is_fresh(w.worker_id, r.state.clock())
+                and r.state.view.records.get(w.worker_id) is not None
+                and r.state.view.records[w.worker_id].status == WorkerStatus.READY
+                for w in ws
+            ),
+            timeout_s=10,
+        )
+        yield r, ws

@@ -21,30 +21,21 @@ from services.common.bus import Bus
 from services.registry.client import RegistryClient
 from tests.browser import MISSING, chromium_page, find_chromium
 from tests.helpers import eventually, free_port
-from tests.integration.fleet_fixtures import (
-    running_capacity,
-    running_router,
-    running_worker,
-    spawn_worker,
-)
+from tests.integration.fleet_fixtures import fleet, running_router, spawn_worker
 from tests.integration.registry_fixtures import record_events, running_registry
 
 pytestmark = pytest.mark.integration
 
 
 @contextlib.asynccontextmanager
-async def fleet(nats_url: str, prefix: str, **router: Any) -> AsyncIterator[tuple[Any, Any]]:
+async def one_worker_fleet(
+    nats_url: str, prefix: str, **router: Any
+) -> AsyncIterator[tuple[Any, Any]]:
     """Registry (1 s heartbeat TTL), capacity, one in-process sim worker and a router."""
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            running_registry(nats_url, prefix, heartbeat_ttl_s=1.0, beacon_interval_s=0.3)
-        )
-        await stack.enter_async_context(running_capacity(nats_url, prefix))
-        worker = await stack.enter_async_context(
-            running_worker(nats_url, prefix, max_in_flight=3, models=("sim-model",))
-        )
-        r = await stack.enter_async_context(running_router(nats_url, prefix, **router))
-        yield r, worker
+    registry = {"heartbeat_ttl_s": 1.0, "beacon_interval_s": 0.3}
+    worker = {"max_in_flight": 3, "models": ("sim-model",)}
+    async with fleet(nats_url, prefix, [worker], registry=registry, **router) as (r, (w,)):
+        yield r, w
 
 
 class Feed:
@@ -78,7 +69,7 @@ async def test_feed_streams_the_fleet_and_follows_a_status_change(
     nats_url: str, prefix: str, bus: Bus
 ) -> None:
     async with (
-        fleet(nats_url, prefix) as (router, worker),
+        one_worker_fleet(nats_url, prefix) as (router, worker),
         aiohttp.ClientSession() as s,
         s.get(router.url + "/dashboard/events") as resp,
     ):
@@ -124,7 +115,7 @@ async def test_feed_streams_the_fleet_and_follows_a_status_change(
 
 async def test_page_and_feed_need_the_api_key_when_keys_are_set(nats_url: str, prefix: str) -> None:
     async with (
-        fleet(nats_url, prefix, api_keys=("k1",)) as (router, _),
+        one_worker_fleet(nats_url, prefix, api_keys=("k1",)) as (router, _),
         aiohttp.ClientSession() as s,
     ):
         for path in ("/dashboard", "/dashboard/events"):
@@ -147,7 +138,7 @@ async def test_page_and_feed_need_the_api_key_when_keys_are_set(nats_url: str, p
 
 async def test_dashboard_can_be_turned_off(nats_url: str, prefix: str) -> None:
     async with (
-        fleet(nats_url, prefix, dashboard=False) as (router, _),
+        one_worker_fleet(nats_url, prefix, dashboard=False) as (router, _),
         aiohttp.ClientSession() as s,
         s.get(router.url + "/dashboard") as resp,
     ):
@@ -179,7 +170,7 @@ async def test_page_renders_in_chromium_and_shows_a_dead_worker_within_2s(
     events = await record_events(bus, prefix)
     port = free_port()
     proc = None
-    async with fleet(nats_url, prefix) as (router, worker):
+    async with one_worker_fleet(nats_url, prefix) as (router, worker):
         try:
             proc = await spawn_worker(
                 nats_url, prefix, port, "--heartbeat-interval-s", "0.2", "--models", "sim-model"

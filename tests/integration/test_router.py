@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,9 +22,9 @@ from services.common.bus import Bus
 from services.common.seq import Sequencer
 from tests.helpers import eventually, free_port
 from tests.integration.fleet_fixtures import (
+    fleet,
     running_capacity,
     running_router,
-    running_worker,
     spawn_worker,
 )
 from tests.integration.registry_fixtures import running_registry
@@ -41,31 +40,6 @@ def body(max_tokens: int = 4, stream: bool = False, model: str = "sim-model") ->
         "max_tokens": max_tokens,
         "stream": stream,
     }
-
-
-@contextlib.asynccontextmanager
-async def fleet(
-    nats_url: str, prefix: str, workers: list[dict[str, Any]], **router: Any
-) -> AsyncIterator[Any]:
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(running_registry(nats_url, prefix))
-        await stack.enter_async_context(
-            running_capacity(nats_url, prefix, **router.pop("capacity", {}))
-        )
-        ws = [
-            await stack.enter_async_context(running_worker(nats_url, prefix, **w)) for w in workers
-        ]
-        r = await stack.enter_async_context(running_router(nats_url, prefix, **router))
-        await eventually(
-            lambda: all(
-                r.state.view.is_fresh(w.worker_id, r.state.clock())
-                and r.state.view.records.get(w.worker_id) is not None
-                and r.state.view.records[w.worker_id].status == WorkerStatus.READY
-                for w in ws
-            ),
-            timeout_s=10,
-        )
-        yield r, ws
 
 
 async def post(
