@@ -8,6 +8,14 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY services ./services
+# A CPU image takes torch from PyTorch's CPU index first: PyPI's Linux torch wheel pulls GBs of
+# CUDA libraries a CPU worker never uses. The version is the one pyproject's cpu extra pins, so
+# the install below finds it satisfied (tests/unit/test_compose.py checks this line).
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+RUN if [ "$EXTRAS" = cpu ]; then \
+      pip install --index-url "$TORCH_CPU_INDEX" \
+        "$(grep -o '"torch==[^"]*"' pyproject.toml | head -n 1 | tr -d '"')"; \
+    fi
 RUN pip install ".[${EXTRAS}]"
 RUN useradd --create-home switchboard
 USER switchboard

@@ -1,19 +1,16 @@
 """exllamav2 engine on CUDA: the dynamic generator (continuous batching) on its own thread.
 
-The only module that imports exllamav2 or touches CUDA, and only when chosen. All generator calls
-(enqueue, iterate, cancel) happen on the generator thread; the event loop only hands jobs over a
-thread-safe queue and receives chunks through Job.push. Paged mode (true continuous batching)
-needs flash-attn >= 2.5.7; without it exllamav2's unpaged fallback runs one job at a time, and
-max_batch (what admission and capacity use) says so.
+The only module that imports exllamav2 or touches CUDA, and only when chosen. The generator runs
+on exl2_loop's thread; the event loop only hands jobs over and receives chunks through Job.push.
+Paged mode (true continuous batching) needs flash-attn >= 2.5.7; without it exllamav2's unpaged
+fallback runs one job at a time, max_batch (what admission and capacity use) says so, and the
+log warns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import queue
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,8 @@ from typing import Any
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
 from services.worker.demo_model import is_model_dir
-from services.worker.engine import Chunk, EngineError, EngineLimits, Job, SamplingParams
+from services.worker.engine import EngineLimits, Job, SamplingParams
+from services.worker.exl2_loop import GeneratorLoop
 from services.worker.memory import checkpoint_bytes, require_room
 from services.worker.template import ChatTemplate
 
@@ -57,22 +55,15 @@ class ExLlamaV2Engine:
         self._want_context = max_context
         self.limits = EngineLimits(max_batch=max_batch, max_context=max_context or 2048)
         self.paged = False
-        self.running = 0
-        self.peak_running = 0
-        self.iterations = 0  # generator steps (tests watch it stop after a cancel)
-        self._incoming: queue.Queue[tuple[Job, list[int], SamplingParams] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
         self._template: ChatTemplate | None = None
-        self._ids = itertools.count(1)
         self.tokenizer: Any = None
         self.generator: Any = None
+        self.loop: GeneratorLoop | None = None
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load)
-        self._thread = threading.Thread(
-            target=self._serve, name=f"exl2-{self.model_id}", daemon=True
-        )
-        self._thread.start()
+        self.loop = GeneratorLoop(self.generator, self._new_job, name=f"exl2-{self.model_id}")
+        self.loop.start()
 
     def _load(self) -> None:
         if not is_model_dir(self.model_dir):
@@ -122,6 +113,13 @@ class ExLlamaV2Engine:
                 "context": context,
             },
         )
+        if not self.paged and self._want_batch > 1:
+            # Said loudly: the worker works, but far below the batch size the operator asked for.
+            log.warning(
+                "flash-attn >= 2.5.7 is not installed: exllamav2 runs unpaged, one request at "
+                "a time (max_batch 1, not %d); install flash-attn for continuous batching",
+                self._want_batch,
+            )
 
     def _encode(self, text: str) -> Any:
         return self.tokenizer.encode(text, add_bos=False, encode_special_tokens=True)
@@ -136,59 +134,11 @@ class ExLlamaV2Engine:
     def start(self, prompt: str, params: SamplingParams) -> Job:
         ids = self._encode(prompt)
         job = Job(prompt_tokens=int(ids.shape[-1]))
-        self._incoming.put((job, ids, params))
+        assert self.loop is not None, "start() before load()"
+        self.loop.submit(job, ids, params)
         return job
 
-    # ---- the generator thread ----
-
-    def _serve(self) -> None:
-        live: dict[int, tuple[Job, Any, list[int]]] = {}  # key -> (job, exl2 job, [tokens counted])
-        while True:
-            block = not live
-            try:
-                while True:
-                    item = self._incoming.get(block=block, timeout=0.05 if block else None)
-                    if item is None:
-                        for job, exjob, _ in live.values():
-                            self.generator.cancel(exjob)
-                            job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
-                        return
-                    self._enqueue(live, *item)
-                    block = False
-            except queue.Empty:
-                pass
-            for key, (job, exjob, _) in list(live.items()):
-                if job.cancelled:
-                    self.generator.cancel(exjob)
-                    job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
-                    del live[key]
-            # Refreshed here too: after the last job is cancelled there is no iterate() to do it.
-            self.running = len(self.generator.active_jobs)
-            if not live:
-                continue
-            try:
-                results = self.generator.iterate()
-                self.iterations += 1
-            except Exception as exc:  # fail the jobs in flight, keep the engine alive
-                log.exception("exllamav2 iterate failed")
-                for job, exjob, _ in live.values():
-                    self.generator.cancel(exjob)
-                    job.push(EngineError(f"{type(exc).__name__}: {exc}"))
-                live.clear()
-                continue
-            self.running = len(self.generator.active_jobs)
-            self.peak_running = max(self.peak_running, self.running)
-            for r in results:
-                self._deliver(live, r)
-            self.running = len(self.generator.active_jobs)
-
-    def _enqueue(
-        self,
-        live: dict[int, tuple[Job, Any, list[int]]],
-        job: Job,
-        ids: Any,
-        params: SamplingParams,
-    ) -> None:
+    def _new_job(self, ids: Any, params: SamplingParams, key: int) -> Any:
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
         if params.temperature == 0:
@@ -197,8 +147,7 @@ class ExLlamaV2Engine:
             settings = ExLlamaV2Sampler.Settings(
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
             )
-        key = next(self._ids)
-        exjob = ExLlamaV2DynamicJob(
+        return ExLlamaV2DynamicJob(
             input_ids=ids,
             max_new_tokens=params.max_tokens,
             gen_settings=settings,
@@ -206,29 +155,25 @@ class ExLlamaV2Engine:
             stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
             identifier=key,
         )
-        self.generator.enqueue(exjob)
-        live[key] = (job, exjob, [0])
 
-    def _deliver(self, live: dict[int, tuple[Job, Any, list[int]]], r: dict[str, Any]) -> None:
-        if r.get("stage") != "streaming":
-            return
-        entry = live.get(r.get("identifier"))  # type: ignore[arg-type]
-        if entry is None:
-            return
-        job, _, counted = entry
-        ids = r.get("token_ids")
-        n = 0 if ids is None else int(ids.shape[-1])
-        text = r.get("text", "")
-        if r.get("eos"):
-            total = int(r.get("new_tokens", counted[0] + n))
-            reason = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
-            job.push(Chunk(text=text, tokens=max(total - counted[0], 0), finish_reason=reason))
-            del live[r["identifier"]]
-        elif text or n:
-            counted[0] += n
-            job.push(Chunk(text=text, tokens=n))
+    # The loop's counters, under the names the other engines use.
+    @property
+    def running(self) -> int:
+        return self.loop.running if self.loop else 0
+
+    @property
+    def peak_running(self) -> int:
+        return self.loop.peak_running if self.loop else 0
+
+    @peak_running.setter
+    def peak_running(self, value: int) -> None:
+        if self.loop:
+            self.loop.peak_running = value
+
+    @property
+    def iterations(self) -> int:
+        return self.loop.iterations if self.loop else 0
 
     async def close(self) -> None:
-        self._incoming.put(None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        if self.loop is not None:
+            await asyncio.to_thread(self.loop.stop)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,21 @@ def test_compose_env_writes_every_secret_compose_requires(tmp_path: Path) -> Non
     assert all(len(v) >= 20 for v in written.values())
     assert cli.main(["compose-env", "--output", str(out)]) == 2  # never clobbers silently
     assert cli.main(["compose-env", "--output", str(out), "--force"]) == 0
+
+
+def test_cpu_image_installs_the_pinned_cpu_torch_first() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["cpu"]
+    pin = next(req for req in cpu_extra if req.startswith("torch"))
+    assert pin.startswith("torch=="), "the cpu extra must pin torch exactly for the image"
+    step = re.search(r'--index-url "\$TORCH_CPU_INDEX" \\\s*"\$\((.+)\)"', dockerfile)
+    assert step is not None, "the CPU torch step is missing from the Dockerfile"
+    # the shell the image runs picks exactly the cpu extra's pin (not the gpu extra's torch>=)
+    found = subprocess.run(
+        ["sh", "-c", step.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert found == pin
+    assert "download.pytorch.org/whl/cpu" in dockerfile
+    assert dockerfile.index("$TORCH_CPU_INDEX") < dockerfile.index('pip install ".[${EXTRAS}]"')

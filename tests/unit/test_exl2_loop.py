@@ -1,0 +1,245 @@
+"""The exllamav2 generator thread on CPU: result translation, jobs joining between steps,
+cancellation, a failed step, a refused job, shutdown.
+
+exllamav2 needs CUDA, so here the loop drives a scripted generator with the dynamic generator's
+interface (enqueue / iterate / cancel / active_jobs, results shaped as exllamav2 0.3.2 emits
+them, token ids as torch tensors). tests/gpu runs the same loop against the real generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from services.worker.engine import Chunk, EngineError, Job, SamplingParams
+from services.worker.exl2_loop import GeneratorLoop, chunk_for
+from tests.helpers import eventually
+
+
+def ids(n: int) -> torch.Tensor:
+    return torch.zeros((1, n), dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    ("result", "counted", "chunk", "after"),
+    [
+        ({"stage": "started", "identifier": 1}, 0, None, 0),
+        ({"stage": "prefill", "identifier": 1}, 0, None, 0),
+        (
+            {"stage": "streaming", "eos": False, "text": "Hi", "token_ids": ids(1)},
+            0,
+            Chunk(text="Hi", tokens=1),
+            1,
+        ),
+        # exllamav2 holds text back while a stop string may be starting: tokens, no text yet
+        ({"stage": "streaming", "eos": False, "token_ids": ids(2)}, 3, Chunk(text="", tokens=2), 5),
+        ({"stage": "streaming", "eos": False}, 3, None, 3),
+        (
+            {
+                "stage": "streaming",
+                "eos": True,
+                "eos_reason": "max_new_tokens",
+                "text": "!",
+                "token_ids": ids(1),
+                "new_tokens": 8,
+            },
+            7,
+            Chunk(text="!", tokens=1, finish_reason="length"),
+            8,
+        ),
+        # the final result's new_tokens is the truth: held tokens never streamed still count
+        (
+            {"stage": "streaming", "eos": True, "eos_reason": "stop_token", "new_tokens": 6},
+            4,
+            Chunk(text="", tokens=2, finish_reason="stop"),
+            6,
+        ),
+        (
+            {
+                "stage": "streaming",
+                "eos": True,
+                "eos_reason": "stop_string",
+                "text": " done",
+                "new_tokens": 9,
+            },
+            9,
+            Chunk(text=" done", tokens=0, finish_reason="stop"),
+            9,
+        ),
+        # no new_tokens on the final result: count what it carries
+        (
+            {"stage": "streaming", "eos": True, "eos_reason": "end_filter", "token_ids": ids(1)},
+            2,
+            Chunk(text="", tokens=1, finish_reason="stop"),
+            3,
+        ),
+    ],
+)
+def test_chunk_for(result: dict[str, Any], counted: int, chunk: Chunk | None, after: int) -> None:
+    assert chunk_for(result, counted) == (chunk, after)
+
+
+class ScriptedJob:
+    def __init__(self, params: SamplingParams, key: int) -> None:
+        self.identifier = key
+        self.max_new_tokens = params.max_tokens
+        self.new_tokens = 0
+
+
+class ScriptedGenerator:
+    """The dynamic generator's contract: pending jobs start while a batch slot is free, every
+    active job gains one token per iterate(), a job ends at max_new_tokens."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self.pending: list[ScriptedJob] = []
+        self.active_jobs: list[ScriptedJob] = []
+        self.steps = 0
+        self.started: dict[int, int] = {}  # identifier -> step it started on
+        self.ended: dict[int, int] = {}
+        self.cancelled: list[int] = []
+        self.fail_next = False
+        self.thread: threading.Thread | None = None
+
+    def enqueue(self, job: ScriptedJob) -> None:
+        self._on_own_thread()
+        self.pending.append(job)
+
+    def cancel(self, job: ScriptedJob) -> None:
+        self._on_own_thread()
+        self.cancelled.append(job.identifier)
+        for jobs in (self.pending, self.active_jobs):
+            if job in jobs:
+                jobs.remove(job)
+
+    def iterate(self) -> list[dict[str, Any]]:
+        self._on_own_thread()
+        self.steps += 1
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        results: list[dict[str, Any]] = []
+        while self.pending and len(self.active_jobs) < self.max_batch:
+            job = self.pending.pop(0)
+            self.active_jobs.append(job)
+            self.started[job.identifier] = self.steps
+            results.append({"stage": "started", "identifier": job.identifier})
+        for job in list(self.active_jobs):
+            job.new_tokens += 1
+            r = {"stage": "streaming", "identifier": job.identifier, "text": "x", "eos": False}
+            r["token_ids"] = ids(1)
+            if job.new_tokens == job.max_new_tokens:
+                r.update(eos=True, eos_reason="max_new_tokens", new_tokens=job.new_tokens)
+                self.active_jobs.remove(job)
+                self.ended[job.identifier] = self.steps
+            results.append(r)
+        threading.Event().wait(0.002)  # a GPU step takes time; keeps the loop from spinning
+        return results
+
+    def _on_own_thread(self) -> None:
+        # every generator call must come from the loop's one thread, never the event loop's
+        self.thread = self.thread or threading.current_thread()
+        assert threading.current_thread() is self.thread
+        assert threading.current_thread() is not threading.main_thread()
+
+
+def make_job(_ids: Any, params: SamplingParams, key: int) -> ScriptedJob:
+    if params.max_tokens <= 0:
+        raise ValueError("max_new_tokens must be positive")
+    return ScriptedJob(params, key)
+
+
+@contextmanager
+def generator_loop(max_batch: int = 16) -> Iterator[tuple[GeneratorLoop, ScriptedGenerator]]:
+    gen = ScriptedGenerator(max_batch)
+    loop = GeneratorLoop(gen, make_job, name="exl2-test")
+    loop.start()
+    try:
+        yield loop, gen
+    finally:
+        loop.stop()
+
+
+def submit(loop: GeneratorLoop, max_tokens: int) -> Job:
+    job = Job(prompt_tokens=3)
+    loop.submit(job, ids(3), SamplingParams(max_tokens=max_tokens))
+    return job
+
+
+async def collect(job: Job) -> list[Chunk]:
+    return [c async for c in job]
+
+
+async def test_jobs_join_the_batch_between_steps() -> None:
+    with generator_loop() as (loop, gen):
+        early = [submit(loop, 40) for _ in range(2)]
+        await eventually(lambda: gen.steps >= 5)
+        late = [submit(loop, 10) for _ in range(14)]
+        results = await asyncio.gather(*(collect(j) for j in early + late))
+        await eventually(lambda: loop.running == 0)
+    assert [sum(c.tokens for c in r) for r in results] == [40] * 2 + [10] * 14
+    assert all(r[-1].finish_reason == "length" for r in results)
+    # the late jobs ran alongside the early ones: started before those ended
+    assert max(gen.started[k] for k in range(3, 17)) < min(gen.ended[k] for k in (1, 2))
+    assert loop.peak_running == 16
+
+
+async def test_unpaged_generator_runs_one_at_a_time() -> None:
+    with generator_loop(max_batch=1) as (loop, gen):
+        results = await asyncio.gather(*(collect(submit(loop, 5)) for _ in range(3)))
+    assert [sum(c.tokens for c in r) for r in results] == [5, 5, 5]
+    assert loop.peak_running == 1
+    assert gen.started[2] > gen.ended[1]
+    assert gen.started[3] > gen.ended[2]
+
+
+async def test_cancel_takes_the_job_out_of_the_generator() -> None:
+    with generator_loop() as (loop, gen):
+        doomed, kept = submit(loop, 10_000), submit(loop, 30)
+        await eventually(lambda: gen.steps >= 3)
+        doomed.cancel()
+        chunks = await collect(doomed)
+        assert chunks[-1].finish_reason == "cancelled"
+        assert gen.cancelled == [1]
+        assert (await collect(kept))[-1].finish_reason == "length"
+        await eventually(lambda: loop.running == 0)
+        steps = gen.steps
+        await asyncio.sleep(0.1)
+        assert gen.steps == steps  # idle: nothing left to iterate
+
+
+async def test_a_failed_step_fails_the_jobs_in_flight_and_the_loop_goes_on() -> None:
+    with generator_loop() as (loop, gen):
+        jobs = [submit(loop, 10_000) for _ in range(3)]
+        await eventually(lambda: gen.steps >= 2)
+        gen.fail_next = True
+        for job in jobs:
+            with pytest.raises(EngineError, match="illegal memory access"):
+                await collect(job)
+        assert sorted(gen.cancelled) == [1, 2, 3]
+        after = await collect(submit(loop, 4))
+    assert sum(c.tokens for c in after) == 4
+
+
+async def test_a_refused_job_fails_alone() -> None:
+    with generator_loop() as (loop, _):
+        good, bad = submit(loop, 5), submit(loop, 0)
+        with pytest.raises(EngineError, match="max_new_tokens must be positive"):
+            await collect(bad)
+        assert sum(c.tokens for c in await collect(good)) == 5
+
+
+async def test_stop_cancels_what_is_in_flight() -> None:
+    with generator_loop() as (loop, gen):
+        jobs = [submit(loop, 10_000) for _ in range(2)]
+        await eventually(lambda: gen.steps >= 2)
+        await asyncio.to_thread(loop.stop)
+        results = await asyncio.gather(*(collect(j) for j in jobs))
+    assert [r[-1].finish_reason for r in results] == ["cancelled", "cancelled"]
+    assert sorted(gen.cancelled) == [1, 2]
