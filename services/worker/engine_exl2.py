@@ -19,7 +19,7 @@ from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
 from services.worker.demo_model import is_model_dir
 from services.worker.engine import EngineLimits, Job, SamplingParams
-from services.worker.exl2_loop import GeneratorLoop
+from services.worker.exl2_loop import GeneratorLoop, sampler_settings
 from services.worker.memory import checkpoint_bytes, require_room
 from services.worker.template import ChatTemplate
 
@@ -141,16 +141,10 @@ class ExLlamaV2Engine:
     def _new_job(self, ids: Any, params: SamplingParams, key: int) -> Any:
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
-        if params.temperature == 0:
-            settings = ExLlamaV2Sampler.Settings.greedy()
-        else:
-            settings = ExLlamaV2Sampler.Settings(
-                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
-            )
         return ExLlamaV2DynamicJob(
             input_ids=ids,
             max_new_tokens=params.max_tokens,
-            gen_settings=settings,
+            gen_settings=ExLlamaV2Sampler.Settings(**sampler_settings(params)),
             seed=params.seed,
             stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
             identifier=key,

@@ -24,6 +24,24 @@ CANCELLED = Chunk(text="", tokens=0, finish_reason="cancelled")
 JobFactory = Callable[[Any, SamplingParams, int], Any]
 
 
+def sampler_settings(params: SamplingParams) -> dict[str, float | int]:
+    """exllamav2 Sampler.Settings arguments for a request: what it asked for and nothing else.
+
+    exllamav2's own defaults (temperature 0.8, top_k 50, top_p 0.8, repetition penalty 1.025)
+    are a chat UI's taste, not the OpenAI API's, and would make the GPU engine answer differently
+    from the CPU one; so every one of them is set. top_k 0 and top_p 1.0 switch those filters
+    off in exllamav2's sampler; temperature 0 is greedy (its Settings.greedy()).
+    """
+    if params.temperature == 0:
+        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "token_repetition_penalty": 1.0}
+    return {
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "token_repetition_penalty": 1.0,
+    }
+
+
 def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, int]:
     """One generator result for a job as (the chunk to push or None, tokens counted so far).
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from services.worker.engine import Chunk, EngineError, Job, SamplingParams
-from services.worker.exl2_loop import GeneratorLoop, chunk_for
+from services.worker.exl2_loop import GeneratorLoop, chunk_for, sampler_settings
 from tests.helpers import eventually
 
 
@@ -83,6 +83,30 @@ def ids(n: int) -> torch.Tensor:
 )
 def test_chunk_for(result: dict[str, Any], counted: int, chunk: Chunk | None, after: int) -> None:
     assert chunk_for(result, counted) == (chunk, after)
+
+
+@pytest.mark.parametrize(
+    ("params", "settings"),
+    [
+        (
+            SamplingParams(max_tokens=8, temperature=0),
+            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "token_repetition_penalty": 1.0},
+        ),
+        # OpenAI defaults: plain sampling, every exllamav2 filter and penalty off
+        (
+            SamplingParams(max_tokens=8),
+            {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "token_repetition_penalty": 1.0},
+        ),
+        (
+            SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=40, seed=3),
+            {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "token_repetition_penalty": 1.0},
+        ),
+    ],
+)
+def test_sampler_settings_say_exactly_what_the_request_asked(
+    params: SamplingParams, settings: dict[str, float]
+) -> None:
+    assert sampler_settings(params) == settings
 
 
 class ScriptedJob:
