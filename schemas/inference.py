@@ -1,12 +1,13 @@
 """OpenAI-compatible request and response subset (chat and text completions). No I/O.
 
-Requests accept unknown fields (clients send extra parameters); unsupported values we do know
-about are rejected with a clear error by the worker, never silently ignored.
+Requests accept unknown fields (clients send extra parameters); OpenAI features we know of but
+do not implement are decoded so the worker refuses them by name (unsupported()), never answers
+as if they had not been asked for.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -15,6 +16,7 @@ from schemas.base import ModelId
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 
 
 class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,20 +52,66 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    # OpenAI features no engine here implements. Decoded so that a request asking for one is
+    # refused by name (see unsupported()) instead of answered as if it had not asked; their
+    # neutral values (0, null, false, {}) are accepted, since many clients always send them.
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
 
+    def unsupported(self) -> str | None:
+        """The first parameter this request sets to something no engine here can do, if any."""
+        asked = {
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+            # `is`, not ==: a completions request's logprobs=0 asks for the sampled token's
+            "logprobs": self.logprobs is not None and self.logprobs is not False,
+            "top_logprobs": bool(self.top_logprobs),
+            **self._asked(),
+        }
+        return next((param for param, yes in asked.items() if yes), None)
+
+    def _asked(self) -> dict[str, bool]:
+        return {}
+
 
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def _asked(self) -> dict[str, bool]:
+        return {
+            "tools": bool(self.tools),
+            "functions": bool(self.functions),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
+        }
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _asked(self) -> dict[str, bool]:
+        return {
+            "echo": self.echo,
+            "best_of": self.best_of not in (None, 1),
+            "suffix": bool(self.suffix),
+        }
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

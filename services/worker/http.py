@@ -153,19 +153,29 @@ class WorkerApi:
             stop=req.stop_strings(),
         )
 
+    async def _decode(self, request: Request, type_: type[Any]) -> Any:
+        req: SamplingFields = decode_request(await read_body(request, self.body_limit), type_)
+        param = req.unsupported()
+        if param is not None:
+            raise ApiError(
+                400,
+                f"{param} is not supported here; remove it or send its default "
+                "(0, null or false) and the request will be served",
+                "invalid_request_error",
+                "unsupported_parameter",
+                param,
+            )
+        return req
+
     async def chat(self, request: Request) -> Response:
-        req: ChatCompletionRequest = decode_request(
-            await read_body(request, self.body_limit), ChatCompletionRequest
-        )
+        req: ChatCompletionRequest = await self._decode(request, ChatCompletionRequest)
         served = self._model(req.model)
         prompt = served.engine.chat_prompt(req.messages)
         cap = req.max_completion_tokens or req.max_tokens
         return await self._generate(request, served, req, prompt, cap, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        req: CompletionRequest = decode_request(
-            await read_body(request, self.body_limit), CompletionRequest
-        )
+        req: CompletionRequest = await self._decode(request, CompletionRequest)
         served = self._model(req.model)
         return await self._generate(
             request, served, req, req.prompt_text(), req.max_tokens, chat=False

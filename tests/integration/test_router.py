@@ -176,6 +176,12 @@ async def test_official_client_and_error_envelopes(nats_url: str, prefix: str) -
                 assert (got, data["error"]["code"]) == (status, code), data
                 assert set(data["error"]) == {"message", "type", "code", "param"}
                 assert resp_headers["x-switchboard-origin"] == "router"
+            # the worker's refusal of a feature no engine has reaches the client intact
+            asks = {**body(), "logit_bias": {"7": 5}}
+            got, data, resp_headers = await post(s, router.url + CHAT, asks, headers=auth)
+            assert (got, data["error"]["param"]) == (400, "logit_bias"), data
+            assert data["error"]["code"] == "unsupported_parameter"
+            assert resp_headers["x-switchboard-origin"] == "worker"
 
 
 async def test_gateway_queue_and_its_503_when_capacity_is_exhausted(

@@ -176,6 +176,14 @@ async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, pre
         (CHAT, chat_body(max_tokens=5000), 400, "invalid_request_error", "context_length_exceeded"),
         (CHAT, b"x" * (2 << 20), 413, "invalid_request_error", "request_too_large"),
         ("/v1/completions", {"model": "sim-model"}, 400, "invalid_request_error", "invalid_value"),
+        (CHAT, chat_body(logprobs=True), 400, "invalid_request_error", "unsupported_parameter"),
+        (
+            "/v1/completions",
+            {"model": "sim-model", "prompt": "x", "echo": True},
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+        ),
     ],
 )
 async def test_error_envelopes(
@@ -221,6 +229,23 @@ async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str)
         assert finish == "length"
         assert usage is not None
         assert usage.completion_tokens == 7
+        # the defaults many clients always send are served; a feature no engine has is refused
+        # by name, not answered as if it had not been asked for
+        plain = await client.chat.completions.create(
+            model="alpha",
+            messages=messages,
+            max_tokens=7,
+            presence_penalty=0,
+            frequency_penalty=0,
+            logprobs=False,
+        )
+        assert plain.choices[0].message.content == full.choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(
+                model="alpha", messages=messages, max_tokens=7, frequency_penalty=0.5
+            )
+        assert refused.value.code == "unsupported_parameter"
+        assert refused.value.param == "frequency_penalty"
         text = await client.completions.create(model="beta", prompt="once upon", max_tokens=4)
         assert text.usage is not None
         assert text.usage.completion_tokens == 4

@@ -12,6 +12,7 @@ from schemas.base import Envelope, WireStruct
 from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
 from schemas.dashboard import DashboardWorker, FleetSnapshot, GatewayLoad
 from schemas.errors import ErrorBody, ErrorEnvelope
+from schemas.inference import ChatCompletionRequest, CompletionRequest
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import (
     CommandError,
@@ -250,3 +251,62 @@ def test_worker_id_pattern_blocks_subject_breaking_ids() -> None:
     for bad in ["w.1", "w*", "w>", "w 1", "$w", ""]:
         with pytest.raises(msgspec.ValidationError, match="id"):
             msgspec.convert({"id": bad}, type=GetRequest)
+
+
+CHAT_BASE: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+TEXT_BASE: dict[str, Any] = {"model": "m", "prompt": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("base", "extra", "param"),
+    [
+        # the neutral values clients send by default are served
+        (CHAT_BASE, {}, None),
+        (
+            CHAT_BASE,
+            {
+                "presence_penalty": 0,
+                "frequency_penalty": 0.0,
+                "logit_bias": {},
+                "logprobs": False,
+                "top_logprobs": 0,
+                "tools": [],
+                "tool_choice": "auto",
+                "response_format": {"type": "text"},
+            },
+            None,
+        ),
+        (CHAT_BASE, {"tool_choice": "none", "functions": None, "logprobs": None}, None),
+        (TEXT_BASE, {"echo": False, "best_of": 1, "suffix": "", "logprobs": None}, None),
+        # anything that asks for a feature no engine has is named
+        (CHAT_BASE, {"presence_penalty": 0.5}, "presence_penalty"),
+        (CHAT_BASE, {"frequency_penalty": -1}, "frequency_penalty"),
+        (CHAT_BASE, {"logit_bias": {"50256": -100}}, "logit_bias"),
+        (CHAT_BASE, {"logprobs": True}, "logprobs"),
+        (CHAT_BASE, {"top_logprobs": 3}, "top_logprobs"),
+        (CHAT_BASE, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (CHAT_BASE, {"functions": [{"name": "f"}]}, "functions"),
+        (CHAT_BASE, {"tool_choice": "required"}, "tool_choice"),
+        (
+            CHAT_BASE,
+            {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+        ),
+        (CHAT_BASE, {"response_format": {"type": "json_object"}}, "response_format"),
+        (TEXT_BASE, {"logprobs": 0}, "logprobs"),  # legacy: 0 still asks for logprobs
+        (TEXT_BASE, {"echo": True}, "echo"),
+        (TEXT_BASE, {"best_of": 3}, "best_of"),
+        (TEXT_BASE, {"suffix": "}"}, "suffix"),
+    ],
+)
+def test_unsupported_openai_features_are_named(
+    base: dict[str, Any], extra: dict[str, Any], param: str | None
+) -> None:
+    type_ = ChatCompletionRequest if "messages" in base else CompletionRequest
+    req = msgspec.convert({**base, **extra}, type_)
+    assert req.unsupported() == param
+
+
+def test_penalties_out_of_range_fail_validation_by_name() -> None:
+    with pytest.raises(msgspec.ValidationError, match="presence_penalty"):
+        msgspec.convert({**CHAT_BASE, "presence_penalty": 3}, ChatCompletionRequest)
