@@ -1,5 +1,5 @@
 # One image for every Switchboard service; the GPU worker builds with --build-arg EXTRAS=gpu on a
-# CUDA base (see docker-compose.yml). Services run as `python -m services.<name>`.
+# CUDA -devel base, whose nvcc exllamav2's JIT extension needs (see docker-compose.yml). Services run as `python -m services.<name>`.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 ARG EXTRAS=cpu
@@ -17,5 +17,16 @@ RUN if [ "$EXTRAS" = cpu ]; then \
         "$(grep -o '"torch==[^"]*"' pyproject.toml | head -n 1 | tr -d '"')"; \
     fi
 RUN pip install ".[${EXTRAS}]"
+# GPU image: flash-attn >= 2.5.7 turns on exllamav2's paged mode, i.e. continuous batching (without
+# it the worker runs one request at a time and says so). Its setup fetches a prebuilt wheel that
+# matches the base image's torch/CUDA/Python, or compiles (needs the -devel base's nvcc).
+ARG FLASH_ATTN=""
+RUN if [ "$EXTRAS" = gpu ] && [ -n "$FLASH_ATTN" ]; then \
+      pip install ninja packaging && \
+      MAX_JOBS=4 pip install --no-build-isolation "flash-attn==$FLASH_ATTN"; \
+    fi
 RUN useradd --create-home switchboard
 USER switchboard
+# exllamav2 compiles its CUDA extension here on first import (minutes); compose keeps it on a
+# volume so that happens once per host, not on every container start.
+RUN mkdir -p /home/switchboard/.cache/torch_extensions

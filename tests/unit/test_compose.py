@@ -77,6 +77,19 @@ def test_gpu_worker_is_a_profile_with_a_device_reservation() -> None:
     assert gpu["environment"]["WORKER_ENGINE"] == "exllamav2"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
+    args = gpu["build"]["args"]
+    # exllamav2's extension is compiled with nvcc on first import: only -devel images have it
+    assert args["EXTRAS"] == "gpu"
+    assert args["BASE"].endswith("-devel"), args["BASE"]
+    flash_attn = tuple(int(part) for part in args["FLASH_ATTN"].split(".")[:3])
+    assert flash_attn >= (2, 5, 7)  # paged mode (continuous batching) needs it
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert all(f"ARG {name}" in dockerfile for name in args)
+    # the compiled extension outlives the container, in a directory the image's user owns
+    cache = "/home/switchboard/.cache/torch_extensions"
+    assert f"exl2-extension:{cache}" in gpu["volumes"]
+    assert "exl2-extension" in COMPOSE["volumes"]
+    assert dockerfile.index("USER switchboard") < dockerfile.index(f"mkdir -p {cache}")
 
 
 ROLE_OF = {"registry": "registry", "capacity": "capacity", "worker": "worker", "router": "router"}
