@@ -86,7 +86,8 @@ class ExLlamaV2Engine:
         config = ExLlamaV2Config(str(self.model_dir))
         context = min(self._want_context or config.max_seq_len, config.max_seq_len)
         config.max_seq_len = context
-        self.paged = bool(has_flash_attn_with_paged)
+        # EXLLAMA_NO_FLASH_ATTN turns flash-attn off in the config; paged mode would then refuse
+        self.paged = bool(has_flash_attn_with_paged) and not config.no_flash_attn
         batch = self._want_batch if self.paged else 1
         model = ExLlamaV2(config)
         # Paged: one shared pool of pages for all sequences. Unpaged: one sequence's worth.
@@ -116,8 +117,9 @@ class ExLlamaV2Engine:
         if not self.paged and self._want_batch > 1:
             # Said loudly: the worker works, but far below the batch size the operator asked for.
             log.warning(
-                "flash-attn >= 2.5.7 is not installed: exllamav2 runs unpaged, one request at "
-                "a time (max_batch 1, not %d); install flash-attn for continuous batching",
+                "flash-attn >= 2.5.7 is not available (not installed, or EXLLAMA_NO_FLASH_ATTN "
+                "is set): exllamav2 runs unpaged, one request at a time (max_batch 1, not %d); "
+                "install flash-attn for continuous batching",
                 self._want_batch,
             )
 
