@@ -1,4 +1,4 @@
-"""Test helpers: wait for an outcome instead of sleeping; find free ports."""
+"""Test helpers: wait for an outcome instead of sleeping; find free ports; POST and read back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import aiohttp
+
+from schemas import codec
 
 
 async def eventually(
@@ -79,3 +83,14 @@ def assert_error_envelope(body: Any, code: str, type_: str | None = None) -> Non
     assert body["error"]["message"]
     if type_ is not None:
         assert body["error"]["type"] == type_
+
+
+async def post(
+    s: aiohttp.ClientSession, url: str, payload: Any, **kw: Any
+) -> tuple[int, Any, dict[str, str]]:
+    """POST JSON (or raw bytes); (status, the JSON body decoded or the raw bytes, headers)."""
+    kwargs = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
+    async with s.post(url, **kwargs, **kw) as resp:
+        data = await resp.read()
+        parsed = codec.decode(data, Any) if data.startswith(b"{") else data
+        return resp.status, parsed, dict(resp.headers)

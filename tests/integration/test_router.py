@@ -20,7 +20,7 @@ from schemas.registry import WorkerStatus
 from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.common.seq import Sequencer
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, free_port, post
 from tests.integration.fleet_fixtures import (
     fleet,
     running_capacity,
@@ -40,16 +40,6 @@ def body(max_tokens: int = 4, stream: bool = False, model: str = "sim-model") ->
         "max_tokens": max_tokens,
         "stream": stream,
     }
-
-
-async def post(
-    s: aiohttp.ClientSession, url: str, payload: Any, **kw: Any
-) -> tuple[int, Any, dict[str, str]]:
-    kwargs = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
-    async with s.post(url, **kwargs, **kw) as resp:
-        data = await resp.read()
-        parsed = codec.decode(data, Any) if data.startswith(b"{") else data
-        return resp.status, parsed, dict(resp.headers)
 
 
 async def test_routes_to_the_idle_replica_and_follows_load(

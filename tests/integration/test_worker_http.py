@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from schemas.inference import ChatMessage
-from tests.helpers import assert_error_envelope, eventually
+from tests.helpers import assert_error_envelope, eventually, post
 from tests.integration.fleet_fixtures import running_worker
 
 pytestmark = pytest.mark.integration
@@ -26,15 +26,6 @@ def chat_body(model: str = "sim-model", max_tokens: int = 8, **extra: Any) -> di
         "max_tokens": max_tokens,
         **extra,
     }
-
-
-async def post(
-    s: aiohttp.ClientSession, url: str, body: Any, **kw: Any
-) -> tuple[int, Any, dict[str, str]]:
-    kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
-    async with s.post(url, **kwargs, **kw) as resp:
-        data = await resp.json(content_type=None) if resp.status != 499 else None
-        return resp.status, data, dict(resp.headers)
 
 
 async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix: str) -> None:
