@@ -38,8 +38,16 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str | None = None  # "stop" (eos or stop string) | "length" | "cancelled"
 
 
+CANCELLED = Chunk(text="", tokens=0, finish_reason="cancelled")  # a cancelled job's last chunk
+
+
 class EngineError(Exception):
     """The engine failed a job (not the client's fault)."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> EngineError:
+        """The error a job fails with when the engine's library raised exc."""
+        return cls(f"{type(exc).__name__}: {exc}")
 
 
 class Job:

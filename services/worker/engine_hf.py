@@ -17,7 +17,7 @@ from typing import Any
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
 from services.worker.demo_model import is_model_dir
-from services.worker.engine import Chunk, EngineError, EngineLimits, Job, SamplingParams
+from services.worker.engine import CANCELLED, Chunk, EngineError, EngineLimits, Job, SamplingParams
 from services.worker.memory import available_ram_bytes, checkpoint_bytes, require_room
 from services.worker.stops import StopScanner
 
@@ -102,7 +102,7 @@ class TransformersEngine:
             try:
                 self._generate(job, ids, params)
             except Exception as exc:  # the job fails; the engine thread lives on
-                job.push(EngineError(f"{type(exc).__name__}: {exc}"))
+                job.push(EngineError.of(exc))
             finally:
                 self.running -= 1
 
@@ -122,7 +122,7 @@ class TransformersEngine:
         with torch.inference_mode():
             for i in range(params.max_tokens):
                 if job.cancelled:
-                    job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
+                    job.push(CANCELLED)
                     return
                 out = self._model(input_ids=step_input, past_key_values=past, use_cache=True)
                 self.steps += 1

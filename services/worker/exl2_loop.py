@@ -15,10 +15,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from services.worker.engine import Chunk, EngineError, Job, SamplingParams
+from services.worker.engine import CANCELLED, Chunk, EngineError, Job, SamplingParams
 
 log = logging.getLogger(__name__)
-CANCELLED = Chunk(text="", tokens=0, finish_reason="cancelled")
 
 # (input ids, sampling params, identifier) -> an ExLlamaV2DynamicJob
 JobFactory = Callable[[Any, SamplingParams, int], Any]
@@ -128,7 +127,7 @@ class GeneratorLoop:
             self.generator.enqueue(exjob)
         except Exception as exc:  # a job exllamav2 refuses fails alone
             log.exception("exllamav2 refused a job")
-            job.push(EngineError(f"{type(exc).__name__}: {exc}"))
+            job.push(EngineError.of(exc))
             return
         self._live[key] = _Live(job, exjob)
 
@@ -145,13 +144,12 @@ class GeneratorLoop:
             self.iterations += 1
         except Exception as exc:  # fail the jobs in flight, keep the engine alive
             log.exception("exllamav2 iterate failed")
-            self._fail_all(EngineError(f"{type(exc).__name__}: {exc}"))
+            self._fail_all(EngineError.of(exc))
             return
         self.running = len(self.generator.active_jobs)
         self.peak_running = max(self.peak_running, self.running)
         for result in results:
             self._deliver(result)
-        self.running = len(self.generator.active_jobs)
 
     def _deliver(self, result: Mapping[str, Any]) -> None:
         live = self._live.get(result.get("identifier"))  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import msgspec
 
 from schemas.inference import ChatMessage
-from services.worker.engine import Chunk, EngineLimits, Job, SamplingParams
+from services.worker.engine import CANCELLED, Chunk, EngineLimits, Job, SamplingParams
 from services.worker.stops import StopScanner
 
 _TOKEN = re.compile(r"\s*\S+")
@@ -102,7 +102,7 @@ class SimEngine:
             scanner = StopScanner(params.stop)
             for i in range(params.max_tokens):
                 if job.cancelled:
-                    job.push(Chunk(text="", tokens=0, finish_reason="cancelled"))
+                    job.push(CANCELLED)
                     return
                 out = scanner.feed((" " if i else "") + self._word(prompt, params.seed, i))
                 if scanner.stopped:
