@@ -161,11 +161,6 @@ class ExLlamaV2Engine:
     def peak_running(self) -> int:
         return self.loop.peak_running if self.loop else 0
 
-    @peak_running.setter
-    def peak_running(self, value: int) -> None:
-        if self.loop:
-            self.loop.peak_running = value
-
     @property
     def iterations(self) -> int:
         return self.loop.iterations if self.loop else 0

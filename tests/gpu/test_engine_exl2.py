@@ -89,7 +89,7 @@ async def test_continuous_batching_runs_jobs_together(exl2_worker: Any) -> None:
             "continuous batching needs flash-attn >= 2.5.7 (exllamav2 paged mode); "
             "without it the dynamic generator runs one job at a time (max_batch 1)"
         )
-    engine.peak_running = 0
+    engine.loop.peak_running = 0
     async with aiohttp.ClientSession() as s:
         await asyncio.gather(*(stream_one(s, exl2_worker.url, 128) for _ in range(16)))
     assert engine.peak_running > 1
