@@ -58,7 +58,8 @@ def _cuda_ready() -> tuple[bool, str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # the marker, not keywords: a parameter id such as "gpu" must not make a test a GPU test
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
     ok, why = _cuda_ready()

@@ -1,0 +1,1 @@
+"""Developer tooling that runs before or beside the services: dependency locks, installs."""
