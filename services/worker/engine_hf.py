@@ -7,6 +7,7 @@ Imported only when chosen (torch and transformers are heavy). Loads from a local
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import queue
 import threading
@@ -35,6 +36,7 @@ class TransformersEngine:
         self.steps = 0  # forward passes done (tests watch it stop after a cancel)
         self._model: Any = None
         self._tokenizer: Any = None
+        self._cache_kwarg = "cache"
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -67,6 +69,7 @@ class TransformersEngine:
         self._model = AutoModelForCausalLM.from_pretrained(
             str(self.model_dir), local_files_only=True, dtype=torch.float32
         ).eval()
+        self._cache_kwarg = cache_kwarg(self._model)
         context = int(getattr(self._model.config, "max_position_embeddings", 2048))
         self.limits = EngineLimits(max_batch=1, max_context=self._max_context or context)
 
@@ -108,6 +111,7 @@ class TransformersEngine:
 
     def _generate(self, job: Job, ids: list[int], params: SamplingParams) -> None:
         import torch
+        from transformers import DynamicCache
 
         eos = self._model.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -117,16 +121,19 @@ class TransformersEngine:
         scanner = StopScanner(params.stop)
         generated: list[int] = []
         emitted = ""
-        past: Any = None
+        # One cache per job, owned here and grown in place by every forward pass: nothing is read
+        # back from the output (its cache attribute changed name across releases too).
+        cache = DynamicCache(config=self._model.config)
         step_input = torch.tensor([ids], dtype=torch.long)
         with torch.inference_mode():
             for i in range(params.max_tokens):
                 if job.cancelled:
                     job.push(CANCELLED)
                     return
-                out = self._model(input_ids=step_input, past_key_values=past, use_cache=True)
+                out = self._model(
+                    input_ids=step_input, use_cache=True, **{self._cache_kwarg: cache}
+                )
                 self.steps += 1
-                past = out.past_key_values
                 token = sample(out.logits[0, -1], params, rng)
                 step_input = torch.tensor([[token]], dtype=torch.long)
                 if token in eos_ids:
@@ -151,6 +158,16 @@ class TransformersEngine:
 
     async def close(self) -> None:
         self._queue.put(_STOP)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward() keyword that takes the KV cache: `cache` from transformers 5.24 on.
+
+    Older releases call it `past_key_values` (5.24 still accepts that, with a FutureWarning, until
+    5.40). Passing `cache` to an older model would not fail: its **kwargs would swallow it and
+    every step would run without context, so the name is read from the signature.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def sample(logits: Any, params: SamplingParams, rng: Any) -> int:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import threading
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import msgspec
 import pytest
 
 from schemas.inference import ChatMessage
 from services.worker.demo_model import is_model_dir
+from services.worker.engine import SamplingParams
+from services.worker.engine_hf import TransformersEngine
 from services.worker.template import ChatTemplate
 from tests.engine_contract import MESSAGES, check_cancel_on_disconnect, check_stream_and_usage
 from tests.integration.fleet_fixtures import running_worker
@@ -30,6 +37,51 @@ async def hf_worker(nats_url: str, prefix: str, demo_dir: Path) -> AsyncIterator
         yield w
 
 
+@contextmanager
+def warnings_recorded() -> Iterator[list[str]]:
+    """Every Python warning (from any thread) and transformers log warning while inside, as text.
+
+    The engine generates on its own thread. Python 3.11's warning filters are process-wide, so
+    pytest's filterwarnings=error reaches that thread, but only as a failed job ("generation
+    failed: FutureWarning ...") and only under that setting: recording names the warning and its
+    thread whatever the filters. transformers announces some deprecations through its logger
+    instead, once per process; clearing that once-cache keeps an earlier test from hiding them.
+    """
+    seen: list[str] = []
+
+    def record(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not issubclass(category, ResourceWarning):  # ignored project-wide (pyproject.toml)
+            where = threading.current_thread().name
+            seen.append(f"[{where}] {category.__name__}: {message} ({filename}:{lineno})")
+
+    class Collect(logging.Handler):
+        def emit(self, rec: logging.LogRecord) -> None:
+            seen.append(f"[{rec.threadName}] {rec.name} {rec.levelname}: {rec.getMessage()}")
+
+    from transformers.utils import logging as hf_logging
+
+    clear = getattr(getattr(hf_logging, "warning_once", None), "cache_clear", None)
+    if clear is not None:
+        clear()
+    handler = Collect(logging.WARNING)
+    hf_logger = logging.getLogger("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        hf_logger.addHandler(handler)
+        try:
+            yield seen
+        finally:
+            hf_logger.removeHandler(handler)
+
+
 def test_demo_checkpoint_is_complete(demo_dir: Path) -> None:
     assert is_model_dir(demo_dir)
     names = {p.name for p in demo_dir.iterdir()}
@@ -48,12 +100,16 @@ def test_jinja_template_matches_transformers(demo_dir: Path) -> None:
 
 async def test_streamed_chat_and_usage(hf_worker: Any, demo_dir: Path) -> None:
     assert hf_worker.models["demo"].engine.limits.max_batch == 1
-    await check_stream_and_usage(hf_worker, "demo", demo_dir)
+    with warnings_recorded() as seen:
+        await check_stream_and_usage(hf_worker, "demo", demo_dir)
+    assert seen == [], "generation warned (a deprecated transformers API?)"
 
 
 async def test_cancel_on_disconnect_stops_generation(hf_worker: Any) -> None:
     engine = hf_worker.models["demo"].engine
-    await check_cancel_on_disconnect(hf_worker, "demo", lambda: engine.steps)
+    with warnings_recorded() as seen:
+        await check_cancel_on_disconnect(hf_worker, "demo", lambda: engine.steps)
+    assert seen == []
 
 
 async def test_bad_model_dir_fails_at_start_naming_the_field(
@@ -82,3 +138,59 @@ async def test_exllamav2_without_cuda_is_a_clear_error(
             nats_url, prefix, register=False, engine="exllamav2", model_dir=str(demo_dir)
         ):
             pass
+
+
+async def test_engine_loads_and_samples_without_warnings(demo_dir: Path) -> None:
+    """Loading, seeded sampling with a stop string, and greedy decoding warn about nothing; a
+    seed repeats its text, and the KV cache is really used (the same text as recomputing the
+    whole sequence every step: a cache the model ignored would lose the context)."""
+    prompt_messages = [ChatMessage(**m) for m in MESSAGES]
+    with warnings_recorded() as seen:
+        engine = TransformersEngine(demo_dir, "demo")
+        await engine.load()
+        try:
+            prompt = engine.chat_prompt(prompt_messages)
+            sampled = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=40, seed=7)
+            first, again = [await generate(engine, prompt, sampled) for _ in range(2)]
+            stop = first[0][len(first[0]) // 2 :][:3]  # a stop string the seed is sure to reach
+            stopped = await generate(engine, prompt, msgspec.structs.replace(sampled, stop=(stop,)))
+            # Random weights: this prompt's greedy continuation decodes to text, not stray bytes.
+            plain = "The quick brown fox"
+            greedy = await generate(engine, plain, SamplingParams(max_tokens=16, temperature=0))
+            reference = recompute_greedy(engine, plain, 16)
+        finally:
+            await engine.close()
+    assert seen == [], "loading or generation warned (a deprecated transformers API?)"
+    assert first == again
+    assert stopped[:2] == (first[0][: first[0].index(stop)], "stop")
+    assert greedy[0] == reference != ""
+
+
+async def generate(engine: TransformersEngine, prompt: str, params: SamplingParams) -> Any:
+    """(text, finish_reason, completion tokens) of one job."""
+    job = engine.start(prompt, params)
+    chunks = [c async for c in job]
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason, job.completion_tokens
+
+
+def recompute_greedy(engine: TransformersEngine, prompt: str, tokens: int) -> str:
+    """Greedy text without any cache: the whole sequence goes through the model at every step."""
+    import torch
+
+    ids = engine._encode(prompt)
+    generated: list[int] = []
+    with torch.inference_mode():
+        for _ in range(tokens):
+            logits = engine._model(
+                input_ids=torch.tensor([ids + generated]), use_cache=False
+            ).logits
+            token = int(torch.argmax(logits[0, -1]))
+            if token == engine._model.config.eos_token_id:
+                break
+            generated.append(token)
+    # As the engine emits it: text ending in an incomplete UTF-8 sequence waits for more bytes.
+    texts = (
+        str(engine._tokenizer.decode(generated[:n], skip_special_tokens=True))
+        for n in range(len(generated) + 1)
+    )
+    return [t for t in texts if not t.endswith("\ufffd")][-1]
