@@ -100,13 +100,15 @@ class ComposeEnvExists(Exception):
 
 
 def write_compose_env(out: Path, *, force: bool = False) -> Path:
-    """docker compose's .env: the registry admin token and one NATS password per role (0600)."""
+    """docker compose's .env: the admin token, the router's API key, NATS passwords (0600)."""
     from services.supervisor import private_file
 
     if out.exists() and not force:
         raise ComposeEnvExists(str(out))
     lines = ["# docker compose credentials from `switchboard compose-env`; keep this file private."]
     lines.append(f"SWITCHBOARD_ADMIN_TOKEN={secrets.token_urlsafe(24)}")
+    # The router's API keys (comma-separated: add one per client); clients send one as Bearer.
+    lines.append(f"ROUTER_API_KEYS=sk-sb-{secrets.token_urlsafe(24)}")
     lines += [
         f"{natsauth.password_env(role)}={secrets.token_urlsafe(18)}" for role in natsauth.ROLES
     ]

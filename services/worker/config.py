@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
@@ -11,12 +12,14 @@ from schemas.base import ModelId
 from services.common.config import Port, ServiceConfig, load_config
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+HOSTNAME = "{hostname}"
 
 
 class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     http_host: str = "127.0.0.1"
     http_port: Port = 8100
-    # What the router dials; default http://<http_host>:<bound port>.
+    # What the router dials; default http://<http_host>:<bound port>. "{hostname}" in it becomes
+    # this machine's hostname (one compose service scaled to N containers, each its own URL).
     advertise_url: str = ""
     engine: Literal["auto", "sim", "transformers", "exllamav2"] = "auto"
     # Model names served (sim: any names; real engines: one name, default the model dir's name).
@@ -50,4 +53,8 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> WorkerConfig:
-    return load_config(WorkerConfig, "worker", argv, environ)
+    cfg = load_config(WorkerConfig, "worker", argv, environ)
+    if HOSTNAME in cfg.advertise_url:
+        url = cfg.advertise_url.replace(HOSTNAME, socket.gethostname())
+        return msgspec.structs.replace(cfg, advertise_url=url)
+    return cfg

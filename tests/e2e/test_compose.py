@@ -21,7 +21,9 @@ def docker_engine() -> str | None:
 
 
 @pytest.mark.e2e
-def test_compose_stack_serves_a_chat_completion(tmp_path: Path) -> None:
+def test_compose_stack_serves_a_chat_completion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     why = docker_engine()
     if why is not None:
         pytest.skip(
@@ -39,10 +41,12 @@ def test_compose_stack_serves_a_chat_completion(tmp_path: Path) -> None:
     for line in secrets.read_text().splitlines():  # what `switchboard compose-env` gives a user
         if not line.startswith("#"):
             name, value = line.split("=", 1)
-            os.environ[name] = value
+            monkeypatch.setenv(name, value)
+    key = os.environ["ROUTER_API_KEYS"].split(",")[0]
     with DockerCompose(str(ROOT), wait=True) as compose:
         compose.wait_for("http://127.0.0.1:8080/readyz")
-        with urllib.request.urlopen("http://127.0.0.1:8080/dashboard", timeout=10) as page:
+        dashboard = f"http://127.0.0.1:8080/dashboard?key={key}"
+        with urllib.request.urlopen(dashboard, timeout=10) as page:
             assert b"Switchboard fleet" in page.read()
         request = urllib.request.Request(
             "http://127.0.0.1:8080/v1/chat/completions",
@@ -53,7 +57,7 @@ def test_compose_stack_serves_a_chat_completion(tmp_path: Path) -> None:
                     "messages": [{"role": "user", "content": "hi"}],
                 }
             ).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         )
         with urllib.request.urlopen(request, timeout=60) as resp:
             assert json.load(resp)["usage"]["completion_tokens"] >= 1
