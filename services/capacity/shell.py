@@ -31,21 +31,37 @@ VIEW_KEY = "view"
 class CapacityMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.current = Gauge(
-            "capacity_current", "Capacity (model=* is the fleet).", ["model"], registry=registry
+            "switchboard_capacity_current",
+            "Capacity (model=* is the fleet).",
+            ["model"],
+            registry=registry,
         )
         self.source = Gauge(
-            "capacity_source", "1 for the active tier.", ["model", "source"], registry=registry
+            "switchboard_capacity_source",
+            "1 for the active tier.",
+            ["model", "source"],
+            registry=registry,
         )
         self.available = Gauge(
-            "capacity_workers_available", "Healthy workers.", ["model"], registry=registry
+            "switchboard_capacity_workers_available",
+            "Healthy workers.",
+            ["model"],
+            registry=registry,
         )
-        self.recomputes = Counter("capacity_recompute_total", "Recomputations.", registry=registry)
+        self.recomputes = Counter(
+            "switchboard_capacity_recompute_total", "Recomputations.", registry=registry
+        )
         self.resnapshots = Counter(
-            "capacity_resnapshots_total", "Registry re-snapshots.", ["reason"], registry=registry
+            "switchboard_capacity_resnapshots_total",
+            "Registry re-snapshots.",
+            ["reason"],
+            registry=registry,
         )
-        self.gaps = Counter("capacity_sequence_gaps_total", "Registry seq gaps.", registry=registry)
+        self.gaps = Counter(
+            "switchboard_capacity_sequence_gaps_total", "Registry seq gaps.", registry=registry
+        )
         self.published = Counter(
-            "capacity_views_published_total", "Views published.", registry=registry
+            "switchboard_capacity_views_published_total", "Views published.", registry=registry
         )
         self.bus = BusMetrics(registry, "capacity")
         self._models: set[str] = set()

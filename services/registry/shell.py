@@ -56,15 +56,18 @@ _load_decoder = codec.load_decoder
 class RegistryMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.workers = Gauge(
-            "registry_workers", "Workers by status.", ["status"], registry=registry
+            "switchboard_registry_workers", "Workers by status.", ["status"], registry=registry
         )
         self.events = Counter(
-            "registry_events_total", "Events published.", ["type"], registry=registry
+            "switchboard_registry_events_total", "Events published.", ["type"], registry=registry
         )
         self.commands = Counter(
-            "registry_commands_total", "Commands handled.", ["op", "outcome"], registry=registry
+            "switchboard_registry_commands_total",
+            "Commands handled.",
+            ["op", "outcome"],
+            registry=registry,
         )
-        self.seq = Gauge("registry_seq", "Last published event seq.", registry=registry)
+        self.seq = Gauge("switchboard_registry_seq", "Last published event seq.", registry=registry)
         self.bus = BusMetrics(registry, "registry")
 
 

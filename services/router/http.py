@@ -14,11 +14,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from schemas import codec
 from schemas.inference import ModelCard, ModelList
 from services.common.gate import Rejected
 from services.common.http import HealthCheck, ops_routes, read_capped
+from services.common.metrics import UNKNOWN
+from services.common.request_id import RequestIds
 from services.router.core import Refusal, UnknownModel, gateway_busy, refusal
 from services.router.dashboard import dashboard_routes
 from services.router.proxy import Outcome, Proxy, router_refusal
@@ -51,7 +54,7 @@ def create_app(
     metrics_registry: CollectorRegistry,
     health: HealthCheck,
     dashboard_interval_s: float | None = 0.25,
-) -> Starlette:
+) -> ASGIApp:
     """dashboard_interval_s None: no /dashboard."""
     keys = [k.encode() for k in api_keys]
 
@@ -111,6 +114,7 @@ def create_app(
         outcome = Outcome(model)
         decision = state.view.choose(model, state.clock())
         if isinstance(decision, UnknownModel):
+            outcome.label = UNKNOWN
             finish(outcome, 404, "router", began)
             return router_refusal(refusal(decision))
         stack = contextlib.AsyncExitStack()
@@ -131,13 +135,13 @@ def create_app(
     def finish(outcome: Outcome, status: int, origin: str, began: float) -> None:
         m = state.metrics
         label = "ok" if status < 400 else ("busy" if status in (429, 503) else f"http_{status}")
-        m.requests.labels(outcome.model, label).inc()
+        m.requests.labels(outcome.label, label).inc()
         if status in (429, 503):
             m.backpressure.labels(origin).inc()
         duration = time.perf_counter() - began
-        m.duration.observe(duration)
+        m.duration.labels(outcome.label).observe(duration)
         if outcome.ttfb_s is not None:
-            m.ttfb.observe(outcome.ttfb_s)
+            m.ttfb.labels(outcome.label).observe(outcome.ttfb_s)
         log.info(
             "request",
             extra={
@@ -160,15 +164,24 @@ def create_app(
             {"ready": ready, "models": state.view.models()}, status_code=200 if ready else 503
         )
 
+    async def health_probe(_: Request) -> Response:
+        """For load balancers and peer routers: 200 once the router knows the fleet."""
+        synced = state.follower.synced.is_set()
+        status = "draining" if state.draining else ("ok" if synced else "starting")
+        body = {"status": status, "workers": len(state.view.records)}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
     routes = [
         Route("/v1/chat/completions", guarded(completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/readyz", readyz),
+        Route("/health", health_probe),
         *ops_routes(metrics_registry, health),
     ]
     if dashboard_interval_s is not None:
         routes += dashboard_routes(
             state, authorized_page, unauthorized, interval_s=dashboard_interval_s
         )
-    return Starlette(routes=routes)
+    # Outermost, so even Starlette's own 500 carries the request id.
+    return RequestIds(Starlette(routes=routes))

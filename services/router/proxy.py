@@ -12,6 +12,8 @@ from starlette.responses import Response
 
 from schemas.codec import error_event
 from services.common.http import GuardedStream, error_response
+from services.common.request_id import HEADER as REQUEST_ID
+from services.common.request_id import current_request_id
 from services.router.core import (
     Choice,
     NoReplica,
@@ -36,11 +38,21 @@ def router_refusal(r: Refusal) -> Response:
     return error_response(r.status, r.message, r.type, r.code, r.param, headers)
 
 
+def upstream_headers() -> dict[str, str]:
+    """The worker keeps the client's request id, so both services' log lines share it."""
+    headers = {"Content-Type": "application/json"}
+    rid = current_request_id()
+    if rid is not None:
+        headers[REQUEST_ID] = rid
+    return headers
+
+
 class Outcome:
     """What happened to one request, for the canonical log line and metrics."""
 
     def __init__(self, model: str) -> None:
         self.model = model
+        self.label = model  # its metrics label: UNKNOWN when no worker serves the model
         self.worker = ""
         self.attempts = 0
         self.status = 0
@@ -113,7 +125,7 @@ class Proxy:
                     decision.url + path,
                     data=body,
                     timeout=self.timeout,
-                    headers={"Content-Type": "application/json"},
+                    headers=upstream_headers(),
                 )
             except CONNECTION_ERRORS as exc:
                 log.warning("upstream %s unreachable: %r", decision.worker_id, exc)

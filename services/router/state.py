@@ -27,39 +27,54 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 
 
 class RouterMetrics:
+    """`model` labels are models the fleet serves (or "unknown"): clients cannot mint them."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "router_requests_total", "Requests by outcome.", ["model", "outcome"], registry=registry
+            "switchboard_router_requests_total",
+            "Requests by outcome.",
+            ["model", "outcome"],
+            registry=registry,
         )
         self.duration = Histogram(
-            "router_request_duration_seconds", "Whole request.", buckets=BUCKETS, registry=registry
+            "switchboard_router_request_duration_seconds",
+            "Whole request.",
+            ["model"],
+            buckets=BUCKETS,
+            registry=registry,
         )
         self.ttfb = Histogram(
-            "router_time_to_first_byte_seconds",
+            "switchboard_router_time_to_first_byte_seconds",
             "Until the first body byte.",
+            ["model"],
             buckets=BUCKETS,
             registry=registry,
         )
         self.retries = Counter(
-            "router_upstream_retries_total",
+            "switchboard_router_upstream_retries_total",
             "Retries on another replica.",
             ["reason"],
             registry=registry,
         )
         self.backpressure = Counter(
-            "router_backpressure_total", "503/429 sent to clients.", ["origin"], registry=registry
+            "switchboard_router_backpressure_total",
+            "503/429 sent to clients.",
+            ["origin"],
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "router_queue_depth", "Gateway queue.", ["model"], registry=registry
+            "switchboard_router_queue_depth", "Gateway queue.", ["model"], registry=registry
         )
         self.in_flight = Gauge(
-            "router_in_flight", "Requests in flight.", ["model"], registry=registry
+            "switchboard_router_in_flight", "Requests in flight.", ["model"], registry=registry
         )
         self.stale = Gauge(
-            "router_stale_heartbeats", "Ready workers with stale heartbeats.", registry=registry
+            "switchboard_router_stale_heartbeats",
+            "Ready workers with stale heartbeats.",
+            registry=registry,
         )
         self.dashboard_viewers = Gauge(
-            "router_dashboard_viewers", "Open /dashboard live feeds.", registry=registry
+            "switchboard_router_dashboard_viewers", "Open /dashboard live feeds.", registry=registry
         )
         self.bus = BusMetrics(registry, "router")
 

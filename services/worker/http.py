@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from schemas import codec
 from schemas.inference import (
@@ -24,11 +26,20 @@ from schemas.inference import (
     ModelList,
     SamplingFields,
 )
+from schemas.load import ModelLoad
 from services.common.gate import Gate, Rejected
 from services.common.http import GuardedStream, HealthCheck, error_response, ops_routes, read_capped
+from services.common.request_id import RequestIds
 from services.worker.engine import Engine, EngineError, Job, SamplingParams
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, usage
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHealth(msgspec.Struct, frozen=True, kw_only=True):
+    status: str  # "ready" | "draining"
+    models: tuple[ModelLoad, ...]
 
 
 class ServedModel:
@@ -200,6 +211,7 @@ class WorkerApi:
             model=req.model,
         )
         stack = contextlib.AsyncExitStack()
+        arrived = time.perf_counter()
         try:
             await stack.enter_async_context(served.gate.slot())
         except Rejected as rejected:
@@ -208,22 +220,37 @@ class WorkerApi:
         started = time.perf_counter()
         job = engine.start(prompt, params)
 
-        async def cleanup() -> None:
+        async def cleanup(status: int = 200) -> None:
+            finished = job.finished  # False: stopped early (the client left)
             job.cancel()  # a no-op when it already finished; frees the engine slot when not
-            self.metrics.observe_done(
-                req.model, time.perf_counter() - started, job.completion_tokens
-            )
+            duration = time.perf_counter() - started
+            self.metrics.observe_done(req.model, duration, job.completion_tokens)
             await stack.aclose()
+            log.info(
+                "request",
+                extra={
+                    "status": status,
+                    "model": req.model,
+                    "stream": bool(req.stream),
+                    "prompt_tokens": job.prompt_tokens,
+                    "completion_tokens": job.completion_tokens,
+                    "finished": finished,
+                    "wait_ms": round((started - arrived) * 1000, 2),
+                    "duration_ms": round(duration * 1000, 2),
+                },
+            )
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return GuardedStream(
                 self._stream(job, shape, include_usage, started, req.model), cleanup
             )
+        response = Response(status_code=500)  # what the client gets if _collect itself fails
         try:
-            return await self._collect(request, job, shape, started, req.model)
+            response = await self._collect(request, job, shape, started, req.model)
+            return response
         finally:
-            await cleanup()
+            await cleanup(response.status_code)
 
     async def _stream(
         self, job: Job, shape: Shape, include_usage: bool, started: float, model: str
@@ -271,28 +298,39 @@ class WorkerApi:
         watch.cancel()
         try:
             text, reason = work.result()
-        except EngineError as exc:
-            raise ApiError(
+        except EngineError as exc:  # answered here, so the request's log line says 500
+            return ApiError(
                 500, f"generation failed: {exc}", "server_error", "engine_error"
-            ) from None
+            ).response()
         body = shape.full(text, reason, usage(job.prompt_tokens, job.completion_tokens))
         return Response(codec.encode(body), media_type="application/json")
+
+    async def health(self, _: Request) -> Response:
+        """Load per model, the numbers the heartbeat carries; 503 once draining. Peer routers
+        (sglang-router, vllm-router) probe this and take a worker only while it answers 200."""
+        draining = any(m.gate.core.draining for m in self.models.values())
+        body = WorkerHealth(
+            status="draining" if draining else "ready",
+            models=tuple(m.gate.core.load(name) for name, m in self.models.items()),
+        )
+        return Response(
+            codec.encode(body), status_code=503 if draining else 200, media_type="application/json"
+        )
 
     async def list_models(self, _: Request) -> Response:
         cards = [ModelCard(id=name) for name in sorted(self.models)]
         return Response(codec.encode(ModelList(data=cards)), media_type="application/json")
 
 
-def create_app(
-    api: WorkerApi, metrics_registry: CollectorRegistry, health: HealthCheck
-) -> Starlette:
+def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: HealthCheck) -> ASGIApp:
     def handled(
         fn: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
             try:
                 return await fn(request)
-            except ApiError as exc:
+            except ApiError as exc:  # refused before generating: the request's only log line
+                log.info("request", extra={"status": exc.status, "code": exc.code})
                 return exc.response()
 
         return wrapped
@@ -301,6 +339,8 @@ def create_app(
         Route("/v1/chat/completions", handled(api.chat), methods=["POST"]),
         Route("/v1/completions", handled(api.completions), methods=["POST"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
         *ops_routes(metrics_registry, health),
     ]
-    return Starlette(routes=routes)
+    # Outermost, so even Starlette's own 500 carries the request id.
+    return RequestIds(Starlette(routes=routes))

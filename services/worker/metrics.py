@@ -1,4 +1,4 @@
-"""Worker Prometheus metrics, built on a registry the shell gives it."""
+"""Worker Prometheus metrics, built on a registry the shell gives it; `model` is a served one."""
 
 from __future__ import annotations
 
@@ -10,33 +10,36 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.in_flight = Gauge(
-            "worker_in_flight", "Running requests.", ["model"], registry=registry
+            "switchboard_worker_in_flight", "Running requests.", ["model"], registry=registry
         )
         self.queue_depth = Gauge(
-            "worker_queue_depth", "Queued requests.", ["model"], registry=registry
+            "switchboard_worker_queue_depth", "Queued requests.", ["model"], registry=registry
         )
         self.rejections = Counter(
-            "worker_admission_rejections_total",
+            "switchboard_worker_admission_rejections_total",
             "Requests refused by admission.",
             ["model", "reason"],
             registry=registry,
         )
         self.duration = Histogram(
-            "worker_request_duration_seconds",
+            "switchboard_worker_request_duration_seconds",
             "Time holding a slot.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.ttft = Histogram(
-            "worker_time_to_first_token_seconds",
+            "switchboard_worker_time_to_first_token_seconds",
             "Admission to first token.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.tokens = Counter(
-            "worker_tokens_generated_total", "Completion tokens.", ["model"], registry=registry
+            "switchboard_worker_tokens_generated_total",
+            "Completion tokens.",
+            ["model"],
+            registry=registry,
         )
 
     def observe_done(self, model: str, duration_s: float, tokens: int) -> None:

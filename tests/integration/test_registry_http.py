@@ -100,8 +100,8 @@ async def test_admin_api_walk_with_token(nats_url: str, prefix: str) -> None:
         assert status == 200
         assert body["ok"] is True
         status, text, _ = await call(s, "GET", f"{base}/metrics")
-        assert 'registry_commands_total{op="register",outcome="conflict"} 1.0' in text
-        assert 'registry_events_total{type="worker.removed"} 1.0' in text
+        assert 'switchboard_registry_commands_total{op="register",outcome="conflict"} 1.0' in text
+        assert 'switchboard_registry_events_total{type="worker.removed"} 1.0' in text
         assert "registry_seq" in text
 
 

@@ -289,3 +289,19 @@ async def test_worker_killed_mid_stream(bus: Bus, nats_url: str, prefix: str) ->
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
                 await proc.wait()
+
+
+async def test_health_is_200_once_the_fleet_is_known_and_503_when_draining(
+    nats_url: str, prefix: str
+) -> None:
+    async with (
+        fleet(nats_url, prefix, [{}], api_keys=("k",)) as (router, _),
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(router.url + "/health") as resp:  # probes carry no API key
+            assert resp.status == 200
+            assert await resp.json() == {"status": "ok", "workers": 1}
+        router.state.drain()
+        async with s.get(router.url + "/health") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "draining"

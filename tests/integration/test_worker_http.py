@@ -7,12 +7,14 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 
 from schemas.inference import ChatMessage
 from tests.helpers import assert_error_envelope, eventually, post
 from tests.integration.fleet_fixtures import running_worker
+from tests.integration.registry_fixtures import running_registry
 
 pytestmark = pytest.mark.integration
 
@@ -61,10 +63,9 @@ async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix
         assert (gate.core.in_flight, gate.core.queue_depth) == (0, 0)
         async with s.get(w.url + "/metrics") as resp:
             text = await resp.text()
-        assert (
-            'worker_admission_rejections_total{model="sim-model",reason="queue_full"} 1.0' in text
-        )
-        assert 'worker_admission_rejections_total{model="sim-model",reason="timeout"} 2.0' in text
+        rejections = "switchboard_worker_admission_rejections_total"
+        assert f'{rejections}{{model="sim-model",reason="queue_full"}} 1.0' in text
+        assert f'{rejections}{{model="sim-model",reason="timeout"}} 2.0' in text
 
 
 async def test_burst_of_200_mixed_requests_leaves_no_slot_behind(
@@ -243,3 +244,42 @@ async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str)
         models = await client.models.list()
         assert sorted(m.id for m in models.data) == ["alpha", "beta"]
         await client.close()
+
+
+async def test_health_reports_the_heartbeats_load_and_503_once_draining(
+    nats_url: str, prefix: str
+) -> None:
+    async with (
+        running_registry(nats_url, prefix),
+        running_worker(
+            nats_url, prefix, max_in_flight=1, max_queue_depth=3, sim_tokens_per_s=20.0
+        ) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        gate = w.models["sim-model"].gate
+        busy = [asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=20))) for _ in "ab"]
+        await eventually(lambda: (gate.core.in_flight, gate.core.queue_depth) == (1, 1))
+        async with s.get(w.url + "/health") as resp:
+            assert resp.status == 200
+            health = await resp.json()
+        assert health == {
+            "status": "ready",
+            "models": [
+                {
+                    "id": "sim-model",
+                    "in_flight": 1,
+                    "queue_depth": 1,
+                    "max_in_flight": 1,
+                    "max_queue_depth": 3,
+                }
+            ],
+        }
+        # the same numbers the heartbeat carries
+        assert health["models"] == list(msgspec.to_builtins(w.lifecycle.load().models))
+        await asyncio.gather(*busy)
+        gate.drain()
+        async with s.get(w.url + "/health") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "draining"
+        async with s.get(w.url + "/healthz") as resp:  # liveness is another question
+            assert resp.status == 200

@@ -1,0 +1,55 @@
+"""Request ids: keep the caller's x-request-id (made safe) or make one; echo it; log with it."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.logging import request_id
+
+HEADER = "x-request-id"
+MAX_CHARS = 128
+# What survives of a client's id: enough for uuids, ULIDs, trace ids and base64; nothing that
+# could end a header or a log line, or open an escape sequence.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/+=@-]")
+_HEADER_BYTES = HEADER.encode()
+
+
+def safe_request_id(given: str | None) -> str:
+    """The client's id with unsafe characters removed and cut to MAX_CHARS; new if none is left."""
+    kept = _UNSAFE.sub("", given[: MAX_CHARS * 4])[:MAX_CHARS] if given else ""
+    return kept or uuid.uuid4().hex
+
+
+def current_request_id() -> str | None:
+    return request_id.get()
+
+
+class RequestIds:
+    """ASGI middleware: sets the request id for the request's log lines and echoes it on the
+    response, whichever route answered (errors and streams included)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == _HEADER_BYTES), None)
+        rid = safe_request_id(None if given is None else given.decode("latin-1"))
+        echoed = (_HEADER_BYTES, rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != _HEADER_BYTES]
+                message = {**message, "headers": [*headers, echoed]}
+            await send(message)
+
+        token = request_id.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
