@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -15,17 +15,37 @@ from schemas.registry import CommandReply, RegistryEvent, RegistrySnapshot
 
 T = TypeVar("T")
 
-_encoder = msgspec.json.Encoder()
-registry_event_decoder = msgspec.json.Decoder(Envelope[RegistryEvent])
-load_decoder = msgspec.json.Decoder(Envelope[WorkerLoad])
-capacity_view_decoder = msgspec.json.Decoder(Envelope[CapacityView])
-capacity_decoder = msgspec.json.Decoder(CapacityView)
-snapshot_decoder = msgspec.json.Decoder(RegistrySnapshot)
-command_reply_decoder = msgspec.json.Decoder(CommandReply)
-# The operator's view decodes any envelope without knowing its body type.
-any_envelope_decoder = msgspec.json.Decoder(Envelope[Any])
-
 DecodeError: tuple[type[Exception], ...] = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def _too_deep() -> msgspec.DecodeError:
+    # msgspec recurses once per nesting level and gives up with RecursionError when the stack
+    # runs out (about 1,000 levels: a 2 KB body). That is bad input like any other, not a crash.
+    return msgspec.DecodeError("JSON is nested too deeply")
+
+
+class Decoder(Generic[T]):
+    """msgspec's typed JSON decoder, built once; nesting too deep is a DecodeError like the rest."""
+
+    def __init__(self, type_: Any) -> None:  # Any: unions and generic aliases are types here too
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(type_)
+
+    def decode(self, data: bytes | str) -> T:
+        try:
+            return self._decoder.decode(data)
+        except RecursionError:
+            raise _too_deep() from None
+
+
+_encoder = msgspec.json.Encoder()
+registry_event_decoder: Decoder[Envelope[RegistryEvent]] = Decoder(Envelope[RegistryEvent])
+load_decoder: Decoder[Envelope[WorkerLoad]] = Decoder(Envelope[WorkerLoad])
+capacity_view_decoder: Decoder[Envelope[CapacityView]] = Decoder(Envelope[CapacityView])
+capacity_decoder: Decoder[CapacityView] = Decoder(CapacityView)
+snapshot_decoder: Decoder[RegistrySnapshot] = Decoder(RegistrySnapshot)
+command_reply_decoder: Decoder[CommandReply] = Decoder(CommandReply)
+# The operator's view decodes any envelope without knowing its body type.
+any_envelope_decoder: Decoder[Envelope[Any]] = Decoder(Envelope[Any])
 
 
 def encode(value: object) -> bytes:
@@ -35,7 +55,10 @@ def encode(value: object) -> bytes:
 
 def decode(data: bytes | str, type_: type[T]) -> T:
     """Decode JSON into `type_`; raises msgspec.DecodeError / ValidationError on bad input."""
-    return msgspec.json.decode(data, type=type_)
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except RecursionError:
+        raise _too_deep() from None
 
 
 _FIELD = re.compile(r"at `\$\.(\w+)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from services.common.admission import Admission, AdmissionLimits, Busy, Queued
 
@@ -14,6 +14,10 @@ class Rejected(Exception):
     def __init__(self, busy: Busy) -> None:
         super().__init__(f"busy: {busy.reason}")
         self.busy = busy
+
+
+class Abandoned(Exception):
+    """The client left while its request waited in the queue; its place is already given back."""
 
 
 class Gate:
@@ -34,15 +38,19 @@ class Gate:
         self.idle.set()
 
     @contextlib.asynccontextmanager
-    async def slot(self, priority: int = 0) -> AsyncIterator[None]:
-        """Hold a running slot for the body; raises Rejected when there is no room."""
+    async def slot(
+        self, priority: int = 0, gone: Callable[[], Awaitable[object]] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold a running slot for the body; raises Rejected when there is no room.
+
+        gone: returns once the client has left; watched only while queued (then Abandoned)."""
         decision = self.core.request(self.clock(), priority)
         if isinstance(decision, Busy):
             raise Rejected(decision)
         ticket = decision.ticket
         self._changed()
         if isinstance(decision, Queued):
-            await self._wait(ticket)
+            await self._wait(ticket, gone)
         started = self.clock()
         failed = True
         try:
@@ -53,13 +61,19 @@ class Gate:
             self._admit(self.core.release(ticket, None if failed else self.clock() - started))
             self._changed()
 
-    async def _wait(self, ticket: int) -> None:
+    async def _wait(self, ticket: int, gone: Callable[[], Awaitable[object]] | None) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = future
         self._arm_timer()
+        # A task only for requests that queue: the common admitted-at-once path stays task-free.
+        watcher = None if gone is None else asyncio.ensure_future(gone())
+        if watcher is not None:
+            watcher.add_done_callback(lambda w: _abandon(future, w))
         try:
             await future
-        except asyncio.CancelledError:
+            if watcher is not None and watcher.done() and not watcher.cancelled():
+                raise Abandoned()  # admitted in the same instant the client left
+        except (asyncio.CancelledError, Abandoned):
             if ticket in self.core.running:  # admitted just as the client left: give it back
                 self._admit(self.core.release(ticket))
             else:
@@ -68,6 +82,8 @@ class Gate:
             raise
         finally:
             self._waiters.pop(ticket, None)
+            if watcher is not None:
+                watcher.cancel()
 
     def _admit(self, tickets: list[int]) -> None:
         for ticket in tickets:
@@ -110,3 +126,11 @@ class Gate:
     def drain(self) -> None:
         """Refuse newcomers from now on; running and queued requests still complete."""
         self.core.draining = True
+
+
+def _abandon(waiter: asyncio.Future[None], watcher: asyncio.Future[object]) -> None:
+    """The client-gone watcher finished: wake the waiter with Abandoned unless it moved on."""
+    if not watcher.cancelled():
+        watcher.exception()  # retrieved, so a failed watcher is not logged as never retrieved
+        if not waiter.done():
+            waiter.set_exception(Abandoned())

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -28,7 +28,13 @@ from schemas.registry import (
     WorkerSpec,
     WorkerStatus,
 )
-from services.common.http import HealthCheck, error_response, ops_routes, read_capped
+from services.common.http import (
+    ENVELOPE_ERRORS,
+    HealthCheck,
+    error_response,
+    ops_routes,
+    read_capped,
+)
 
 Dispatch = Callable[[str, Any], Awaitable[CommandReply]]
 
@@ -73,7 +79,10 @@ def to_response(result: CommandReply, created_status: int = 200) -> Response:
 
 
 async def read_json(request: Request, type_: type[Any], limit: int) -> Any:
-    body = await read_capped(request, limit)
+    try:
+        body = await read_capped(request, limit)
+    except ClientDisconnect:  # left mid-body: answered for form's sake, nobody reads it
+        raise BadRequest(499, "client left before sending the whole body") from None
     if body is None:
         raise BadRequest(413, f"request body larger than {limit} bytes")
     try:
@@ -173,4 +182,4 @@ def create_app(
         Route("/workers/{worker_id}", guarded(item), methods=["GET", "PUT", "PATCH", "DELETE"]),
         *ops_routes(metrics_registry, health),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers=ENVELOPE_ERRORS)

@@ -2,12 +2,14 @@
 
 Every write is a KV create or an update/delete at the revision we last saw, so two registry
 processes can never both claim one URL or silently overwrite each other's record: the loser gets
-StoreConflict, reloads, and retries.
+StoreConflict, reloads, and retries. Nothing is sent while NATS is disconnected (StoreUnavailable):
+nats-py would buffer it and send it after the reconnect, long after the caller gave up.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -47,18 +49,29 @@ class UrlTaken(StoreConflict):
     """Another live worker holds this URL in KV (our in-memory view was stale)."""
 
 
+class StoreUnavailable(Exception):
+    """NATS is disconnected: the operation was refused before it sent anything more."""
+
+
 class RegistryStore:
-    def __init__(self, kv: KV) -> None:
+    def __init__(self, kv: KV, online: Callable[[], bool] = lambda: True) -> None:
         self.kv = kv
+        self.online = online
         self.revs: dict[str, int] = {}  # key -> the KV revision we last read or wrote
         self.meta = SequenceMeta(epoch=0, seq=0)
 
     @classmethod
     async def open(cls, bus: Bus, bucket: str, *, replicas: int = 1) -> RegistryStore:
-        return cls(await bus.key_value(bucket, history=1, replicas=replicas))
+        kv = await bus.key_value(bucket, history=1, replicas=replicas)
+        return cls(kv, online=lambda: bus.connected)
+
+    def _check_online(self) -> None:
+        if not self.online():
+            raise StoreUnavailable("not connected to NATS")
 
     async def load(self) -> list[WorkerRecord]:
         """Read every record and the sequence position; start a new epoch if there is none."""
+        self._check_online()
         self.revs = {}
         try:
             keys = await self.kv.keys()
@@ -96,6 +109,7 @@ class RegistryStore:
     async def reserve(self, count: int) -> int:
         """Advance the persisted seq by count; return the first reserved seq."""
         for _ in range(10):
+            self._check_online()
             new = SequenceMeta(epoch=self.meta.epoch, seq=self.meta.seq + count)
             try:
                 self.revs[META_KEY] = await self.kv.update(
@@ -113,6 +127,7 @@ class RegistryStore:
 
     async def apply(self, writes: tuple[Write, ...]) -> None:
         for write in writes:
+            self._check_online()
             match write:
                 case ClaimUrl(url=url, worker_id=worker_id):
                     await self._claim(url_key(url), worker_id)
@@ -135,6 +150,7 @@ class RegistryStore:
 
     async def _claim(self, key: str, worker_id: str) -> None:
         for _ in range(3):
+            self._check_online()
             try:
                 self.revs[key] = await self.kv.create(key, worker_id.encode())
                 return

@@ -1,4 +1,4 @@
-"""Router config: ingress bind, API keys, body cap, upstream timeouts, retries, gateway queue."""
+"""Router config: ingress, API keys, priority caps, body cap, timeouts, retries, gateway queue."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     reuse_port: bool = True
     # Empty: no auth. Otherwise every /v1/* request needs "Authorization: Bearer <one of these>".
     api_keys: tuple[str, ...] = ()
+    # The highest x-switchboard-priority a request may ask for (higher asks are clamped to it),
+    # so no key jumps other keys' queues unless an operator grants it: key_max_priority maps an
+    # API key to its own cap (ROUTER_KEY_MAX_PRIORITY=k1=5,k2=10). Lower priorities: always.
+    max_priority: int = 0
+    key_max_priority: dict[str, int] = msgspec.field(default_factory=dict)
     request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=256 << 20)] = 4 << 20
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
@@ -40,6 +45,13 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     dashboard: bool = True
     # At most one dashboard update per this many seconds per viewer, however busy the fleet.
     dashboard_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # A cap for a key nobody checks would let any client claim it by sending that token.
+        unknown = set(self.key_max_priority) - set(self.api_keys)
+        if unknown:
+            raise ValueError(f"key_max_priority names {len(unknown)} key(s) not in api_keys")
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> RouterConfig:

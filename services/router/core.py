@@ -242,6 +242,20 @@ def gateway_busy(model: str, reason: str, retry_after_s: int) -> Refusal:
     )
 
 
+class PriorityCaps(msgspec.Struct, frozen=True, kw_only=True):
+    """The highest x-switchboard-priority a request may ask for, per API key.
+
+    A higher ask is clamped, not refused: priority is a scheduling hint, and a client that sends
+    one header value under several keys should still be served, just not ahead of its grant."""
+
+    default: int = 0
+    per_key: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def allowed(self, asked: int, key: str | None) -> int:
+        cap = self.default if key is None else self.per_key.get(key, self.default)
+        return min(asked, cap)
+
+
 class RetryBudget:
     """Retries may add at most `ratio` of the request volume (plus a small floor), so a fleet in
     trouble is not hit by a retry storm. Each request deposits `ratio`; each retry costs 1."""

@@ -11,18 +11,18 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from schemas import codec
 from schemas.inference import ModelCard, ModelList
-from services.common.gate import Rejected
-from services.common.http import HealthCheck, ops_routes, read_capped
+from services.common.gate import Abandoned, Rejected
+from services.common.http import ENVELOPE_ERRORS, HealthCheck, ops_routes, read_capped
 from services.common.metrics import UNKNOWN
 from services.common.request_id import RequestIds
-from services.router.core import Refusal, UnknownModel, gateway_busy, refusal
+from services.router.core import PriorityCaps, Refusal, UnknownModel, gateway_busy, refusal
 from services.router.dashboard import dashboard_routes
 from services.router.proxy import Outcome, Proxy, router_refusal
 from services.router.state import RouterState
@@ -54,20 +54,26 @@ def create_app(
     metrics_registry: CollectorRegistry,
     health: HealthCheck,
     dashboard_interval_s: float | None = 0.25,
+    priority_caps: PriorityCaps | None = None,
 ) -> ASGIApp:
     """dashboard_interval_s None: no /dashboard."""
     keys = [k.encode() for k in api_keys]
+    caps = priority_caps or PriorityCaps()
 
     def key_matches(given: str) -> bool:
         # Compare against every key (no early exit) so timing says nothing about which matched.
         matches = [hmac.compare_digest(given.encode(), key) for key in keys]
         return any(matches)
 
+    def bearer(request: Request) -> str | None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return given if scheme.lower() == "bearer" else None
+
     def authorized(request: Request) -> bool:
         if not keys:
             return True
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and key_matches(given)
+        given = bearer(request)
+        return given is not None and key_matches(given)
 
     def authorized_page(request: Request) -> bool:
         """The dashboard also takes ?key=: a browser's EventSource cannot send headers."""
@@ -97,7 +103,10 @@ def create_app(
 
     async def completions(request: Request) -> Response:
         began = time.perf_counter()
-        body = await read_capped(request, body_limit)
+        try:
+            body = await read_capped(request, body_limit)
+        except ClientDisconnect:  # left mid-body: nobody to answer, and nothing broke here
+            return Response(status_code=499)
         if body is None:
             return bad_request(f"request body exceeds {body_limit} bytes", "request_too_large", 413)
         try:
@@ -107,9 +116,11 @@ def create_app(
         except msgspec.DecodeError as exc:
             return bad_request(f"malformed JSON body: {exc}", "invalid_json")
         try:
-            priority = int(request.headers.get("x-switchboard-priority", "0"))
+            asked = int(request.headers.get("x-switchboard-priority", "0"))
         except ValueError:
             return bad_request("x-switchboard-priority must be an integer", "invalid_value")
+        # Past guarded(): with keys configured the token is one of them (config ties caps to keys).
+        priority = caps.allowed(asked, bearer(request) if keys else None)
         model = fields.model
         outcome = Outcome(model)
         decision = state.view.choose(model, state.clock())
@@ -119,18 +130,27 @@ def create_app(
             return router_refusal(refusal(decision))
         stack = contextlib.AsyncExitStack()
         try:
-            await stack.enter_async_context(state.gate(model).slot(priority))
+            gate = state.gate(model)
+            await stack.enter_async_context(gate.slot(priority, lambda: client_gone(request)))
         except Rejected as rejected:
             finish(outcome, 503, "router", began)
             return router_refusal(
                 gateway_busy(model, rejected.busy.reason, rejected.busy.retry_after_s)
             )
+        except Abandoned:  # left while queued: its place is free and no worker sees it
+            finish(outcome, 499, "router", began)
+            return Response(status_code=499)
 
         async def release() -> None:
             await stack.aclose()
             finish(outcome, outcome.status, outcome.origin, began)
 
         return await proxy.forward(request.url.path, body, model, outcome, release)
+
+    async def client_gone(request: Request) -> None:
+        # The body is read already, so only a disconnect can end this (uvicorn repeats it).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     def finish(outcome: Outcome, status: int, origin: str, began: float) -> None:
         m = state.metrics
@@ -184,4 +204,4 @@ def create_app(
             state, authorized_page, unauthorized, interval_s=dashboard_interval_s
         )
     # Outermost, so even Starlette's own 500 carries the request id.
-    return RequestIds(Starlette(routes=routes))
+    return RequestIds(Starlette(routes=routes, exception_handlers=ENVELOPE_ERRORS))

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -28,7 +28,14 @@ from schemas.inference import (
 )
 from schemas.load import ModelLoad
 from services.common.gate import Gate, Rejected
-from services.common.http import GuardedStream, HealthCheck, error_response, ops_routes, read_capped
+from services.common.http import (
+    ENVELOPE_ERRORS,
+    GuardedStream,
+    HealthCheck,
+    error_response,
+    ops_routes,
+    read_capped,
+)
 from services.common.request_id import RequestIds
 from services.worker.engine import Engine, EngineError, Job, SamplingParams
 from services.worker.metrics import WorkerMetrics
@@ -90,7 +97,12 @@ def busy_error(rejected: Rejected, model: str) -> ApiError:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    body = await read_capped(request, limit)
+    try:
+        body = await read_capped(request, limit)
+    except ClientDisconnect:  # left mid-body: answered for the log line only, nobody reads it
+        raise ApiError(
+            499, "client left before sending the whole body", "invalid_request_error", "client_gone"
+        ) from None
     if body is None:
         raise ApiError(
             413, f"request body exceeds {limit} bytes", "invalid_request_error", "request_too_large"
@@ -343,4 +355,4 @@ def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: Heal
         *ops_routes(metrics_registry, health),
     ]
     # Outermost, so even Starlette's own 500 carries the request id.
-    return RequestIds(Starlette(routes=routes))
+    return RequestIds(Starlette(routes=routes, exception_handlers=ENVELOPE_ERRORS))

@@ -18,7 +18,9 @@ from schemas.inference import ChatMessage
 from services.worker.engine import CANCELLED, Chunk, EngineLimits, Job, SamplingParams
 from services.worker.stops import StopScanner
 
-_TOKEN = re.compile(r"\s*\S+")
+# One token per run of non-space. Not \s*\S+ (same count): on a long run of whitespace it
+# retries from every position, quadratic, and a 100 KB all-space prompt stalled the worker.
+_TOKEN = re.compile(r"\S+")
 _WORDS = tuple(
     [
         "the",

@@ -20,7 +20,8 @@ from schemas.registry import WorkerStatus
 from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.common.seq import Sequencer
-from tests.helpers import eventually, free_port, post
+from services.worker.config import DEFAULT_PRINCIPAL
+from tests.helpers import assert_error_envelope, eventually, free_port, post
 from tests.integration.fleet_fixtures import (
     fleet,
     running_capacity,
@@ -120,7 +121,8 @@ async def test_refused_request_is_retried_on_a_replica_with_room(
             heartbeat_interval_s=5.0,
         )
         env = Sequencer(first.worker_id, epoch=time.time_ns()).stamp(lie, time.time())
-        await bus.publish(Subjects.for_prefix(prefix).load(first.worker_id), codec.encode(env))
+        subject = Subjects.for_prefix(prefix).load(DEFAULT_PRINCIPAL, first.worker_id)
+        await bus.publish(subject, codec.encode(env))
         await eventually(lambda: router.state.view.score(first.worker_id, "sim-model") == 0)
         status, _data, _headers = await post(s, router.url + CHAT, body())
         assert status == 200
@@ -305,3 +307,6 @@ async def test_health_is_200_once_the_fleet_is_known_and_503_when_draining(
         async with s.get(router.url + "/health") as resp:
             assert resp.status == 503
             assert (await resp.json())["status"] == "draining"
+        async with s.get(router.url + "/v1/chat/completions") as resp:  # 405, in the envelope
+            assert resp.status == 405
+            assert_error_envelope(await resp.json(), "method_not_allowed")

@@ -283,3 +283,6 @@ async def test_health_reports_the_heartbeats_load_and_503_once_draining(
             assert (await resp.json())["status"] == "draining"
         async with s.get(w.url + "/healthz") as resp:  # liveness is another question
             assert resp.status == 200
+        async with s.get(w.url + "/v1/nope") as resp:  # Starlette's own 404, in the envelope
+            assert resp.status == 404
+            assert_error_envelope(await resp.json(), "not_found")

@@ -83,3 +83,21 @@ def test_cross_checks_fail_naming_the_field(env: dict[str, str], needle: str) ->
 def test_empty_optional_means_none() -> None:
     assert load_config(DemoConfig, "demo", [], {"DEMO_TOKEN": ""}).token is None
     assert load_config(DemoConfig, "demo", [], {"DEMO_TOKEN": "s3cret"}).token == "s3cret"
+
+
+def test_http_limits_come_from_each_services_config() -> None:
+    from services.common.http_limits import HttpLimits
+    from services.router import config as router_config
+
+    env = {
+        "ROUTER_HTTP_HEADER_TIMEOUT_S": "2.5",
+        "ROUTER_HTTP_BODY_IDLE_TIMEOUT_S": "7",
+        "ROUTER_HTTP_MAX_CONNECTIONS": "100",
+        "ROUTER_HTTP_MAX_HEAD_BYTES": "8192",
+    }
+    limits = HttpLimits.of(router_config.load([], env))
+    assert limits == HttpLimits(
+        header_timeout_s=2.5, body_idle_timeout_s=7.0, max_connections=100, max_head_bytes=8192
+    )
+    with pytest.raises(ConfigError, match="http_max_connections"):
+        router_config.load([], {"ROUTER_HTTP_MAX_CONNECTIONS": "0"})

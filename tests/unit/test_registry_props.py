@@ -18,7 +18,7 @@ from schemas.registry import (
     WorkerStatusChanged,
 )
 from services.common.seq import Sequencer, SequenceTracker
-from services.registry.core import RegistryState
+from services.registry.core import Outcome, RegistryState
 
 URLS = [f"http://h{i}:8000" for i in range(4)]
 MODELS = ["a", "b", "c"]
@@ -40,26 +40,41 @@ ops = st.one_of(
 )
 
 
-def apply(state: RegistryState, op: tuple[Any, ...], now: float) -> list[RegistryEvent]:
+def plan(state: RegistryState, op: tuple[Any, ...], now: float) -> Outcome:
     match op:
         case ("register", spec, new_id):
-            return list(state.register(spec, new_id, now).events)
+            return state.register(spec, new_id, now)
         case ("upsert", spec, new_id):
-            return list(state.upsert(spec, new_id, now).events)
+            return state.upsert(spec, new_id, now)
         case ("replace", worker_id, spec):
-            return list(state.replace(worker_id, spec, now).events)
+            return state.replace(worker_id, spec, now)
         case ("set_status", worker_id, status):
-            return list(state.set_status(worker_id, status).events)
+            return state.set_status(worker_id, status)
         case ("remove", worker_id):
-            return list(state.remove(worker_id).events)
+            return state.remove(worker_id)
         case ("heartbeat", worker_id, status):
-            return list(state.heartbeat(worker_id, status, now).events)
-        case ("expire", ttl):
-            events: list[RegistryEvent] = []
-            for worker_id in state.expired(now, ttl):
-                events += state.expire_one(worker_id).events
-            return events
+            return state.heartbeat(worker_id, status, now)
+        case ("expire_one", worker_id, ttl):
+            return state.expire_one(worker_id, now, ttl)
     raise AssertionError(op)
+
+
+def snapshot(state: RegistryState) -> tuple[Any, ...]:
+    models = {m: set(ids) for m, ids in state.model_index.items()}
+    return dict(state.records), dict(state.url_index), models, dict(state.last_heartbeat)
+
+
+def apply(state: RegistryState, op: tuple[Any, ...], now: float) -> list[RegistryEvent]:
+    """Plan (which must change nothing), then commit, as the shell does after its KV writes."""
+    if op[0] == "expire":
+        events: list[RegistryEvent] = []
+        for worker_id in state.expired(now, op[1]):
+            events += apply(state, ("expire_one", worker_id, op[1]), now)
+        return events
+    before = snapshot(state)
+    outcome = plan(state, op, now)
+    assert snapshot(state) == before
+    return list(state.commit(outcome).events)
 
 
 def check_invariants(state: RegistryState) -> None:
@@ -111,17 +126,11 @@ def test_random_operations_keep_invariants(sequence: list[tuple[Any, ...]]) -> N
 def test_errors_change_nothing(sequence: list[tuple[Any, ...]]) -> None:
     state = RegistryState()
     for step, op in enumerate(sequence):
-        before = (dict(state.records), dict(state.url_index))
-        if op[0] in ("register", "upsert"):
-            out = getattr(state, op[0])(op[1], op[2], float(step))
-        elif op[0] == "replace":
-            out = state.replace(op[1], op[2], float(step))
-        elif op[0] == "set_status":
-            out = state.set_status(op[1], op[2])
-        elif op[0] == "remove":
-            out = state.remove(op[1])
-        else:
+        if op[0] == "expire":
             continue
+        before = snapshot(state)
+        out = state.commit(plan(state, op, float(step)))
         if isinstance(out.reply, CommandError):
-            assert (state.records, state.url_index) == before
+            assert snapshot(state) == before
             assert out.events == ()
+            assert out.writes == ()

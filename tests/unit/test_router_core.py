@@ -1,12 +1,16 @@
-"""Router choice: least busy, ties by id, stale heartbeats, cooldown, suspects, burst spreading."""
+"""Router choice (least busy, ties by id, stale heartbeats, cooldown, suspects), priority caps."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
-from services.router.core import Choice, FleetView, NoReplica, UnknownModel
+from services.common.errors import ConfigError
+from services.router import config
+from services.router.core import Choice, FleetView, NoReplica, PriorityCaps, UnknownModel
 
 S = WorkerStatus
 
@@ -156,3 +160,36 @@ def test_dashboard_snapshot_shows_records_loads_ages_and_cooldowns() -> None:
     later = v.snapshot(110.0, None, {}, (7, 3), wall=0.0)
     assert not later.workers[0].fresh  # 12 s > 3 x 1 s interval
     assert not later.workers[1].cooling_down  # Retry-After passed
+
+
+@pytest.mark.parametrize(
+    ("asked", "key", "allowed"),
+    [
+        (0, None, 0),  # no header: 0, whoever asks
+        (5, None, 1),  # no API key (auth off): the default cap
+        (1, None, 1),  # exactly the cap
+        (-4, None, -4),  # going later than everyone is always allowed
+        (9, "plain", 1),  # a key without a grant: the default cap
+        (9, "vip", 7),  # a key's own cap, above the default
+        (6, "vip", 6),
+        (9, "low", -2),  # a cap below the default: even 0 is clamped
+        (-5, "low", -5),
+    ],
+)
+def test_priority_is_clamped_to_the_keys_cap(asked: int, key: str | None, allowed: int) -> None:
+    caps = PriorityCaps(default=1, per_key={"vip": 7, "low": -2})
+    assert caps.allowed(asked, key) == allowed
+
+
+def test_priority_caps_come_from_config_and_name_only_known_keys() -> None:
+    env = {
+        "ROUTER_API_KEYS": "k1,k2",
+        "ROUTER_MAX_PRIORITY": "2",
+        "ROUTER_KEY_MAX_PRIORITY": "k1=10",
+    }
+    cfg = config.load([], env)
+    assert (cfg.max_priority, cfg.key_max_priority) == (2, {"k1": 10})
+    assert config.load([], {}).max_priority == 0  # by default nobody jumps the queue
+    with pytest.raises(ConfigError, match="key_max_priority names 1 key") as err:
+        config.load([], {**env, "ROUTER_KEY_MAX_PRIORITY": "k1=10,secret-k3=5"})
+    assert "secret-k3" not in str(err.value)  # keys are secrets: never echoed

@@ -46,7 +46,8 @@ REC = WorkerRecord(
 )
 REC_JSON = (
     '{"id":"w1","url":"http://10.0.0.5:8000","models":["llama-3-8b"],"status":"ready",'
-    '"revision":2,"max_running_requests":256,"labels":{"zone":"a"},"registered_at":1700000000.5}'
+    '"revision":2,"max_running_requests":256,"labels":{"zone":"a"},"registered_at":1700000000.5,'
+    '"owner":""}'
 )
 REC2 = msgspec.structs.replace(REC, url="http://10.0.0.6:8000", models=("m2",), revision=3)
 REC2_JSON = REC_JSON.replace("10.0.0.5", "10.0.0.6").replace('"llama-3-8b"', '"m2"')
@@ -132,8 +133,8 @@ GOLDEN_OTHER: list[tuple[WireStruct, str, Any]] = [
         ErrorEnvelope,
     ),
     (
-        RegistrySnapshot(epoch=5, seq=9, workers=(REC,)),
-        f'{{"epoch":5,"seq":9,"workers":[{REC_JSON}]}}',
+        RegistrySnapshot(epoch=5, seq=9, workers=(REC,), heard_at={"w-1": 12.5}),
+        f'{{"epoch":5,"seq":9,"workers":[{REC_JSON}],"heard_at":{{"w-1":12.5}}}}',
         RegistrySnapshot,
     ),
     (
@@ -185,6 +186,13 @@ def test_structs_are_frozen() -> None:
         REC.url = "http://elsewhere:1"  # type: ignore[misc]
 
 
+def test_a_record_from_before_owners_is_an_operators() -> None:
+    old = REC_JSON.replace(',"owner":""', "")
+    assert '"owner"' not in old
+    assert codec.decode(old.encode(), WorkerRecord) == REC
+    assert REC.owner == ""
+
+
 def test_old_decoder_reads_message_with_new_field() -> None:
     """A newer registry adds a field; a consumer built against today's schema still decodes it."""
 
@@ -223,11 +231,35 @@ def test_old_decoder_reads_message_with_new_field() -> None:
         b'{"source":"r","epoch":1,"seq":-1,"sent_at":0,"body":{"type":"registry.beacon","last_seq":0}}',
         b'{"source":"r","epoch":1,"seq":1,"sent_at":0,"body":{"type":"worker.exploded"}}',
         b'{"source":"r","epoch":1,"seq":1,"sent_at":0}',
+        # nested past the stack in an unknown field, which msgspec walks to skip it
+        b'{"source":"r","x":' + b"[" * 5000 + b"]" * 5000 + b"}",
     ],
 )
 def test_bad_envelopes_raise_decode_errors(bad: bytes) -> None:
     with pytest.raises(codec.DecodeError):
         codec.registry_event_decoder.decode(bad)
+
+
+DEEP = 50_000  # a 2 KB body nested 1,000 deep already ran msgspec out of stack
+
+
+@pytest.mark.parametrize(
+    ("data", "type_"),
+    [
+        (b"[" * DEEP, Any),
+        (b"[" * DEEP + b"]" * DEEP, Any),
+        (b'{"a":' * DEEP + b"1" + b"}" * DEEP, dict[str, Any]),
+        (
+            b'{"model":"m","messages":[{"role":"user"}],"tools":' + b"[" * DEEP,
+            ChatCompletionRequest,
+        ),
+        (b'{"model":"m","prompt":"p","x_unknown":' + b'[{"a":' * DEEP, CompletionRequest),
+    ],
+    ids=["open", "closed", "objects", "known-field", "unknown-field"],
+)
+def test_nesting_too_deep_is_a_decode_error_naming_it(data: bytes, type_: Any) -> None:
+    with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
+        codec.decode(data, type_)
 
 
 @pytest.mark.parametrize(

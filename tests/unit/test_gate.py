@@ -1,0 +1,106 @@
+"""The async gate: a client that leaves while queued gives its place back at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.admission import AdmissionLimits
+from services.common.gate import Abandoned, Gate
+from tests.helpers import eventually
+
+
+def gate() -> Gate:
+    return Gate(AdmissionLimits(max_in_flight=1, max_queue_depth=4, max_wait_s=60.0))
+
+
+class Client:
+    """Stands in for the HTTP connection: gone() returns once leave() is called."""
+
+    def __init__(self) -> None:
+        self.left = asyncio.Event()
+        self.watched = self.unwatched = 0
+
+    async def gone(self) -> None:
+        self.watched += 1
+        try:
+            await self.left.wait()
+        except asyncio.CancelledError:
+            self.unwatched += 1
+            raise
+
+    def leave(self) -> None:
+        self.left.set()
+
+
+async def hold(g: Gate, client: Client, priority: int = 0) -> None:
+    async with g.slot(priority, client.gone):
+        await asyncio.Event().wait()  # until cancelled
+
+
+async def test_leaving_while_queued_frees_the_place_and_admits_nobody_in_its_stead() -> None:
+    g = gate()
+    running = asyncio.create_task(hold(g, Client()))
+    leaver = Client()
+    queued = asyncio.create_task(hold(g, leaver))
+    stays = asyncio.create_task(hold(g, Client()))
+    await asyncio.sleep(0)
+    assert (g.core.in_flight, g.core.queue_depth) == (1, 2)
+    leaver.leave()
+    with pytest.raises(Abandoned):
+        await queued
+    assert (g.core.in_flight, g.core.queue_depth) == (1, 1)
+    running.cancel()  # the next in line still gets the slot
+    await asyncio.sleep(0)
+    assert (g.core.in_flight, g.core.queue_depth) == (1, 0)
+    stays.cancel()
+    await asyncio.gather(running, stays, return_exceptions=True)
+    assert g.idle.is_set()
+
+
+async def test_admitted_at_once_never_watches_the_client() -> None:
+    g, client = gate(), Client()
+    async with g.slot(0, client.gone):
+        await asyncio.sleep(0)
+    assert client.watched == 0  # no task for a request that never queued
+
+
+async def test_admitted_in_the_instant_the_client_left_gives_the_slot_back() -> None:
+    g = gate()
+    first = asyncio.create_task(hold(g, Client()))
+    leaver = Client()
+    queued = asyncio.create_task(hold(g, leaver))
+    await asyncio.sleep(0)
+    first.cancel()  # admits the queued one...
+    leaver.leave()  # ...while its client leaves, before either wakes it
+    with pytest.raises(Abandoned):
+        async with asyncio.timeout(5):  # not admitted and left running for nobody
+            await queued
+    await asyncio.gather(first, return_exceptions=True)
+    assert (g.core.in_flight, g.core.queue_depth) == (0, 0)
+
+
+async def test_the_watch_ends_once_admitted() -> None:
+    g = gate()
+    first = asyncio.create_task(hold(g, Client()))
+    client = Client()
+    await asyncio.sleep(0)
+    admitted = asyncio.Event()
+
+    async def second() -> None:
+        async with g.slot(0, client.gone):
+            admitted.set()
+            await asyncio.sleep(0)
+            assert client.unwatched == 1  # nothing keeps reading the client's messages
+            client.leave()  # leaving now is the response's business, not the queue's
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(second())
+    await eventually(lambda: client.watched == 1)
+    assert g.core.queue_depth == 1
+    first.cancel()
+    await task  # no Abandoned: the watcher was cancelled when the slot came
+    assert admitted.is_set()
+    await asyncio.gather(first, return_exceptions=True)
+    assert g.idle.is_set()
