@@ -46,6 +46,9 @@ class WorkerRecord(WireStruct, frozen=True, kw_only=True):
     max_running_requests: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
     labels: LabelMap = msgspec.field(default_factory=dict)
     registered_at: float = 0.0
+    # The NATS user (principal) of the worker that registered it; "" = an operator or the admin
+    # API (and every record written before owners existed). Only its owner's heartbeats count.
+    owner: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 class WorkerRegistered(Event, frozen=True, kw_only=True, tag="worker.registered"):
@@ -97,9 +100,13 @@ class RegistrySnapshot(WireStruct, frozen=True, kw_only=True):
     epoch: Annotated[int, msgspec.Meta(ge=0)]
     seq: Seq
     workers: tuple[WorkerRecord, ...]
+    # worker id -> when this registry process last accepted a heartbeat from it (unix seconds):
+    # how long ago a dead worker was last heard, for `switchboard status`; empty after a restart
+    # until heartbeats come in.
+    heard_at: dict[WorkerId, float] = msgspec.field(default_factory=dict)
 
 
-# ---- commands (request/reply on <prefix>.registry.cmd.<op>) ----
+# ---- commands (request/reply on <prefix>.registry.cmd.<op>; workers: .registry.wcmd.<p>.<op>) ----
 
 
 class RegisterRequest(WireStruct, frozen=True, kw_only=True):
@@ -149,7 +156,8 @@ class ListRequest(WireStruct, frozen=True, kw_only=True):
     model: ModelId | None = None
 
 
-ErrorCode = Literal["conflict", "not_found", "invalid", "unavailable"]
+# forbidden: a worker's credential asked to touch a record that is not its own.
+ErrorCode = Literal["conflict", "not_found", "invalid", "unavailable", "forbidden"]
 
 
 class CommandOk(WireStruct, frozen=True, kw_only=True, tag_field="result", tag="ok"):
@@ -169,3 +177,12 @@ class CommandError(WireStruct, frozen=True, kw_only=True, tag_field="result", ta
 
 
 CommandReply = CommandOk | CommandError
+Command = (
+    RegisterRequest
+    | ReplaceRequest
+    | UpsertRequest
+    | SetStatusRequest
+    | RemoveRequest
+    | GetRequest
+    | ListRequest
+)

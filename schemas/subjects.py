@@ -1,7 +1,8 @@
 """Every NATS subject Switchboard uses, built from a prefix; the one place subject strings live.
 
 Ids that become subject tokens are validated here: no '.', '*', '>', whitespace, a leading '$'
-(reserved by NATS), or an empty token. No I/O.
+(reserved by NATS), or an empty token. A worker's subjects carry its principal (its NATS user), so
+nats-server's per-user permissions decide who may speak for whom. No I/O.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from schemas.base import WireStruct
 
 _BAD_TOKEN = re.compile(r"[.*>\s]")
 COMMAND_OPS = ("register", "replace", "upsert", "set_status", "remove", "get", "list")
+DEFAULT_INBOX = "_INBOX"
 
 
 class SubjectError(ValueError):
@@ -37,6 +39,12 @@ def prefix(value: str) -> str:
     for part in value.split("."):
         token(part, what="subject prefix token")
     return value
+
+
+def inbox_prefix(user: str) -> str:
+    """Replies to a connection of NATS user `user` arrive under this prefix (one per user, so a
+    credential may subscribe only to its own replies); no user: nats-py's default."""
+    return f"{DEFAULT_INBOX}_{token(user, what='NATS user')}" if user else DEFAULT_INBOX
 
 
 class Subjects(WireStruct, frozen=True, kw_only=True):
@@ -67,14 +75,45 @@ class Subjects(WireStruct, frozen=True, kw_only=True):
 
     @property
     def registry_cmd_all(self) -> str:
+        """Operators' commands (full rights over every record)."""
         return f"{self.prefix}.registry.cmd.*"
 
-    def load(self, worker_id: str) -> str:
-        return f"{self.prefix}.load.{token(worker_id, what='worker id')}"
+    def worker_cmd(self, principal: str, op: str) -> str:
+        """A worker's command: the registry lets `principal` change only its own records."""
+        self.registry_cmd(op)  # validates op
+        return f"{self._worker_cmd}.{token(principal, what='principal')}.{op}"
+
+    def worker_cmd_of(self, principal: str) -> str:
+        """Every command subject of one principal (what its NATS user may publish)."""
+        return f"{self._worker_cmd}.{token(principal, what='principal')}.*"
+
+    @property
+    def worker_cmd_all(self) -> str:
+        return f"{self._worker_cmd}.*.*"
+
+    def parse_worker_cmd(self, subject: str) -> tuple[str, str] | None:
+        """(principal, op) of a worker command subject, else None."""
+        return _two_tokens(subject, self._worker_cmd)
+
+    @property
+    def _worker_cmd(self) -> str:
+        return f"{self.prefix}.registry.wcmd"
+
+    def load(self, principal: str, worker_id: str) -> str:
+        """Heartbeats of worker_id, published by the NATS user `principal` that owns its record."""
+        return f"{self.load_of(principal)[:-1]}{token(worker_id, what='worker id')}"
+
+    def load_of(self, principal: str) -> str:
+        """Every heartbeat subject of one principal (what its NATS user may publish)."""
+        return f"{self.prefix}.load.{token(principal, what='principal')}.*"
 
     @property
     def load_all(self) -> str:
-        return f"{self.prefix}.load.*"
+        return f"{self.prefix}.load.*.*"
+
+    def parse_load(self, subject: str) -> tuple[str, str] | None:
+        """(principal, worker id) of a heartbeat subject, else None."""
+        return _two_tokens(subject, f"{self.prefix}.load")
 
     @property
     def capacity_view(self) -> str:
@@ -88,3 +127,11 @@ class Subjects(WireStruct, frozen=True, kw_only=True):
         """JetStream KV bucket names allow only [A-Za-z0-9_-]: dots in the prefix become '_'."""
         token(name, what="bucket name")
         return f"{self.prefix.replace('.', '_')}_{name}"
+
+
+def _two_tokens(subject: str, under: str) -> tuple[str, str] | None:
+    head, dot, rest = subject.partition(f"{under}.")
+    parts = rest.split(".")
+    if head or not dot or len(parts) != 2 or not all(parts):
+        return None
+    return parts[0], parts[1]

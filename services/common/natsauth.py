@@ -1,22 +1,38 @@
-"""Per-role NATS users and subject permissions, rendered as nats-server config. Pure, no I/O.
+"""NATS users and their subject permissions, rendered as nats-server config. Pure, no I/O.
 
-Least privilege per role: a worker may publish only its load heartbeats and registry commands and
-never touch JetStream (`$JS.API.>`) or KV (`$KV.>`) — a KV client with publish rights can wipe a
-bucket with a rollup header. Only the registry publishes registry events; only capacity
-publishes capacity views. Request/reply works through `allow_responses` and `_INBOX.>`.
+Least privilege per role: a worker may publish only its own heartbeats and its own registry
+commands (subjects that carry its user name, its principal) and never touch JetStream
+(`$JS.API.>`) or KV (`$KV.>`): a KV client with publish rights can wipe a bucket with a rollup
+header. Only the registry publishes registry events; only capacity publishes capacity views. Each
+user receives replies under its own inbox prefix (`_INBOX_<user>`), so no credential can read the
+replies meant for another; responses go out through `allow_responses`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from urllib.parse import quote
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote, unquote, urlsplit
+
+from schemas.subjects import Subjects, inbox_prefix, token
 
 ROLES = ("registry", "capacity", "worker", "router", "operator")
+# Users named after their role; every other user is a worker principal.
+SERVICE_USERS = ("registry", "capacity", "router", "operator")
+# docker-compose's users: one per worker service. The replicas of a scaled service share their
+# service's user, so they are one trust domain (each may change the others' records).
+COMPOSE_USERS = (*SERVICE_USERS, "worker", "worker-gpu")
 
 
-def permissions(role: str, prefix: str) -> dict[str, object]:
-    p = prefix
+def role_of(user: str) -> str:
+    return user if user in SERVICE_USERS else "worker"
+
+
+def permissions(role: str, prefix: str, user: str = "") -> dict[str, object]:
+    """The permissions of NATS user `user` (default: named after the role)."""
+    user = token(user or role, what="NATS user")
+    s = Subjects.for_prefix(prefix)
     kv = prefix.replace(".", "_")
 
     def js_kv(bucket: str) -> list[str]:
@@ -36,60 +52,76 @@ def permissions(role: str, prefix: str) -> dict[str, object]:
     table: dict[str, tuple[list[str], list[str]]] = {
         # role: (may publish, may subscribe)
         "registry": (
-            [f"{p}.registry.events", *js_kv("registry")],
-            [f"{p}.registry.cmd.*", f"{p}.registry.snapshot", f"{p}.load.*"],
+            [s.registry_events, *js_kv("registry")],
+            [s.registry_cmd_all, s.worker_cmd_all, s.registry_snapshot, s.load_all],
         ),
         "capacity": (
-            [f"{p}.capacity.view", f"{p}.registry.snapshot", *js_kv("capacity")],
-            [f"{p}.registry.events", f"{p}.capacity.snapshot"],
+            [s.capacity_view, s.registry_snapshot, *js_kv("capacity")],
+            [s.registry_events, s.capacity_snapshot],
         ),
-        "worker": ([f"{p}.load.*", f"{p}.registry.cmd.*"], []),
+        "worker": ([s.load_of(user), s.worker_cmd_of(user)], []),
         "router": (
-            [f"{p}.registry.snapshot", f"{p}.capacity.snapshot"],
-            [f"{p}.registry.events", f"{p}.load.*", f"{p}.capacity.view"],
+            [s.registry_snapshot, s.capacity_snapshot],
+            [s.registry_events, s.load_all, s.capacity_view],
         ),
         "operator": (
-            [f"{p}.registry.snapshot", f"{p}.capacity.snapshot", f"{p}.registry.cmd.*"],
-            [f"{p}.>"],
+            [s.registry_snapshot, s.capacity_snapshot, s.registry_cmd_all],
+            [s.all],
         ),
     }
     publish, subscribe = table[role]
     return {
         "publish": {"allow": publish},
-        "subscribe": {"allow": [*subscribe, "_INBOX.>"]},
+        "subscribe": {"allow": [*subscribe, f"{inbox_prefix(user)}.>"]},
         "allow_responses": True,
     }
 
 
-def password_env(role: str) -> str:
-    """The environment variable that holds a role's password where the config references it."""
-    return f"NATS_{role.upper()}_PASSWORD"
+def password_env(user: str) -> str:
+    """The environment variable that holds a user's password where the config references it."""
+    return f"NATS_{re.sub(r'[^A-Z0-9]', '_', user.upper())}_PASSWORD"
 
 
-def render_config(prefix: str, passwords: dict[str, str] | None = None) -> str:
+def render_config(
+    prefix: str,
+    passwords: Mapping[str, str] | None = None,
+    users: Sequence[str] = COMPOSE_USERS,
+) -> str:
     """nats-server config text (JSON is valid nats-server config syntax).
 
-    passwords None: each password is a `$NATS_<ROLE>_PASSWORD` reference, which nats-server
-    resolves from its environment at start (and refuses to start when one is unset), so the file
-    itself holds no secret and can be committed (docker-compose uses it that way).
+    passwords maps each user to its password (its keys are the users). None: `users`, each
+    password a `$NATS_<USER>_PASSWORD` reference, which nats-server resolves from its environment
+    at start (and refuses to start when one is unset), so the file itself holds no secret and can
+    be committed (docker-compose uses it that way).
     """
-    users = [
+    names = list(users) if passwords is None else list(passwords)
+    rendered = [
         {
-            "user": role,
-            "password": _ENV_MARK + password_env(role) if passwords is None else passwords[role],
-            "permissions": permissions(role, prefix),
+            "user": user,
+            "password": _ENV_MARK + password_env(user) if passwords is None else passwords[user],
+            "permissions": permissions(role_of(user), prefix, user),
         }
-        for role in ROLES
+        for user in names
     ]
-    text = json.dumps({"authorization": {"users": users}}, indent=2)
+    text = json.dumps({"authorization": {"users": rendered}}, indent=2)
     # A variable reference must be a bare token, not a JSON string.
-    return re.sub(rf'"{_ENV_MARK}([A-Z_]+)"', r"$\1", text)
+    return re.sub(rf'"{_ENV_MARK}([A-Z0-9_]+)"', r"$\1", text)
 
 
 _ENV_MARK = "@env:"
 
 
-def url_for(base_url: str, role: str, password: str) -> str:
-    """nats://host:port -> nats://role:password@host:port (nats-py reads credentials from it)."""
+def url_for(base_url: str, user: str, password: str) -> str:
+    """nats://host:port -> nats://user:password@host:port (nats-py reads credentials from it)."""
     scheme, rest = base_url.split("://", 1)
-    return f"{scheme}://{quote(role, safe='')}:{quote(password, safe='')}@{rest}"
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
+
+
+def user_of(url: str) -> str:
+    """The user name in a NATS URL (the first server that names one), "" when there is none or
+    the URL holds a token (no password): a token names no user."""
+    for server in url.split(","):
+        parts = urlsplit(server.strip())
+        if parts.username and parts.password is not None:
+            return unquote(parts.username)
+    return ""

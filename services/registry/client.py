@@ -32,15 +32,30 @@ OPS: dict[type[Any], str] = {
 
 
 class RegistryClient:
-    def __init__(self, bus: Bus, subjects: Subjects, timeout_s: float = 5.0) -> None:
+    """principal None: an operator's client (full rights); else a worker's, which sends on its
+    own subjects and may touch only the records that principal owns."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: Subjects,
+        timeout_s: float = 5.0,
+        *,
+        principal: str | None = None,
+    ) -> None:
         self.bus = bus
         self.subjects = subjects
         self.timeout_s = timeout_s
+        self.principal = principal
 
     async def call(self, request: Any) -> CommandReply:
         """Send one command; after timeout_s without an answer, NATS's error propagates."""
         op = OPS[type(request)]
-        subject = self.subjects.registry_cmd(op)
+        subject = (
+            self.subjects.registry_cmd(op)
+            if self.principal is None
+            else self.subjects.worker_cmd(self.principal, op)
+        )
         data = await self.bus.request(subject, codec.encode(request), self.timeout_s)
         reply: CommandReply = codec.command_reply_decoder.decode(data)
         return reply

@@ -4,8 +4,11 @@ Invariants (checked by tests/unit/test_registry_props.py after every operation):
 1. url_index maps each record's url to its id and nothing else (URL uniqueness).
 2. model_index[m] is exactly the set of ids whose record serves m; no empty entries.
 3. A record's revision increases by exactly 1 on every change to it and never goes back.
-4. Every operation either changes nothing and returns an error/no-op, or applies fully and
-   returns the events that describe it, in order, plus the KV writes the shell must persist.
+4. An operation never changes the state: it returns an Outcome (reply, the events that describe
+   the change in order, the KV writes that persist it). commit(outcome) then applies it fully; the
+   shell commits only once those writes succeeded, so a failed write leaves memory as it was.
+5. A worker principal (its NATS user) changes and reads only records it owns (`authorize`);
+   operators and the admin API (principal OPERATOR) may do everything.
 The shell stamps events with contiguous seqs; the core never sees the clock or ids it did not get.
 """
 
@@ -16,11 +19,19 @@ import hashlib
 import msgspec
 
 from schemas.registry import (
+    Command,
     CommandError,
     CommandOk,
     CommandReply,
     ErrorCode,
+    GetRequest,
+    ListRequest,
+    RegisterRequest,
     RegistryEvent,
+    RemoveRequest,
+    ReplaceRequest,
+    SetStatusRequest,
+    UpsertRequest,
     WorkerRecord,
     WorkerRegistered,
     WorkerRemoved,
@@ -43,6 +54,12 @@ TRANSITIONS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
 # A worker labelled this way is never expired for missing heartbeats (an external server that an
 # operator registered by hand and manages itself).
 HEARTBEAT_LABEL = "switchboard.heartbeat"
+# The principal of operators and the admin API, and the owner of the records they create.
+OPERATOR = ""
+# An operator's record that a worker's upsert of the same URL may take over: nobody serves it
+# (records written before owners existed are the operator's; a worker restarted after an upgrade
+# gets its record back once it stopped being Ready). Records of other workers are never taken.
+_CLAIMABLE = frozenset({S.PENDING, S.NOT_READY, S.FAILED})
 
 
 def url_key(url: str) -> str:
@@ -79,6 +96,8 @@ class Outcome(msgspec.Struct, frozen=True):
     reply: CommandReply
     events: tuple[RegistryEvent, ...] = ()
     writes: tuple[Write, ...] = ()
+    # (worker id, time): liveness clocks this outcome (re)starts when committed
+    beats: tuple[tuple[str, float], ...] = ()
 
 
 def _error(code: ErrorCode, message: str, field: str | None = None) -> Outcome:
@@ -94,15 +113,35 @@ class RegistryState:
         self.model_index: dict[str, set[str]] = {}
         self.last_heartbeat: dict[str, float] = {}
 
-    # ---- loading (from KV at start or after a lost CAS race) ----
+    # ---- loading (from KV at start, after a lost CAS race or an unsure write) and commit ----
 
     def load(self, records: list[WorkerRecord], now: float) -> None:
         """Replace all state; every worker gets one TTL of grace before expiry can touch it."""
         self.records, self.url_index, self.model_index = {}, {}, {}
-        self.last_heartbeat = {}
         for record in records:
             self._index(record)
-            self.last_heartbeat[record.id] = now
+        self.grace(now)
+
+    def grace(self, now: float) -> None:
+        """Restart every liveness clock: heartbeats that could not reach us must not count."""
+        self.last_heartbeat = dict.fromkeys(self.records, now)
+
+    def commit(self, outcome: Outcome) -> Outcome:
+        """Apply a planned outcome; it must have been planned on this state as it is now."""
+        for write in outcome.writes:
+            match write:
+                case PutRecord(record=new):
+                    old = self.records.get(new.id)
+                    if old is None:
+                        self._index(new)
+                    else:
+                        self._swap(old, new)
+                case DeleteRecord(worker_id=worker_id):
+                    self._unindex(self.records[worker_id])
+                    self.last_heartbeat.pop(worker_id, None)
+        # URL claims and releases need nothing here: url_index follows the records.
+        self.last_heartbeat.update(outcome.beats)
+        return outcome
 
     def _index(self, record: WorkerRecord) -> None:
         self.records[record.id] = record
@@ -153,11 +192,33 @@ class RegistryState:
 
     # ---- commands ----
 
-    def register(self, spec: WorkerSpec, new_id: str, now: float) -> Outcome:
+    def run(self, request: Command, principal: str, new_id: str, now: float) -> Outcome:
+        """One command from `principal`: refused unless authorize() allows it, else planned."""
+        refused = authorize(self, principal, request)
+        if refused is not None:
+            return Outcome(reply=refused)
+        match request:
+            case RegisterRequest(worker=spec):
+                return self.register(spec, new_id, now, owner=principal)
+            case UpsertRequest(worker=spec):
+                return self.upsert(spec, new_id, now, owner=principal)
+            case ReplaceRequest(id=worker_id, worker=spec):
+                return self.replace(worker_id, spec, now)
+            case SetStatusRequest(id=worker_id, status=status, expected_revision=rev, reason=why):
+                return self.set_status(worker_id, status, rev, why)
+            case RemoveRequest(id=worker_id, reason=why):
+                return self.remove(worker_id, why)
+            case GetRequest(id=worker_id):
+                return self.get(worker_id)
+            case ListRequest(model=model):
+                return self.list_workers(model)
+        raise TypeError(f"unhandled request {request!r}")
+
+    def register(self, spec: WorkerSpec, new_id: str, now: float, owner: str = OPERATOR) -> Outcome:
         """Create-only on the URL."""
-        owner = self.url_index.get(spec.url)
-        if owner is not None:
-            return _error("conflict", f"url {spec.url} is already registered as {owner}", "url")
+        holder = self.url_index.get(spec.url)
+        if holder is not None:
+            return _error("conflict", f"url {spec.url} is already registered as {holder}", "url")
         if new_id in self.records:
             return _error("conflict", f"worker id {new_id!r} already exists", "id")
         record = WorkerRecord(
@@ -169,23 +230,26 @@ class RegistryState:
             max_running_requests=spec.max_running_requests,
             labels=spec.labels,
             registered_at=now,
+            owner=owner,
         )
-        self._index(record)
-        self.last_heartbeat[new_id] = now
         return Outcome(
             reply=CommandOk(worker=record),
             events=(WorkerRegistered(worker=record),),
             writes=(ClaimUrl(record.url, record.id), PutRecord(record, create=True)),
+            beats=((new_id, now),),
         )
 
-    def replace(self, worker_id: str, spec: WorkerSpec, now: float) -> Outcome:
-        """Replace by id. A URL change only to a free URL. Failed/NotReady go back to Pending."""
+    def replace(
+        self, worker_id: str, spec: WorkerSpec, now: float, owner: str | None = None
+    ) -> Outcome:
+        """Replace by id. A URL change only to a free URL. Failed/NotReady go back to Pending.
+        The owner stays, unless a new one is given (a worker taking over an operator's record)."""
         old = self.records.get(worker_id)
         if old is None:
             return _error("not_found", f"no worker with id {worker_id!r}", "id")
-        owner = self.url_index.get(spec.url)
-        if owner is not None and owner != worker_id:
-            return _error("conflict", f"url {spec.url} belongs to worker {owner}", "url")
+        holder = self.url_index.get(spec.url)
+        if holder is not None and holder != worker_id:
+            return _error("conflict", f"url {spec.url} belongs to worker {holder}", "url")
         status = S.PENDING if old.status in (S.FAILED, S.NOT_READY) else old.status
         new = msgspec.structs.replace(
             old,
@@ -194,12 +258,11 @@ class RegistryState:
             max_running_requests=spec.max_running_requests,
             labels=spec.labels,
             status=status,
+            owner=old.owner if owner is None else owner,
         )
         if new == old:
             return Outcome(reply=CommandOk(worker=old, applied=False))
         new = msgspec.structs.replace(new, revision=old.revision + 1)
-        self._swap(old, new)
-        self.last_heartbeat[worker_id] = now
         writes: list[Write] = []
         if old.url != new.url:
             writes.append(ClaimUrl(new.url, worker_id))
@@ -210,14 +273,16 @@ class RegistryState:
             reply=CommandOk(worker=new),
             events=(WorkerReplaced(old=old, new=new),),
             writes=tuple(writes),
+            beats=((worker_id, now),),
         )
 
-    def upsert(self, spec: WorkerSpec, new_id: str, now: float) -> Outcome:
-        """Replace the record that owns the URL, else register a new one."""
-        owner = self.url_index.get(spec.url)
-        if owner is None:
-            return self.register(spec, new_id, now)
-        return self.replace(owner, spec, now)
+    def upsert(self, spec: WorkerSpec, new_id: str, now: float, owner: str = OPERATOR) -> Outcome:
+        """Replace the record that holds the URL, else register a new one. A worker's upsert of an
+        operator's record makes the worker its owner (authorize() allowed it)."""
+        holder = self.url_index.get(spec.url)
+        if holder is None:
+            return self.register(spec, new_id, now, owner)
+        return self.replace(holder, spec, now, None if owner == OPERATOR else owner)
 
     def set_status(
         self,
@@ -245,7 +310,6 @@ class RegistryState:
                 "status",
             )
         new = msgspec.structs.replace(old, status=status, revision=old.revision + 1)
-        self.records[worker_id] = new
         event = WorkerStatusChanged(
             worker_id=worker_id,
             old_status=old.status,
@@ -262,8 +326,6 @@ class RegistryState:
         old = self.records.get(worker_id)
         if old is None:
             return _error("not_found", f"no worker with id {worker_id!r}", "id")
-        self._unindex(old)
-        self.last_heartbeat.pop(worker_id, None)
         return Outcome(
             reply=CommandOk(worker=old),
             events=(WorkerRemoved(worker=old, reason=reason),),
@@ -272,28 +334,94 @@ class RegistryState:
 
     # ---- liveness ----
 
-    def heartbeat(self, worker_id: str, reported: WorkerStatus, now: float) -> Outcome:
-        """A fresh heartbeat: Pending/NotReady -> Ready when the worker reports itself ready."""
+    def heartbeat(
+        self, worker_id: str, reported: WorkerStatus, now: float, principal: str = OPERATOR
+    ) -> Outcome:
+        """A fresh heartbeat: Pending/NotReady -> Ready when the worker reports itself ready.
+        Only the record's owner speaks for it (principal: the NATS user that published it)."""
         record = self.records.get(worker_id)
         if record is None:
             return _error("not_found", f"heartbeat from unknown worker {worker_id!r}", "id")
-        self.last_heartbeat[worker_id] = now
+        if record.owner != principal:
+            return _error("forbidden", f"heartbeat for {worker_id} from {principal!r}", "id")
+        beat = ((worker_id, now),)
         if reported == S.READY and record.status in (S.PENDING, S.NOT_READY):
-            return self.set_status(worker_id, S.READY, reason="heartbeat")
-        return Outcome(reply=CommandOk(worker=record, applied=False))
+            ready = self.set_status(worker_id, S.READY, reason="heartbeat")
+            return msgspec.structs.replace(ready, beats=beat)
+        return Outcome(reply=CommandOk(worker=record, applied=False), beats=beat)
 
     def expired(self, now: float, ttl_s: float) -> list[str]:
         """Ready workers silent for over ttl_s (Draining stays Draining; opt-outs skipped)."""
-        return [
-            worker_id
-            for worker_id, record in sorted(self.records.items())
-            if record.status == S.READY
+        return [w for w in sorted(self.records) if self._silent(w, now, ttl_s)]
+
+    def _silent(self, worker_id: str, now: float, ttl_s: float) -> bool:
+        record = self.records.get(worker_id)
+        return (
+            record is not None
+            and record.status == S.READY
             and record.labels.get(HEARTBEAT_LABEL) != "off"
             and now - self.last_heartbeat.get(worker_id, now) > ttl_s
-        ]
+        )
 
-    def expire_one(self, worker_id: str) -> Outcome:
+    def expire_one(self, worker_id: str, now: float, ttl_s: float) -> Outcome:
+        """NotReady if still expired (a reload or a grace since expired() may have spared it)."""
+        record = self.records.get(worker_id)
+        if record is not None and not self._silent(worker_id, now, ttl_s):
+            return Outcome(reply=CommandOk(worker=record, applied=False))
         return self.set_status(worker_id, S.NOT_READY, reason="heartbeat_ttl")
+
+
+def authorize(state: RegistryState, principal: str, request: Command) -> CommandError | None:
+    """None when principal may run request on state as it is now, else the refusal.
+
+    Operators may do everything. A worker principal may register (it becomes the owner), upsert a
+    URL that is free, its own or an unclaimed operator's record nobody serves (_CLAIMABLE), and
+    replace / set_status / remove / get only its own records; listing the fleet is not its business.
+    """
+    if principal == OPERATOR:
+        return None
+    match request:
+        case RegisterRequest():
+            return None
+        case UpsertRequest(worker=spec):
+            holder = state.url_index.get(spec.url)
+            record = None if holder is None else state.records[holder]
+            if record is None or record.owner == principal or _claimable(record):
+                return None
+            return _forbidden(f"url {spec.url} (worker {record.id})", record, principal, "url")
+        case ReplaceRequest(id=worker_id) | SetStatusRequest(id=worker_id):
+            return _owned(state, principal, worker_id)
+        case RemoveRequest(id=worker_id) | GetRequest(id=worker_id):
+            return _owned(state, principal, worker_id)
+        case ListRequest():
+            return CommandError(
+                code="forbidden", message=f"{principal!r} may not list the fleet (operators only)"
+            )
+    raise TypeError(f"unhandled request {request!r}")
+
+
+def _claimable(record: WorkerRecord) -> bool:
+    return (
+        record.owner == OPERATOR
+        and record.status in _CLAIMABLE
+        and record.labels.get(HEARTBEAT_LABEL) != "off"  # an operator manages it by hand
+    )
+
+
+def _owned(state: RegistryState, principal: str, worker_id: str) -> CommandError | None:
+    record = state.records.get(worker_id)
+    if record is None or record.owner == principal:
+        return None  # a missing record: the operation answers not_found itself
+    return _forbidden(f"worker {worker_id}", record, principal, "id")
+
+
+def _forbidden(what: str, record: WorkerRecord, principal: str, field: str) -> CommandError:
+    by = f"NATS user {record.owner!r}" if record.owner else "an operator"
+    return CommandError(
+        code="forbidden",
+        message=f"{what} belongs to {by}; {principal!r} may touch only its own records",
+        field=field,
+    )
 
 
 def _dedupe(models: tuple[str, ...]) -> tuple[str, ...]:

@@ -7,8 +7,10 @@ import logging
 
 from schemas.subjects import Subjects
 from services.common.bus import Bus
-from services.common.http import HttpServer, bind
+from services.common.http import HttpServer
+from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
+from services.common.ports import serving_socket
 from services.common.run import cancel_and_wait, every
 from services.registry.config import RegistryConfig
 from services.registry.http import create_app
@@ -31,7 +33,7 @@ async def serve(
 ) -> None:
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     metrics_registry = new_registry()
-    bus = await Bus.connect(cfg.nats_url, "registry")
+    bus = await Bus.connect(cfg.nats_url, "registry", first_connect_s=cfg.nats_connect_timeout_s)
     try:
         store = await RegistryStore.open(
             bus, subjects.kv_bucket(cfg.kv_bucket), replicas=cfg.kv_replicas
@@ -40,6 +42,7 @@ async def serve(
         await service.start()
         # Queue groups: with two registries, each command is handled once (KV CAS keeps it safe).
         await bus.subscribe(subjects.registry_cmd_all, queue="registry", cb=service.on_command)
+        await bus.subscribe(subjects.worker_cmd_all, queue="registry", cb=service.on_worker_command)
         await bus.subscribe(subjects.registry_snapshot, queue="registry", cb=service.on_snapshot)
         await bus.subscribe(subjects.load_all, cb=service.on_load)
         await bus.flush()  # the server knows our subscriptions before anyone is told we are up
@@ -47,7 +50,13 @@ async def serve(
         def health() -> dict[str, object]:
             seqr = service.sequencer
             workers = len(service.state.records)
-            return {"ok": bus.connected, "epoch": seqr.epoch, "seq": seqr.seq, "workers": workers}
+            return {
+                "ok": bus.connected,
+                "instance": cfg.instance,
+                "epoch": seqr.epoch,
+                "seq": seqr.seq,
+                "workers": workers,
+            }
 
         if not cfg.admin_token:
             log.warning(
@@ -60,7 +69,11 @@ async def serve(
             health=health,
             body_limit=cfg.request_body_limit,
         )
-        http = HttpServer(app, bind(cfg.http_host, cfg.http_port))
+        http = HttpServer(
+            app,
+            serving_socket(cfg.listen_fd, cfg.http_host, cfg.http_port),
+            limits=HttpLimits.of(cfg),
+        )
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(http.serve())
             loops = [

@@ -1,7 +1,9 @@
 """Registry shell: serializes each change, persists it by CAS, publishes its events in seq order.
 
 One asyncio lock orders all mutations in this process, so the publish order equals the seq order.
-A CAS conflict (another registry process wrote first) reloads state from KV and retries once.
+Memory changes only after the KV writes succeeded. A CAS conflict (another registry process wrote
+first) reloads state from KV and retries once; any other failure answers `unavailable`, and a
+write whose fate is unknown (cut off mid-way) makes the next change reload from KV first.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import codec
 from schemas.load import WorkerLoad
 from schemas.registry import (
+    Command,
     CommandError,
     CommandReply,
     GetRequest,
@@ -34,10 +37,11 @@ from schemas.registry import (
 )
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message, reply
+from services.common.logging import clip
 from services.common.metrics import BusMetrics
 from services.common.seq import Sequencer
-from services.registry.core import Outcome, RegistryState
-from services.registry.store import RegistryStore, StoreConflict, UrlTaken
+from services.registry.core import OPERATOR, Outcome, RegistryState
+from services.registry.store import RegistryStore, StoreConflict, StoreUnavailable, UrlTaken
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,10 @@ def new_worker_id() -> str:
     return "w-" + uuid.uuid4().hex[:12]
 
 
+def _unavailable(message: str) -> Outcome:
+    return Outcome(reply=CommandError(code="unavailable", message=message))
+
+
 class Registry:
     """The registry process: core state + KV store + event publication."""
 
@@ -87,6 +95,7 @@ class Registry:
         *,
         clock: Callable[[], float] = time.time,
         make_id: Callable[[], str] = new_worker_id,
+        write_timeout_s: float = 2.0,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -97,6 +106,12 @@ class Registry:
         self.state = RegistryState()
         self.sequencer = Sequencer("registry", epoch=0)
         self.lock = asyncio.Lock()
+        # Bounds one change's KV writes (each a JetStream request with a 5 s timeout of its own).
+        self.write_timeout_s = write_timeout_s
+        self.unsure = False  # a write was cut off: KV may hold more than memory does
+        self.reconnects_seen = self._reconnects()
+        self.refusals_logged_at = float("-inf")
+        self.heard_at: dict[str, float] = {}
 
     async def start(self) -> None:
         async with self.lock:
@@ -114,7 +129,36 @@ class Registry:
         records = await self.store.load()
         self.state.load(records, self.clock())
         self.sequencer = Sequencer("registry", self.store.meta.epoch, self.store.meta.seq)
+        self.unsure = False
+        self.metrics.seq.set(self.sequencer.seq)
         self._update_gauges()
+
+    async def _try_reload(self) -> bool:
+        try:
+            await self._reload()
+        except Exception as exc:
+            self.unsure = True
+            log.warning("reloading from KV failed: %r", exc)
+            return False
+        return True
+
+    # ---- NATS outages ----
+
+    def _reconnects(self) -> int:
+        # nats-py counts a reconnect before it reports itself connected again, so this moves
+        # even when an outage falls between two expiry ticks (the reconnect callback comes later).
+        return int(self.bus.nc.stats["reconnects"])
+
+    async def _resync(self) -> None:
+        """Before any change: after a reconnect every worker gets a restart's grace; after a
+        write cut off mid-way, memory is rebuilt from KV (which may hold more than it does)."""
+        reconnects = self._reconnects()
+        if reconnects != self.reconnects_seen:
+            self.reconnects_seen = reconnects
+            self.state.grace(self.clock())
+            log.info("nats reconnected: heartbeat expiry restarts from now for every worker")
+        if self.unsure and self.bus.connected:
+            await self._try_reload()
 
     # ---- the one path every change takes ----
 
@@ -125,35 +169,60 @@ class Registry:
         self.metrics.commands.labels(op, outcome_label).inc()
         return outcome.reply
 
-    async def _commit(self, run: Callable[[RegistryState], Outcome]) -> Outcome:
+    async def _commit(self, plan: Callable[[RegistryState], Outcome]) -> Outcome:
+        """Plan on the state, persist the plan, and only then apply it to memory and publish."""
+        await self._resync()
         for attempt in (1, 2):
-            outcome = run(self.state)
-            if not outcome.writes and not outcome.events:
+            outcome = plan(self.state)
+            if not outcome.writes and not outcome.events:  # a read, a no-op or a refusal
+                self.state.commit(outcome)
                 return outcome
+            if self.unsure:
+                return _unavailable("registry cannot reach its KV store (NATS)")
             try:
-                first = await self.store.reserve(len(outcome.events)) if outcome.events else 0
-                await self.store.apply(outcome.writes)
+                first = await self._persist(outcome)
             except StoreConflict as exc:
                 log.warning("kv conflict (%s); reloading (attempt %d)", exc, attempt)
-                await self._reload()
+                if not await self._try_reload():
+                    return _unavailable(f"registry lost its KV store mid-change: {exc}")
                 if isinstance(exc, UrlTaken) or attempt == 2:
                     return Outcome(
                         reply=CommandError(code="conflict", message=f"concurrent change: {exc}")
                     )
                 continue
+            except StoreUnavailable as exc:
+                log.warning("change refused: %s", exc)
+                return _unavailable(f"registry cannot reach its KV store: {exc}")
+            except Exception as exc:  # any failure: memory stays as it was, the client is told
+                log.warning("kv write failed (%r); memory unchanged, KV will be re-read", exc)
+                return _unavailable("registry could not persist the change (NATS trouble)")
+            self.state.commit(outcome)
             await self._publish(outcome, first)
             return outcome
         raise AssertionError("unreachable")
 
+    async def _persist(self, outcome: Outcome) -> int:
+        """Reserve the events' seqs and do the writes; return the first seq reserved."""
+        self.unsure = True  # until we know how far the writes got
+        async with asyncio.timeout(self.write_timeout_s):
+            first = await self.store.reserve(len(outcome.events)) if outcome.events else 0
+            await self.store.apply(outcome.writes)
+        self.unsure = False
+        return first
+
     async def _publish(self, outcome: Outcome, first_seq: int) -> None:
         self.sequencer.seq = first_seq - 1
         now = self.clock()
+        self._update_gauges()
         for event in outcome.events:
             env = self.sequencer.stamp(event, now)
-            await self.bus.publish(self.subjects.registry_events, codec.encode(env))
+            try:
+                await self.bus.publish(self.subjects.registry_events, codec.encode(env))
+            except Exception as exc:  # the change is durable; the beacon will reveal the gap
+                log.warning("publishing seq %d failed: %r", env.seq, exc)
+                break
             self.metrics.events.labels(type(event).__struct_config__.tag).inc()
         self.metrics.seq.set(self.sequencer.seq)
-        self._update_gauges()
 
     def _update_gauges(self) -> None:
         counts = dict.fromkeys(WorkerStatus, 0)
@@ -164,44 +233,57 @@ class Registry:
 
     # ---- operations ----
 
-    async def dispatch(self, op: str, request: Any) -> CommandReply:
+    async def dispatch(self, op: str, request: Command, principal: str = OPERATOR) -> CommandReply:
+        """Run one command; principal is the worker's NATS user, OPERATOR for full rights."""
         now = self.clock()
-        match request:
-            case RegisterRequest(worker=spec):
-                new_id = self.make_id()
-                return await self.execute(op, lambda s: s.register(spec, new_id, now))
-            case UpsertRequest(worker=spec):
-                new_id = self.make_id()
-                return await self.execute(op, lambda s: s.upsert(spec, new_id, now))
-            case ReplaceRequest(id=worker_id, worker=spec):
-                return await self.execute(op, lambda s: s.replace(worker_id, spec, now))
-            case SetStatusRequest(id=worker_id, status=status, expected_revision=rev, reason=why):
-                return await self.execute(op, lambda s: s.set_status(worker_id, status, rev, why))
-            case RemoveRequest(id=worker_id, reason=why):
-                return await self.execute(op, lambda s: s.remove(worker_id, why))
-            case GetRequest(id=worker_id):
-                return await self.execute(op, lambda s: s.get(worker_id))
-            case ListRequest(model=model):
-                return await self.execute(op, lambda s: s.list_workers(model))
-        raise TypeError(f"unhandled request {request!r}")
+        new_id = self.make_id() if isinstance(request, RegisterRequest | UpsertRequest) else ""
+        return await self.execute(op, lambda s: s.run(request, principal, new_id, now))
 
     async def snapshot(self) -> RegistrySnapshot:
         async with self.lock:
+            workers = self.state.workers()
+            heard = {w.id: self.heard_at[w.id] for w in workers if w.id in self.heard_at}
             return RegistrySnapshot(
-                epoch=self.sequencer.epoch, seq=self.sequencer.seq, workers=self.state.workers()
+                epoch=self.sequencer.epoch, seq=self.sequencer.seq, workers=workers, heard_at=heard
             )
 
-    async def heartbeat(self, load: WorkerLoad) -> None:
+    async def heartbeat(self, load: WorkerLoad, principal: str = OPERATOR) -> None:
         now = self.clock()
         async with self.lock:
-            await self._commit(lambda s: s.heartbeat(load.worker_id, load.status, now))
+            outcome = await self._commit(
+                lambda s: s.heartbeat(load.worker_id, load.status, now, principal)
+            )
+        if isinstance(outcome.reply, CommandError):
+            if outcome.reply.code == "forbidden":
+                self._refused_heartbeat(principal, load.worker_id, now)
+        elif load.worker_id in self.state.records:
+            self.heard_at[load.worker_id] = now
+            # bounded by the records: a removed worker's entry goes with the next removal check
+            if len(self.heard_at) > 2 * len(self.state.records) + 16:
+                self.heard_at = {k: v for k, v in self.heard_at.items() if k in self.state.records}
+
+    def _refused_heartbeat(self, principal: str, worker_id: str, now: float) -> None:
+        """Counted every time, logged at most every 10 s: a misbehaving worker floods neither."""
+        self.metrics.bus.rejected.labels("load.not_owner").inc()
+        if now - self.refusals_logged_at >= 10.0:
+            self.refusals_logged_at = now
+            log.warning(
+                "heartbeat refused: %s does not own worker %s",
+                clip(principal, 64),
+                clip(worker_id, 64),
+            )
 
     async def expire(self, ttl_s: float) -> None:
-        now = self.clock()
         async with self.lock:
+            if not self.bus.connected:  # no heartbeat can reach us; the reconnect grants grace
+                return
+            await self._resync()
+            now = self.clock()
             # One commit per worker, so a lost CAS race affects only that worker.
             for worker_id in self.state.expired(now, ttl_s):
-                await self._commit(partial(RegistryState.expire_one, worker_id=worker_id))
+                await self._commit(
+                    partial(RegistryState.expire_one, worker_id=worker_id, now=now, ttl_s=ttl_s)
+                )
 
     async def beacon(self) -> None:
         async with self.lock:
@@ -214,7 +296,19 @@ class Registry:
     # ---- NATS handlers ----
 
     async def on_command(self, msg: Message) -> None:
-        op = msg.subject.rsplit(".", 1)[-1]
+        """An operator's command (<p>.registry.cmd.<op>): full rights."""
+        await self._command(msg, msg.subject.rsplit(".", 1)[-1], OPERATOR)
+
+    async def on_worker_command(self, msg: Message) -> None:
+        """A worker's command (<p>.registry.wcmd.<principal>.<op>): nats-server lets only the
+        NATS user `principal` publish there, so the subject says who is asking."""
+        parsed = self.subjects.parse_worker_cmd(msg.subject)
+        if parsed is None:  # cannot happen with our subscription; never run it as an operator
+            return
+        principal, op = parsed
+        await self._command(msg, op, principal)
+
+    async def _command(self, msg: Message, op: str, principal: str) -> None:
         request_type = REQUEST_TYPES.get(op)
         if request_type is None:
             result: CommandReply = CommandError(code="invalid", message=f"unknown op {op!r}")
@@ -227,17 +321,23 @@ class Registry:
                 self.metrics.bus.rejected.labels(f"registry.cmd.{op}").inc()
                 result = CommandError(code="invalid", message=f"bad {op} request: {exc}")
             else:
-                result = await self.dispatch(op, request)
+                result = await self.dispatch(op, request, principal)
         await reply(msg, codec.encode(result))
 
     async def on_snapshot(self, msg: Message) -> None:
         await reply(msg, codec.encode(await self.snapshot()))
 
     async def on_load(self, msg: Message) -> None:
+        """A heartbeat on <p>.load.<principal>.<worker id>: nats-server lets only that principal
+        publish there; the id in the body must be the subject's."""
+        parsed = self.subjects.parse_load(msg.subject)
         try:
             env = _load_decoder.decode(msg.data)
         except codec.DecodeError as exc:
             self.metrics.bus.rejected.labels("load").inc()
-            log.warning("bad heartbeat on %s: %s", msg.subject, exc)
+            log.warning("bad heartbeat on %s: %s", clip(msg.subject, 200), exc)
             return
-        await self.heartbeat(env.body)
+        if parsed is None or parsed[1] != env.body.worker_id:
+            self.metrics.bus.rejected.labels("load").inc()
+            return
+        await self.heartbeat(env.body, parsed[0])

@@ -150,6 +150,18 @@ class RouterState:
         except codec.DecodeError:
             self.metrics.bus.rejected.labels("load").inc()
             return
+        # Only the record's owner speaks for it: nats-server lets only that NATS user publish
+        # on <p>.load.<principal>.*, and a record names its owner.
+        parsed = self.subjects.parse_load(msg.subject)
+        record = self.view.records.get(env.body.worker_id)
+        if parsed is None or parsed[1] != env.body.worker_id:
+            self.metrics.bus.rejected.labels("load").inc()
+            return
+        if record is None:  # not ours to judge yet: the next heartbeat comes within an interval
+            return
+        if record.owner != parsed[0]:
+            self.metrics.bus.rejected.labels("load.not_owner").inc()
+            return
         if self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock()):
             self.changes.notify()
 

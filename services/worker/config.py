@@ -9,10 +9,13 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.base import ModelId
+from schemas.subjects import SubjectError, token
+from services.common import natsauth
 from services.common.config import Port, ServiceConfig, load_config
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 HOSTNAME = "{hostname}"
+DEFAULT_PRINCIPAL = "worker"  # a NATS without users: every worker is the same principal
 
 
 class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
@@ -35,6 +38,9 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     drain_timeout_s: Seconds = 30.0
     # False: a plain OpenAI server that never talks to NATS.
     register: bool = True
+    # Who this worker is to the registry: its NATS user, whose permissions carry this name (it
+    # may change only the records it owns). "": the user in NATS_URL, else "worker".
+    principal: str = ""
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     keep_alive_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 75
     # exllamav2: sequences run at once in paged mode (flash-attn); unpaged mode runs one.
@@ -50,6 +56,14 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
         super().__post_init__()
         if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
             raise ValueError(f"advertise_url {self.advertise_url!r} must start with http(s)://")
+        try:
+            token(self.worker_principal, what="principal")
+        except SubjectError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def worker_principal(self) -> str:
+        return self.principal or natsauth.user_of(self.nats_url) or DEFAULT_PRINCIPAL
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> WorkerConfig:

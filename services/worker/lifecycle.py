@@ -1,4 +1,8 @@
-"""Worker lifecycle on the bus: register, heartbeat load, stay registered, drain and deregister."""
+"""Worker lifecycle on the bus: register, heartbeat load, stay registered, drain and deregister.
+
+The worker speaks as its principal (its NATS user): its commands and heartbeats go on subjects
+that carry that name, and the registry lets it touch only the records it owns.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from schemas import codec
 from schemas.load import WorkerLoad
@@ -15,8 +20,10 @@ from schemas.registry import (
     CommandOk,
     GetRequest,
     RemoveRequest,
+    ReplaceRequest,
     SetStatusRequest,
     UpsertRequest,
+    WorkerRecord,
     WorkerSpec,
     WorkerStatus,
 )
@@ -28,6 +35,30 @@ from services.worker.http import ServedModel
 
 log = logging.getLogger(__name__)
 MIN_PUBLISH_GAP_S = 0.05  # debounce: at most ~20 load messages a second
+Repair = Literal["register", "replace", "drain"]
+
+
+def repair(record: WorkerRecord | None, spec: WorkerSpec, chosen: WorkerStatus) -> Repair | None:
+    """What puts our record right when someone else changed it (pure; None: nothing to do).
+
+    The worker knows what it serves: a missing record is registered again; a changed spec, or
+    Failed (left only through Pending), is replaced by ours. Its own Draining is restored. It never
+    undoes a status it did not choose otherwise: an operator's drain stays, and Pending/NotReady
+    are its heartbeats' business (a `ready` heartbeat makes them Ready).
+    """
+    if record is None:
+        return "register"
+    ours = WorkerSpec(
+        url=record.url,
+        models=record.models,
+        max_running_requests=record.max_running_requests,
+        labels=record.labels,
+    )
+    if ours != spec or record.status == WorkerStatus.FAILED:
+        return "replace"
+    if chosen == WorkerStatus.DRAINING and record.status != WorkerStatus.DRAINING:
+        return "drain"
+    return None
 
 
 class Lifecycle:
@@ -40,16 +71,18 @@ class Lifecycle:
         *,
         labels: dict[str, str],
         heartbeat_interval_s: float,
+        principal: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
         self.subjects = subjects
+        self.principal = principal
         self.url = url
         self.models = models
         self.labels = labels
         self.interval_s = heartbeat_interval_s
         self.clock = clock
-        self.registry = RegistryClient(bus, subjects)
+        self.registry = RegistryClient(bus, subjects, principal=principal)
         self.worker_id: str | None = None
         self.status = WorkerStatus.READY
         self.dirty = asyncio.Event()
@@ -98,7 +131,8 @@ class Lifecycle:
         assert self.worker_id is not None
         assert self.sequencer is not None
         env = self.sequencer.stamp(self.load(), self.clock())
-        await self.bus.publish(self.subjects.load(self.worker_id), codec.encode(env))
+        subject = self.subjects.load(self.principal, self.worker_id)
+        await self.bus.publish(subject, codec.encode(env))
         self.published += 1
 
     async def heartbeats(self) -> None:
@@ -111,19 +145,40 @@ class Lifecycle:
             await asyncio.sleep(MIN_PUBLISH_GAP_S)
 
     async def stay_registered(self, every_s: float = 2.0) -> None:
-        """A registry that lost or removed our record gets it back (e.g. after losing its KV)."""
+        """A registry that lost or removed our record gets it back (e.g. after losing its KV),
+        and a record someone else changed is put right (see repair())."""
         while True:
             await asyncio.sleep(every_s)
-            if self.worker_id is None:
-                continue
-            try:
-                reply = await self.registry.call(GetRequest(id=self.worker_id))
-            except (NoRespondersError, RequestTimeout):
-                continue
-            if isinstance(reply, CommandError) and reply.code == "not_found":
-                log.warning("our registry record is gone; registering again")
-                await self.register()
-                self.dirty.set()
+            with contextlib.suppress(NoRespondersError, RequestTimeout):
+                await self.check()
+
+    async def check(self) -> None:
+        """Read our record back and repair it if it is not what we chose."""
+        if self.worker_id is None:
+            return
+        reply = await self.registry.call(GetRequest(id=self.worker_id))
+        if isinstance(reply, CommandError) and reply.code != "not_found":
+            log.warning("cannot read our registry record: %s", reply.message)
+            return
+        record = reply.worker if isinstance(reply, CommandOk) else None
+        action = repair(record, self.spec(), self.status)
+        if action is None or (action == "register" and self.status == WorkerStatus.DRAINING):
+            return  # a draining worker is leaving: it does not come back
+        log.warning(
+            "our registry record was changed by someone else; putting it right",
+            extra={"worker_id": self.worker_id, "action": action},
+        )
+        if action == "register":
+            await self.register()
+        elif action == "replace":
+            answer = await self.registry.call(ReplaceRequest(id=self.worker_id, worker=self.spec()))
+            if isinstance(answer, CommandError):
+                log.warning("restoring our record failed: %s", answer.message)
+        else:
+            await self.registry.call(
+                SetStatusRequest(id=self.worker_id, status=WorkerStatus.DRAINING, reason="drain")
+            )
+        self.dirty.set()  # a heartbeat at once: it moves Pending to Ready
 
     async def drain(self, timeout_s: float) -> None:
         """Draining: refuse newcomers, let running and queued requests finish, then deregister."""

@@ -104,7 +104,10 @@ async def test_heartbeats_show_in_flight_rise_and_fall(
         body = codec.load_decoder.decode(msg.data).body
         seen.append((time.monotonic(), body.models[0].in_flight + body.models[0].queue_depth))
 
-    await bus.subscribe(Subjects.for_prefix(prefix).load(exl2_worker.worker_id), cb=on_load)
+    subject = Subjects.for_prefix(prefix).load(
+        exl2_worker.lifecycle.principal, exl2_worker.worker_id
+    )
+    await bus.subscribe(subject, cb=on_load)
     async with aiohttp.ClientSession() as s:
         await asyncio.gather(*(stream_one(s, exl2_worker.url, 400) for _ in range(4)))
     await eventually(lambda: seen and seen[-1][1] == 0, timeout_s=5)

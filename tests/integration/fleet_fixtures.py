@@ -30,14 +30,20 @@ async def running_capacity(
         yield cap
 
 
+# The principal a test plays a worker as: records it registers through
+# RegistryClient(..., principal=FAKE_WORKER) are its own, so their heartbeats count.
+FAKE_WORKER = "fake-worker"
+
+
 class Heartbeats:
-    """Publishes a worker's load heartbeats (as a worker process would) until stopped."""
+    """Publishes a worker's load heartbeats (as a worker process would: as the principal that
+    owns the record) until stopped."""
 
     def __init__(
         self, bus: Bus, prefix: str, record: WorkerRecord, interval_s: float = 0.2
     ) -> None:
         self.bus, self.record, self.interval_s = bus, record, interval_s
-        self.subject = Subjects.for_prefix(prefix).load(record.id)
+        self.subject = Subjects.for_prefix(prefix).load(record.owner or FAKE_WORKER, record.id)
         self.sequencer = Sequencer(record.id, epoch=time.time_ns())
         self.task: asyncio.Task[None] | None = None
 

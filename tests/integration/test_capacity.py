@@ -25,7 +25,7 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.registry.client import RegistryClient
 from tests.helpers import eventually, until_counted
-from tests.integration.fleet_fixtures import Heartbeats, record_views, running_capacity
+from tests.integration.fleet_fixtures import FAKE_WORKER, Heartbeats, record_views, running_capacity
 from tests.integration.registry_fixtures import running_registry
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ async def register(
 
 async def test_tiers_follow_the_fleet(bus: Bus, prefix: str, nats_url: str) -> None:
     views = await record_views(bus, prefix)
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     async with (
         running_registry(nats_url, prefix, heartbeat_ttl_s=0.6),
         running_capacity(nats_url, prefix) as cap,
@@ -73,7 +73,7 @@ async def test_tiers_follow_the_fleet(bus: Bus, prefix: str, nats_url: str) -> N
 
 async def test_source_only_change_is_published(bus: Bus, prefix: str, nats_url: str) -> None:
     views = await record_views(bus, prefix)
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     async with running_registry(nats_url, prefix), running_capacity(nats_url, prefix):
         a = await register(client, "http://a:1", 64)
         hb = Heartbeats(bus, prefix, a).start()
@@ -91,7 +91,7 @@ async def test_gap_from_a_skipped_seq_resnapshots_and_converges(
     bus: Bus, prefix: str, nats_url: str
 ) -> None:
     views = await record_views(bus, prefix)
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     async with (
         running_registry(nats_url, prefix) as reg,
         running_capacity(nats_url, prefix, checkpoint_interval_s=600) as cap,
@@ -138,7 +138,7 @@ async def test_event_dropped_on_the_wire_is_noticed_by_beacon(
     bus: Bus, prefix: str, nats_url: str
 ) -> None:
     views = await record_views(bus, prefix)
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     async with (
         running_registry(nats_url, prefix, beacon_interval_s=0.3) as reg,
         running_capacity(nats_url, prefix, checkpoint_interval_s=600) as cap,
@@ -167,7 +167,7 @@ async def test_event_dropped_on_the_wire_is_noticed_by_beacon(
 
 
 async def test_late_reader_gets_current_view_at_once(bus: Bus, prefix: str, nats_url: str) -> None:
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     subjects = Subjects.for_prefix(prefix)
     async with (
         running_registry(nats_url, prefix),
@@ -187,7 +187,7 @@ async def test_late_reader_gets_current_view_at_once(bus: Bus, prefix: str, nats
 
 async def test_registry_restart_keeps_capacity_right(bus: Bus, prefix: str, nats_url: str) -> None:
     views = await record_views(bus, prefix)
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     async with running_capacity(nats_url, prefix, checkpoint_interval_s=600):
         async with running_registry(nats_url, prefix):
             a = await register(client, "http://a:1", 10)
@@ -207,7 +207,7 @@ async def test_malformed_events_are_counted_and_survived(
     bus: Bus, prefix: str, nats_url: str
 ) -> None:
     views = await record_views(bus, prefix)
-    client = RegistryClient(bus, Subjects.for_prefix(prefix))
+    client = RegistryClient(bus, Subjects.for_prefix(prefix), principal=FAKE_WORKER)
     events = Subjects.for_prefix(prefix).registry_events
     async with running_registry(nats_url, prefix), running_capacity(nats_url, prefix) as cap:
         await eventually(lambda: cap.service.follower.synced.is_set())

@@ -13,6 +13,7 @@ from schemas.registry import (
     CommandError,
     CommandOk,
     RegisterRequest,
+    RegistrySnapshot,
     RemoveRequest,
     ReplaceRequest,
     SetStatusRequest,
@@ -28,7 +29,7 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.registry.client import RegistryClient
 from tests.helpers import eventually, until_counted
-from tests.integration.fleet_fixtures import Heartbeats
+from tests.integration.fleet_fixtures import FAKE_WORKER, Heartbeats
 from tests.integration.registry_fixtures import record_events, running_registry
 
 pytestmark = pytest.mark.integration
@@ -125,17 +126,23 @@ async def test_restart_keeps_records_and_continues_sequence(
         assert reg2.service.state.records == before
         assert reg2.service.sequencer.epoch == epoch
         assert reg2.service.sequencer.seq == 3
+        # the gauge tells the restored position at once, not 0 until the next event
+        assert [s.value for m in reg2.service.metrics.seq.collect() for s in m.samples] == [3]
         ok(await client.call(RemoveRequest(id=a.id)))  # type: ignore[union-attr]
         await eventually(lambda: len(log.events) == 4)
     assert [e.seq for e in log.events] == [1, 2, 3, 4]
     assert {e.epoch for e in log.events} == {epoch}
 
 
+async def client_snapshot(bus: Bus, prefix: str) -> RegistrySnapshot:
+    return await RegistryClient(bus, Subjects.for_prefix(prefix)).snapshot()
+
+
 async def test_heartbeat_ttl_not_ready_then_ready(bus: Bus, prefix: str, nats_url: str) -> None:
     log = await record_events(bus, prefix)
     subjects = Subjects.for_prefix(prefix)
     async with running_registry(nats_url, prefix, heartbeat_ttl_s=1.0):
-        client = RegistryClient(bus, subjects)
+        client = RegistryClient(bus, subjects, principal=FAKE_WORKER)
         rec = ok(await client.call(RegisterRequest(worker=spec()))).worker
         assert rec is not None
         beats = Heartbeats(bus, prefix, rec).start()
@@ -155,6 +162,9 @@ async def test_heartbeat_ttl_not_ready_then_ready(bus: Bus, prefix: str, nats_ur
             # within TTL + 1 s of the last heartbeat
             assert time.monotonic() - stopped_at <= 1.0 + 1.0 + 0.2
             assert statuses()[1] == (S.READY, S.NOT_READY)
+            # the registry still tells when it last heard the dead worker (for `status`)
+            heard = (await client_snapshot(bus, prefix)).heard_at[rec.id]
+            assert time.time() - 3.5 <= heard <= time.time() - 1.0
             beats.start()
             await eventually(lambda: len(statuses()) == 3)
             assert statuses()[2] == (S.NOT_READY, S.READY)
@@ -215,13 +225,14 @@ async def test_bad_commands_get_invalid_and_change_nothing(
 async def test_bad_heartbeat_is_counted_and_ignored(bus: Bus, prefix: str, nats_url: str) -> None:
     async with running_registry(nats_url, prefix) as reg:
         rejected = reg.service.metrics.bus.rejected.labels("load")
+        subjects = Subjects.for_prefix(prefix)
 
         base = await until_counted(
-            lambda: bus.publish(f"{prefix}.load.w0", b"probe"), rejected._value.get
+            lambda: bus.publish(subjects.load("p", "w0"), b"probe"), rejected._value.get
         )
-        await bus.publish(f"{prefix}.load.w1", b"garbage")
+        await bus.publish(subjects.load("p", "w1"), b"garbage")
         await bus.publish(
-            f"{prefix}.load.w1",
+            subjects.load("p", "w1"),
             codec.encode(Envelope(source="w1", epoch=1, seq=1, sent_at=0.0, body={"x": 1})),
         )
         await eventually(lambda: rejected._value.get() == base + 2)

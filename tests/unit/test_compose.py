@@ -157,16 +157,33 @@ def test_gpu_base_has_the_cuda_major_of_the_gpu_locks_torch() -> None:
     assert ubuntu_python >= tuple(int(p) for p in lock_python.split("."))
 
 
-ROLE_OF = {"registry": "registry", "capacity": "capacity", "worker": "worker", "router": "router"}
+def nats_user(name: str, spec: dict[str, Any]) -> str:
+    """A worker service connects as a user of its own (its replicas share it), the others as
+    their role."""
+    return name if module_of(spec) == "worker" else module_of(spec)
 
 
-def test_every_service_connects_to_nats_as_its_own_role() -> None:
+def test_every_service_connects_to_nats_as_its_own_user() -> None:
     for name, spec in APP_SERVICES.items():
-        role = ROLE_OF[module_of(spec)]
+        user = nats_user(name, spec)
         url = spec["environment"]["NATS_URL"]
-        match = re.fullmatch(r"nats://(\w+):\$\{(\w+):\?[^}]+\}@nats:4222", url)
+        match = re.fullmatch(r"nats://([\w-]+):\$\{(\w+):\?[^}]+\}@nats:4222", url)
         assert match is not None, f"{name}: NATS_URL {url!r} carries no credentials"
-        assert match.groups() == (role, natsauth.password_env(role)), name
+        assert match.groups() == (user, natsauth.password_env(user)), name
+        assert natsauth.role_of(user) == module_of(spec), name
+    # every user the committed config has is some service's, and vice versa (operators aside)
+    users = {nats_user(name, spec) for name, spec in APP_SERVICES.items()}
+    assert users | {"operator"} == set(natsauth.COMPOSE_USERS)
+
+
+def test_worker_services_do_not_share_a_principal() -> None:
+    """Two worker services never speak for each other; only a service's own replicas share."""
+    workers = [name for name, spec in APP_SERVICES.items() if module_of(spec) == "worker"]
+    assert len(workers) >= 2
+    for name in workers:
+        cfg = worker_config.load([], filled_env(APP_SERVICES[name]))
+        assert cfg.worker_principal == name
+    assert natsauth.password_env("worker-gpu") == "NATS_WORKER_GPU_PASSWORD"
 
 
 def test_nats_loads_the_committed_users_with_every_password_from_env() -> None:
@@ -174,7 +191,7 @@ def test_nats_loads_the_committed_users_with_every_password_from_env() -> None:
     command = nats["command"]
     conf = command[command.index("-c") + 1]
     assert f"./deploy/nats.conf:{conf}:ro" in nats["volumes"]
-    assert set(nats["environment"]) == {natsauth.password_env(r) for r in natsauth.ROLES}
+    assert set(nats["environment"]) == {natsauth.password_env(u) for u in natsauth.COMPOSE_USERS}
     for value in nats["environment"].values():
         assert value.startswith("${")
         assert ":?" in value  # compose refuses to start without it
@@ -189,7 +206,7 @@ def test_committed_nats_config_is_what_nats_config_prints(
     assert committed == capsys.readouterr().out, "regenerate: switchboard nats-config > deploy/..."
     assert "password" in committed
     assert "pw-" not in committed  # no literal secret in a committed file
-    assert committed.count("$NATS_") == len(natsauth.ROLES)
+    assert committed.count("$NATS_") == len(natsauth.COMPOSE_USERS)
 
 
 def read_env(path: Path) -> dict[str, str]:
