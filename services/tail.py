@@ -6,12 +6,15 @@ import asyncio
 import datetime
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from schemas import codec
 from services.common.seq import Duplicate, Gap, InOrder, NewEpoch, SequenceTracker
+
+if TYPE_CHECKING:
+    from services.ops import NatsTarget
 
 
 class Filters(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,20 +123,27 @@ class TailFormatter:
 
 
 async def tail(
-    nats_url: str,
+    target: NatsTarget,
     pattern: str,
     *,
     filters: Filters,
     raw_json: bool,
     stop: asyncio.Event,
+    timeout_s: float = 5.0,
     write: Callable[[str], None] = print,
 ) -> None:
-    """Subscribe to pattern and print until stop is set."""
+    """Subscribe to pattern and print until stop is set (NatsConnectError if NATS is not there)."""
     import time
 
-    from services.common.bus import Bus
+    from services.common.run import cancel_and_wait, wait_stop_or
+    from services.ops import connect
 
-    bus = await Bus.connect(nats_url, "switchboard-tail")
+    connecting = asyncio.ensure_future(connect(target, "switchboard-tail", timeout_s))
+    await wait_stop_or(stop, connecting)  # Ctrl-C while NATS is not there yet
+    if not connecting.done():
+        await cancel_and_wait(connecting)
+        return
+    bus = connecting.result()
     formatter = TailFormatter(filters)
 
     async def on_msg(msg: Any) -> None:

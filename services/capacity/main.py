@@ -10,8 +10,10 @@ from services.capacity.config import CapacityConfig
 from services.capacity.core import CapacitySettings
 from services.capacity.shell import CapacityMetrics, CapacityService
 from services.common.bus import Bus
-from services.common.http import HttpServer, bind, ops_app
+from services.common.http import HttpServer, ops_app
+from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
+from services.common.ports import serving_socket
 from services.common.run import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ async def serve(
 ) -> None:
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     registry = new_registry()
-    bus = await Bus.connect(cfg.nats_url, "capacity")
+    bus = await Bus.connect(cfg.nats_url, "capacity", first_connect_s=cfg.nats_connect_timeout_s)
     try:
         kv = await bus.key_value(subjects.kv_bucket(cfg.kv_bucket), replicas=cfg.kv_replicas)
         service = CapacityService(
@@ -61,11 +63,13 @@ async def serve(
             view = service.view
             return {
                 "ok": bus.connected and service.follower.synced.is_set(),
+                "instance": cfg.instance,
                 "fleet_capacity": None if view is None else view.fleet.capacity,
                 "registry_seq": service.follower.mirror.position[1],
             }
 
-        http = HttpServer(ops_app(registry, health), bind(cfg.http_host, cfg.http_port))
+        sock = serving_socket(cfg.listen_fd, cfg.http_host, cfg.http_port)
+        http = HttpServer(ops_app(registry, health), sock, limits=HttpLimits.of(cfg))
         async with asyncio.TaskGroup() as tg:
             follower = tg.create_task(service.supervise())
             http_task = tg.create_task(http.serve())

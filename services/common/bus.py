@@ -1,4 +1,4 @@
-"""The one typed wrapper around nats-py: connect forever, publish, request, subscribe, KV.
+"""The one typed wrapper around nats-py: connect (bounded), publish, request, subscribe, KV.
 
 Connection trouble is surfaced to the service through callbacks, because NATS core drops messages
 silently on a slow consumer or a reconnect; sequence-tracking consumers treat both as a gap.
@@ -7,7 +7,10 @@ silently on a slow consumer or a reconnect; sequence-tracking consumers treat bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +23,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
+
+from schemas.subjects import DEFAULT_INBOX, SubjectError, inbox_prefix
+from services.common import natsauth
+from services.common.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,66 @@ def servers(url: str) -> list[str]:
     return found
 
 
+class NatsConnectError(ServiceError):
+    """The first connection to NATS failed: nothing answered in time, or it refused us."""
+
+
+def mask_url(url: str) -> str:
+    """The URL (or comma-separated URLs) with every password or token replaced by ***."""
+    return re.sub(r"://([^:@/,]*)(:[^@/,]*)?@", _mask_userinfo, url)
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, secret = match.group(1), match.group(2)
+    return f"://{user}:***@" if secret is not None else "://***@"  # no colon: a token
+
+
+def _inbox_for(user: str) -> str:
+    try:
+        return inbox_prefix(user)
+    except SubjectError:  # a user name no subject can hold: a NATS we did not configure
+        return DEFAULT_INBOX
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
+
+
+def _reason(exc: BaseException | None, waited_s: float) -> str:
+    if exc is None:
+        return f"no connection within {waited_s:g}s"
+    if _is_auth_error(exc):
+        return "authorization violation (wrong user or password)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})"
+    if isinstance(exc, TimeoutError | nats.errors.TimeoutError):
+        return f"no answer within {waited_s:g}s (is it a NATS server?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc).removeprefix("nats: ") or type(exc).__name__
+
+
+def connect_failure(url: str, source: str, waited_s: float, failures: list[BaseException]) -> str:
+    """Pure: one line saying which NATS we could not reach, why, and where its URL came from."""
+    auth = [e for e in failures if _is_auth_error(e)]
+    last = auth[-1] if auth else (failures[-1] if failures else None)
+    where = f" ({source})" if source else ""
+    return f"cannot reach NATS at {mask_url(url)}{where}: {_reason(last, waited_s)}"
+
+
+async def _abandon(bus: Bus, attempt: asyncio.Future[Any]) -> None:
+    """Stop a first connect that is still retrying and release what it holds."""
+    bus.closing = True
+    attempt.cancel()
+    await asyncio.wait({attempt}, timeout=1.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(bus.nc.close(), 1.0)
+
+
 class Bus:
     """A connected NATS client plus the callbacks a service registered for its trouble."""
 
@@ -56,6 +123,7 @@ class Bus:
         self._reconnect_listeners: list[Callback] = []
         self._error_listeners: list[ErrorCallback] = []
         self.closing = False
+        self.ready = False  # the first connect succeeded; trouble after it is logged
 
     @classmethod
     async def connect(
@@ -63,14 +131,29 @@ class Bus:
         url: str,
         name: str,
         *,
+        first_connect_s: float = 30.0,
         connect_timeout_s: float = 5.0,
+        source: str = "",
         user: str = "",
         password: str = "",
     ) -> Bus:
-        """Connect, retrying the first connection until it succeeds, and reconnect forever after."""
+        """Connect within first_connect_s (else NatsConnectError), then reconnect forever.
+
+        Refused credentials fail at once: retrying cannot fix them. source says where the URL
+        came from (e.g. "credentials from .switchboard/operator-url") for the error message.
+        Replies (requests, JetStream) arrive under the user's own inbox prefix, the only one its
+        permissions let it subscribe to (natsauth).
+        """
         bus = cls(Client())
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failures: list[BaseException] = []
 
         async def on_error(exc: Exception) -> None:
+            if not bus.ready:  # not connected yet: one line at the end, not one per retry
+                failures.append(exc)
+                if _is_auth_error(exc) and not first.done():
+                    first.set_result(None)
+                return
             level = logging.WARNING if isinstance(exc, SlowConsumerError) else logging.ERROR
             log.log(level, "nats error: %r", exc, extra={"subject": getattr(exc, "subject", "")})
             for listener in list(bus._error_listeners):
@@ -91,7 +174,7 @@ class Bus:
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
-            "connect_timeout": connect_timeout_s,
+            "connect_timeout": min(connect_timeout_s, first_connect_s),
             "error_cb": on_error,
             "disconnected_cb": on_disconnect,
             "reconnected_cb": on_reconnect,
@@ -100,16 +183,25 @@ class Bus:
         }
         if user:
             options.update(user=user, password=password)
-        delay = 0.2
-        while True:
-            try:
-                await bus.nc.connect(**options)
-                return bus
-            except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
-                log.warning("nats connect to %s failed (%r); retrying in %.1fs", url, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                bus = cls(Client())
+        options["inbox_prefix"] = _inbox_for(user or natsauth.user_of(url))
+        # nats-py retries a first connect forever with these options; the deadline and the
+        # credentials check bound it here.
+        attempt = asyncio.ensure_future(bus.nc.connect(**options))
+        try:
+            await asyncio.wait(
+                {attempt, first}, timeout=first_connect_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not attempt.done():
+                await _abandon(bus, attempt)
+            first.cancel()
+        error = None if attempt.cancelled() else attempt.exception()
+        if not attempt.cancelled() and error is None:
+            bus.ready = True
+            return bus
+        raise NatsConnectError(
+            connect_failure(url, source, first_connect_s, [*failures, *([error] if error else [])])
+        )
 
     def on_reconnect(self, listener: Callback) -> None:
         self._reconnect_listeners.append(listener)

@@ -23,6 +23,10 @@ SHARED_ENV = {
     "subject_prefix": "SUBJECT_PREFIX",
     "log_level": "LOG_LEVEL",
     "log_format": "LOG_FORMAT",
+    "nats_connect_timeout_s": "NATS_CONNECT_TIMEOUT_S",
+    # Set by `switchboard up` for its children, not by people.
+    "instance": "SWITCHBOARD_INSTANCE",
+    "listen_fd": "SWITCHBOARD_LISTEN_FD",
 }
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -35,6 +39,21 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     subject_prefix: str = "fleet"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    # The first connection gives up after this long (later ones are retried forever).
+    nats_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # Which `switchboard up` started this process; /healthz reports it, so `up` knows it is
+    # talking to its own child and not to another stack's on the same port.
+    instance: str = ""
+    # A socket `up` bound (and holds across restarts) for this process to serve on; -1: bind
+    # http_host:http_port here.
+    listen_fd: int = -1
+    # Every HTTP server's limits (services/common/http_limits.py): how long a client may take to
+    # send a request head, how long a request body may stall, how many connections are served at
+    # once (the next get a 503), and how large a request head may be (larger: 431).
+    http_header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    http_body_idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    http_max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    http_max_head_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
 
     def __post_init__(self) -> None:
         try:

@@ -6,17 +6,20 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas.codec import error_body
+from services.common.http_limits import HttpLimits, protocol_class, raise_fd_limit
 
 HealthCheck = Callable[[], Awaitable[dict[str, object]] | dict[str, object]]
 
@@ -36,6 +39,28 @@ def error_response(
         media_type="application/json",
         headers=headers,
     )
+
+
+_STARLETTE_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _starlette_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, wrong method) in the envelope, not plain text."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None  # 405: Allow
+    if status >= 500:
+        return error_response(status, "internal error", "server_error", "internal_error")
+    detail = exc.detail if isinstance(exc, HTTPException) else ""
+    code = _STARLETTE_CODES.get(status, "http_error")
+    return error_response(status, detail, "invalid_request_error", code, headers=headers)
+
+
+# Every service's Starlette app takes these: no error leaves any service outside the envelope.
+# (Exception: Starlette still logs the traceback and re-raises after answering.)
+ENVELOPE_ERRORS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: _starlette_error,
+    Exception: _starlette_error,
+}
 
 
 class GuardedStream(StreamingResponse):
@@ -95,7 +120,7 @@ def ops_routes(registry: CollectorRegistry, health: HealthCheck) -> list[BaseRou
 
 
 def ops_app(registry: CollectorRegistry, health: HealthCheck) -> Starlette:
-    return Starlette(routes=ops_routes(registry, health))
+    return Starlette(routes=ops_routes(registry, health), exception_handlers=ENVELOPE_ERRORS)
 
 
 class _Server(uvicorn.Server):
@@ -120,13 +145,26 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-class HttpServer:
-    """A uvicorn server on an already bound socket, run as a task, stopped gracefully."""
+DEFAULT_LIMITS = HttpLimits()
 
-    def __init__(self, app: ASGIApp, sock: socket.socket, keep_alive_s: int = 75) -> None:
+
+class HttpServer:
+    """uvicorn on an already bound socket, run as a task, stopped gracefully; see http_limits."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        sock: socket.socket,
+        keep_alive_s: int = 75,
+        limits: HttpLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.sock = sock
+        # room for every connection plus what the process holds besides (NATS, upstream pools)
+        raise_fd_limit(limits.max_connections + 1024)
         config = uvicorn.Config(
             app,
+            http=protocol_class(limits),
+            ws="none",  # no service speaks WebSocket; an upgraded one would escape the limits
             log_config=None,
             access_log=False,
             lifespan="off",

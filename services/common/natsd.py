@@ -19,6 +19,32 @@ from services.common.child import die_with_parent
 from services.common.errors import NatsServerError
 
 _LISTENING = re.compile(r"Listening for client connections on \S*?:(\d+)")
+# "[pid] 2026/01/02 15:04:05.000000 [INF] message"
+_LOG_LINE = re.compile(r"^\[\d+\] \S+ \S+ \[(\w+)\] ?(.*)$")
+_KEPT_INFO = (
+    (re.compile(r"^\s*Version:\s+(\S+)"), "nats-server v{}"),
+    (re.compile(r"^(Listening for client connections on \S+)"), "{}"),
+    (re.compile(r'^\s*Store Directory:\s+"?([^"]+)"?'), "JetStream store: {}"),
+)
+
+
+def brief(line: str) -> str | None:
+    """Pure: for people, a log line without pid and time, or None for routine chatter.
+
+    Of the startup banner only the version, listen address and JetStream store stay; every
+    warning and error stays.
+    """
+    match = _LOG_LINE.match(line)
+    if match is None:
+        return line
+    level, text = match.groups()
+    if level in ("WRN", "ERR", "FTL"):
+        return f"[{level}] {text}"
+    for pattern, shown in _KEPT_INFO:
+        kept = pattern.match(text)
+        if kept:
+            return shown.format(kept.group(1))
+    return None
 
 
 def nats_server_binary() -> str:
@@ -62,6 +88,8 @@ class NatsServer:
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
+        self._pump_thread: threading.Thread | None = None
+        self.last_error = ""  # the last [ERR]/[FTL] line: why a start failed
 
     @property
     def url(self) -> str:
@@ -72,14 +100,25 @@ class NatsServer:
         return None if self._proc is None else self._proc.pid
 
     def start(self, timeout_s: float = 15.0) -> str:
-        """Start and wait until a TCP connection is accepted; return the client URL."""
+        """Start and wait until a TCP connection is accepted; return the client URL.
+
+        Started again (after stop, kill or a crash) it takes the port it had, with the same data
+        dir and config: clients reconnect to the same address and JetStream finds its data.
+        """
+        self.spawn()
+        return self.wait_ready(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process without waiting: on the main thread (services/common/child.py)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [nats_server_binary(), "-a", self.host, "-p", str(self.requested_port)]
+        port = self.port or self.requested_port
+        argv = [nats_server_binary(), "-a", self.host, "-p", str(port)]
         argv += ["-js", "-sd", str(self.data_dir)]
         if self.config_file is not None:
             argv += ["-c", str(self.config_file)]
         argv += self.extra_args
         self._ready.clear()
+        self.last_error = ""
         self._proc = subprocess.Popen(
             argv,
             env=None if self.env is None else {**os.environ, **self.env},
@@ -90,18 +129,33 @@ class NatsServer:
             start_new_session=True,  # Ctrl-C reaches our owner, who stops us last
             preexec_fn=die_with_parent,
         )
-        threading.Thread(target=self._pump, args=(self._proc,), daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, args=(self._proc,), daemon=True)
+        self._pump_thread.start()
+
+    def wait_ready(self, timeout_s: float = 15.0) -> str:
+        """Block until the spawned server accepts connections (any thread); return its URL."""
+        proc = self._proc
+        if proc is None:
+            raise NatsServerError("nats-server is not running")
         deadline = time.monotonic() + timeout_s
         while not self._ready.wait(0.05):
-            if self._proc.poll() is not None:
+            if proc.poll() is not None:
+                if self._pump_thread is not None:
+                    self._pump_thread.join(1.0)  # its last words say why
+                why = f": {self.last_error}" if self.last_error else ""
                 raise NatsServerError(
-                    f"nats-server exited at start with code {self._proc.returncode}"
+                    f"nats-server exited at start with code {proc.returncode}{why}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
                 raise NatsServerError(f"nats-server not ready within {timeout_s}s")
         _wait_accepting(self.host, self.port, deadline)
         return self.url
+
+    def wait(self) -> int | None:
+        """Block until the running process exits; its exit code (None if none is running)."""
+        proc = self._proc
+        return None if proc is None else proc.wait()
 
     def _pump(self, proc: subprocess.Popen[str]) -> None:
         # Keep reading stderr for the server's whole life, or a full pipe would block it.
@@ -112,6 +166,9 @@ class NatsServer:
             if match and not self._ready.is_set():
                 self.port = int(match.group(1))
                 self._ready.set()
+            failed = _LOG_LINE.match(line)
+            if failed and failed.group(1) in ("ERR", "FTL"):
+                self.last_error = failed.group(2)
             if self.on_line is not None:
                 self.on_line(line)
 

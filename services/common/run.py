@@ -10,6 +10,8 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+from services.common.errors import ServiceError
+
 log = logging.getLogger(__name__)
 
 ServiceMain = Callable[[asyncio.Event], Awaitable[None]]
@@ -28,7 +30,10 @@ async def _main(service: ServiceMain) -> None:
 
 
 def run_service(service: ServiceMain) -> int:
-    """Run service(stop) on uvloop (if installed) until it returns; 0 if clean, 1 on a crash."""
+    """Run service(stop) on uvloop (if installed) until it returns; 0 if clean, 1 on a crash.
+
+    A ServiceError (NATS unreachable, a model that cannot load) is one log line, no traceback.
+    """
     try:
         import uvloop
 
@@ -38,6 +43,9 @@ def run_service(service: ServiceMain) -> int:
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_main(service))
+    except ServiceError as exc:  # raised on purpose with a message that says it all
+        log.error("%s", exc)
+        return 1
     except Exception:
         log.exception("service crashed")
         return 1

@@ -9,10 +9,13 @@ import aiohttp
 
 from schemas.subjects import Subjects
 from services.common.bus import Bus
-from services.common.http import HttpServer, bind
+from services.common.http import HttpServer
+from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
+from services.common.ports import serving_socket
 from services.common.run import cancel_and_wait
 from services.router.config import RouterConfig
+from services.router.core import PriorityCaps
 from services.router.http import create_app
 from services.router.proxy import Proxy
 from services.router.state import RouterMetrics, RouterState
@@ -34,7 +37,7 @@ async def serve(
 ) -> None:
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     registry = new_registry()
-    bus = await Bus.connect(cfg.nats_url, "router")
+    bus = await Bus.connect(cfg.nats_url, "router", first_connect_s=cfg.nats_connect_timeout_s)
     # keepalive shorter than the worker's; aiohttp enables TCP_NODELAY on its sockets.
     connector = aiohttp.TCPConnector(
         limit=cfg.upstream_pool_size,
@@ -66,6 +69,7 @@ async def serve(
         def health() -> dict[str, object]:
             return {
                 "ok": bus.connected,
+                "instance": cfg.instance,
                 "registry_synced": state.follower.synced.is_set(),
                 "capacity_known": state.capacity is not None,
                 "workers": len(state.view.records),
@@ -79,8 +83,12 @@ async def serve(
             metrics_registry=registry,
             health=health,
             dashboard_interval_s=cfg.dashboard_interval_s if cfg.dashboard else None,
+            priority_caps=PriorityCaps(default=cfg.max_priority, per_key=cfg.key_max_priority),
         )
-        http = HttpServer(app, bind(cfg.http_host, cfg.http_port, reuse_port=cfg.reuse_port))
+        sock = serving_socket(
+            cfg.listen_fd, cfg.http_host, cfg.http_port, reuse_port=cfg.reuse_port
+        )
+        http = HttpServer(app, sock, limits=HttpLimits.of(cfg))
         async with asyncio.TaskGroup() as tg:
             follower = tg.create_task(state.follower.run())
             capacity = tg.create_task(state.fetch_capacity())

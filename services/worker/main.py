@@ -10,8 +10,10 @@ from schemas.subjects import Subjects
 from services.common.admission import AdmissionLimits
 from services.common.bus import Bus
 from services.common.gate import Gate
-from services.common.http import HttpServer, bind
+from services.common.http import HttpServer
+from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
+from services.common.ports import serving_socket
 from services.common.run import cancel_and_wait
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
@@ -72,7 +74,7 @@ async def serve(
     metrics = WorkerMetrics(registry)
     hooks: list[Callable[[], None]] = []
     models = serve_models(cfg, engines, metrics, hooks)
-    sock = bind(cfg.http_host, cfg.http_port)
+    sock = serving_socket(cfg.listen_fd, cfg.http_host, cfg.http_port)
     url = cfg.advertise_url or f"http://{cfg.http_host}:{sock.getsockname()[1]}"
     lifecycle: Lifecycle | None = None
     bus: Bus | None = None
@@ -81,6 +83,7 @@ async def serve(
         status = "ready" if lifecycle is None else lifecycle.status.value
         return {
             "ok": True,
+            "instance": cfg.instance,
             "status": status,
             "url": url,
             "models": sorted(models),
@@ -93,10 +96,17 @@ async def serve(
         body_limit=cfg.request_body_limit,
         default_max_tokens=cfg.default_max_tokens,
     )
-    http = HttpServer(create_app(api, registry, health), sock, keep_alive_s=cfg.keep_alive_s)
+    http = HttpServer(
+        create_app(api, registry, health),
+        sock,
+        keep_alive_s=cfg.keep_alive_s,
+        limits=HttpLimits.of(cfg),
+    )
     try:
         if cfg.register:
-            bus = await Bus.connect(cfg.nats_url, "worker")
+            bus = await Bus.connect(
+                cfg.nats_url, "worker", first_connect_s=cfg.nats_connect_timeout_s
+            )
             lifecycle = Lifecycle(
                 bus,
                 Subjects.for_prefix(cfg.subject_prefix),
@@ -104,6 +114,7 @@ async def serve(
                 models,
                 labels=cfg.labels,
                 heartbeat_interval_s=cfg.heartbeat_interval_s,
+                principal=cfg.worker_principal,
             )
             hooks.append(lifecycle.dirty.set)
         async with asyncio.TaskGroup() as tg:

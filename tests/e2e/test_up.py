@@ -107,6 +107,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         env={
             **os.environ,
             "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": str(tmp_path / "xdg"),  # up's record of itself stays in tmp
             "WORKER_HEARTBEAT_INTERVAL_S": "0.3",
             "REGISTRY_HEARTBEAT_TTL_S": "1.5",
         },
