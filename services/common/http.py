@@ -90,6 +90,12 @@ class GuardedStream(StreamingResponse):
             await self.cleanup()
 
 
+async def disconnected(request: Request) -> None:
+    """Returns once the client has gone; only for after its body was read (uvicorn repeats it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def read_capped(request: Request, limit: int) -> bytes | None:
     """The body, or None when it exceeds limit (refused before reading it all)."""
     declared = request.headers.get("content-length", "")

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 from schemas import codec
 from schemas.inference import ModelCard, ModelList
 from services.common.gate import Abandoned, Rejected
-from services.common.http import ENVELOPE_ERRORS, HealthCheck, ops_routes, read_capped
+from services.common.http import ENVELOPE_ERRORS, HealthCheck, disconnected, ops_routes, read_capped
 from services.common.metrics import UNKNOWN
 from services.common.request_id import RequestIds
 from services.router.core import PriorityCaps, Refusal, UnknownModel, gateway_busy, refusal
@@ -131,7 +131,7 @@ def create_app(
         stack = contextlib.AsyncExitStack()
         try:
             gate = state.gate(model)
-            await stack.enter_async_context(gate.slot(priority, lambda: client_gone(request)))
+            await stack.enter_async_context(gate.slot(priority, lambda: disconnected(request)))
         except Rejected as rejected:
             finish(outcome, 503, "router", began)
             return router_refusal(
@@ -146,11 +146,6 @@ def create_app(
             finish(outcome, outcome.status, outcome.origin, began)
 
         return await proxy.forward(request.url.path, body, model, outcome, release)
-
-    async def client_gone(request: Request) -> None:
-        # The body is read already, so only a disconnect can end this (uvicorn repeats it).
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
     def finish(outcome: Outcome, status: int, origin: str, began: float) -> None:
         m = state.metrics

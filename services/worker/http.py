@@ -27,11 +27,12 @@ from schemas.inference import (
     SamplingFields,
 )
 from schemas.load import ModelLoad
-from services.common.gate import Gate, Rejected
+from services.common.gate import Abandoned, Gate, Rejected
 from services.common.http import (
     ENVELOPE_ERRORS,
     GuardedStream,
     HealthCheck,
+    disconnected,
     error_response,
     ops_routes,
     read_capped,
@@ -225,10 +226,13 @@ class WorkerApi:
         stack = contextlib.AsyncExitStack()
         arrived = time.perf_counter()
         try:
-            await stack.enter_async_context(served.gate.slot())
+            await stack.enter_async_context(served.gate.slot(gone=lambda: disconnected(request)))
         except Rejected as rejected:
             self.metrics.rejections.labels(req.model, rejected.busy.reason).inc()
             raise busy_error(rejected, req.model) from None
+        except Abandoned:  # left while queued here: its place is free, no engine work started
+            log.info("request", extra={"status": 499, "model": req.model, "finished": False})
+            return Response(status_code=499)
         started = time.perf_counter()
         job = engine.start(prompt, params)
 
@@ -298,11 +302,7 @@ class WorkerApi:
                 reason = chunk.finish_reason
             return "".join(parts), reason
 
-        async def client_gone() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        work, watch = asyncio.create_task(gather()), asyncio.create_task(client_gone())
+        work, watch = asyncio.create_task(gather()), asyncio.create_task(disconnected(request))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
             work.cancel()  # the client left: stop generating for nobody (cleanup cancels the job)

@@ -286,3 +286,35 @@ async def test_health_reports_the_heartbeats_load_and_503_once_draining(
         async with s.get(w.url + "/v1/nope") as resp:  # Starlette's own 404, in the envelope
             assert resp.status == 404
             assert_error_envelope(await resp.json(), "not_found")
+
+
+async def test_clients_leaving_the_workers_queue_free_it_and_start_no_job(
+    nats_url: str, prefix: str
+) -> None:
+    async with (
+        running_registry(nats_url, prefix),
+        running_worker(nats_url, prefix, max_in_flight=1, max_queue_depth=32, max_wait_s=60.0) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        gate = w.models["sim-model"].gate
+        hog = chat_body(max_tokens=2000) | {"stream": True}
+        async with s.post(w.url + CHAT, json=hog) as held:
+            await held.content.readany()
+            leavers = aiohttp.ClientSession()
+            waiting = [
+                asyncio.create_task(post(leavers, w.url + CHAT, chat_body())) for _ in range(10)
+            ]
+            await eventually(lambda: gate.core.queue_depth == 10)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            await leavers.close()
+            # well inside the 60 s wait: only the disconnects can have freed the places
+            await eventually(lambda: gate.core.queue_depth == 0, timeout_s=2)
+            assert gate.core.in_flight == 1
+        status, _, _ = await post(s, w.url + CHAT, chat_body())
+        assert status == 200
+        await eventually(gate.idle.is_set)
+        async with s.get(w.url + "/metrics") as resp:
+            done = 'switchboard_worker_request_duration_seconds_count{model="sim-model"} 2.0'
+            assert done in (await resp.text()).splitlines()  # the hog and the last: no leaver
