@@ -94,3 +94,14 @@ async def post(
         data = await resp.read()
         parsed = codec.decode(data, Any) if data.startswith(b"{") else data
         return resp.status, parsed, dict(resp.headers)
+
+
+async def queue_and_leave(url: str, payload: Any, n: int, queued: Callable[[], int]) -> None:
+    """n clients POST, wait until `queued()` counts all n, then all disconnect."""
+    async with aiohttp.ClientSession() as leavers:
+        waiting = [asyncio.create_task(post(leavers, url, payload)) for _ in range(n)]
+        await eventually(lambda: queued() == n)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    # the session is closed: every leaver's connection is gone

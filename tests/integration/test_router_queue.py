@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from services.common.gate import Gate
-from tests.helpers import eventually, post
+from tests.helpers import eventually, post, queue_and_leave
 from tests.integration.fleet_fixtures import fleet
 
 pytestmark = pytest.mark.integration
@@ -67,15 +67,7 @@ async def test_clients_leaving_the_queue_free_it_at_once_and_never_reach_a_worke
     async with one_slot_fleet(nats_url, prefix) as (router, (w,)), aiohttp.ClientSession() as s:
         gate = router.state.gate("sim-model")
         async with hog(router.url, gate):
-            leavers = aiohttp.ClientSession()
-            waiting = [
-                asyncio.create_task(post(leavers, router.url + CHAT, body())) for _ in range(20)
-            ]
-            await eventually(lambda: gate.core.queue_depth == 20)
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-            await leavers.close()  # every leaver's connection is closed now
+            await queue_and_leave(router.url + CHAT, body(), 20, lambda: gate.core.queue_depth)
             # well inside the 60 s queue wait: only the disconnects can have freed the places
             await eventually(lambda: gate.core.queue_depth == 0, timeout_s=2)
             assert gate.core.in_flight == 1  # the hog; nobody was admitted in the leavers' place

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from schemas.inference import ChatMessage
-from tests.helpers import assert_error_envelope, eventually, post
+from tests.helpers import assert_error_envelope, eventually, post, queue_and_leave
 from tests.integration.fleet_fixtures import running_worker
 from tests.integration.registry_fixtures import running_registry
 
@@ -300,15 +300,7 @@ async def test_clients_leaving_the_workers_queue_free_it_and_start_no_job(
         hog = chat_body(max_tokens=2000) | {"stream": True}
         async with s.post(w.url + CHAT, json=hog) as held:
             await held.content.readany()
-            leavers = aiohttp.ClientSession()
-            waiting = [
-                asyncio.create_task(post(leavers, w.url + CHAT, chat_body())) for _ in range(10)
-            ]
-            await eventually(lambda: gate.core.queue_depth == 10)
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-            await leavers.close()
+            await queue_and_leave(w.url + CHAT, chat_body(), 10, lambda: gate.core.queue_depth)
             # well inside the 60 s wait: only the disconnects can have freed the places
             await eventually(lambda: gate.core.queue_depth == 0, timeout_s=2)
             assert gate.core.in_flight == 1
