@@ -105,3 +105,22 @@ async def queue_and_leave(url: str, payload: Any, n: int, queued: Callable[[], i
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
     # the session is closed: every leaver's connection is gone
+
+
+def pid_with_args(*args: str) -> int:
+    """The one running process whose command line holds every one of args as a whole argument
+    (a service by its module and port; nats-server by its flags and port)."""
+    from pathlib import Path  # only this helper needs it
+
+    wanted = [a.encode() for a in args]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # it exited while we looked
+                continue
+            if all(a in argv for a in wanted):
+                found.append(int(entry.name))
+    assert len(found) == 1, f"{len(found)} processes with {args} on their command line"
+    return found[0]
