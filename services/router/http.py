@@ -22,6 +22,7 @@ from services.common.gate import Abandoned, Rejected
 from services.common.http import ENVELOPE_ERRORS, HealthCheck, disconnected, ops_routes, read_capped
 from services.common.metrics import UNKNOWN
 from services.common.request_id import RequestIds
+from services.common.sampled_log import SampledLog
 from services.router.core import PriorityCaps, Refusal, UnknownModel, gateway_busy, refusal
 from services.router.dashboard import dashboard_routes
 from services.router.proxy import Outcome, Proxy, router_refusal
@@ -58,6 +59,7 @@ def create_app(
 ) -> ASGIApp:
     """dashboard_interval_s None: no /dashboard."""
     keys = [k.encode() for k in api_keys]
+    refusals = SampledLog(log)
     caps = priority_caps or PriorityCaps()
 
     def key_matches(given: str) -> bool:
@@ -157,17 +159,18 @@ def create_app(
         m.duration.labels(outcome.label).observe(duration)
         if outcome.ttfb_s is not None:
             m.ttfb.labels(outcome.label).observe(outcome.ttfb_s)
-        log.info(
-            "request",
-            extra={
-                "model": outcome.model,
-                "status": status,
-                "origin": origin,
-                "worker_id": outcome.worker,
-                "attempts": outcome.attempts,
-                "duration_ms": round(duration * 1000, 2),
-            },
-        )
+        extra: dict[str, object] = {
+            "model": outcome.model,
+            "status": status,
+            "origin": origin,
+            "worker_id": outcome.worker,
+            "attempts": outcome.attempts,
+            "duration_ms": round(duration * 1000, 2),
+        }
+        if label == "busy":  # they come by the hundred when the fleet is full
+            refusals.info("request", extra)
+        else:
+            log.info("request", extra=extra)
 
     async def models(_: Request) -> Response:
         data = ModelList(data=[ModelCard(id=m) for m in state.view.models()])

@@ -38,6 +38,7 @@ from services.common.http import (
     read_capped,
 )
 from services.common.request_id import RequestIds
+from services.common.sampled_log import SampledLog
 from services.worker.engine import Engine, EngineError, Job, SamplingParams
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, usage
@@ -335,6 +336,8 @@ class WorkerApi:
 
 
 def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: HealthCheck) -> ASGIApp:
+    refusals = SampledLog(log)
+
     def handled(
         fn: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
@@ -342,7 +345,11 @@ def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: Heal
             try:
                 return await fn(request)
             except ApiError as exc:  # refused before generating: the request's only log line
-                log.info("request", extra={"status": exc.status, "code": exc.code})
+                extra: dict[str, object] = {"status": exc.status, "code": exc.code}
+                if exc.status == 503:  # busy: they come by the hundred when the worker is full
+                    refusals.info("request", extra)
+                else:
+                    log.info("request", extra=extra)
                 return exc.response()
 
         return wrapped
