@@ -19,7 +19,7 @@ from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
 from services.worker.demo_model import is_model_dir
 from services.worker.engine import EngineLimits, Job, SamplingParams
-from services.worker.exl2_loop import GeneratorLoop, sampler_settings
+from services.worker.exl2_loop import GeneratorLoop, needs_bias, sampler_settings
 from services.worker.memory import checkpoint_bytes, require_room
 from services.worker.template import ChatTemplate
 
@@ -54,6 +54,8 @@ class ExLlamaV2Engine:
         self._want_batch = max_batch
         self._want_context = max_context
         self.limits = EngineLimits(max_batch=max_batch, max_context=max_context or 2048)
+        self.vocab_size = 0  # known once loaded
+        self._logits_width = 0  # vocab_size padded as exllamav2's output layer pads it
         self.paged = False
         self._template: ChatTemplate | None = None
         self.tokenizer: Any = None
@@ -95,6 +97,11 @@ class ExLlamaV2Engine:
         cache = ExLlamaV2Cache(model, max_seq_len=cache_len, lazy=True)
         model.load_autosplit(cache, progress=False)
         self.tokenizer = ExLlamaV2Tokenizer(config)
+        self.vocab_size = int(config.vocab_size)
+        # token_bias is added to the logits element by element: it must be their exact width,
+        # which includes the padding the head adds (to a multiple of 32 in 0.2/0.3).
+        head = model.modules[-1]
+        self._logits_width = int(getattr(head, "out_features", round_up(self.vocab_size, 32)))
         self.generator = ExLlamaV2DynamicGenerator(
             model=model,
             cache=cache,
@@ -141,12 +148,18 @@ class ExLlamaV2Engine:
         return job
 
     def _new_job(self, ids: Any, params: SamplingParams, key: int) -> Any:
+        import torch
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
+        settings = ExLlamaV2Sampler.Settings(**sampler_settings(params))
+        if needs_bias(params):  # a job's own tensor: the loop edits it for completion penalties
+            settings.token_bias = torch.zeros((self._logits_width,), dtype=torch.float)
+            for token, bias in params.logit_bias:
+                settings.token_bias[token] = bias
         return ExLlamaV2DynamicJob(
             input_ids=ids,
             max_new_tokens=params.max_tokens,
-            gen_settings=ExLlamaV2Sampler.Settings(**sampler_settings(params)),
+            gen_settings=settings,
             seed=params.seed,
             stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
             identifier=key,

@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
+from services.worker import penalties
 from services.worker.demo_model import is_model_dir
 from services.worker.engine import CANCELLED, Chunk, EngineError, EngineLimits, Job, SamplingParams
 from services.worker.memory import available_ram_bytes, checkpoint_bytes, require_room
@@ -31,6 +32,7 @@ class TransformersEngine:
         self.model_id = model_id
         self._max_context = max_context
         self.limits = EngineLimits(max_batch=1, max_context=max_context or 2048)
+        self.vocab_size = 0  # known once loaded
         self.running = 0
         self.peak_running = 0
         self.steps = 0  # forward passes done (tests watch it stop after a cancel)
@@ -72,6 +74,7 @@ class TransformersEngine:
         self._cache_kwarg = cache_kwarg(self._model)
         context = int(getattr(self._model.config, "max_position_embeddings", 2048))
         self.limits = EngineLimits(max_batch=1, max_context=self._max_context or context)
+        self.vocab_size = int(self._model.config.vocab_size)  # the logits' width
 
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
@@ -134,7 +137,10 @@ class TransformersEngine:
                     input_ids=step_input, use_cache=True, **{self._cache_kwarg: cache}
                 )
                 self.steps += 1
-                token = sample(out.logits[0, -1], params, rng)
+                logits = out.logits[0, -1]
+                if penalties.active(params):
+                    logits = penalize(logits, ids, generated, params)
+                token = sample(logits, params, rng)
                 step_input = torch.tensor([[token]], dtype=torch.long)
                 if token in eos_ids:
                     job.push(Chunk(text=scanner.flush(), tokens=1, finish_reason="stop"))
@@ -168,6 +174,23 @@ def cache_kwarg(model: Any) -> str:
     every step would run without context, so the name is read from the signature.
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def penalize(logits: Any, prompt: list[int], completion: list[int], params: SamplingParams) -> Any:
+    """One step's logits (a 1-D tensor) after penalties.py's rule: only the tokens it touches
+    are read and written, so a large vocabulary costs nothing extra."""
+    import torch
+
+    width = logits.numel()
+    touched = {t: r for t, r in penalties.rules(prompt, completion, params).items() if t < width}
+    if not touched:
+        return logits
+    index = torch.tensor(list(touched), dtype=torch.long)
+    old = logits[index].tolist()
+    new = [penalties.penalized(v, r, params) for v, r in zip(old, touched.values(), strict=True)]
+    out = logits.clone()
+    out[index] = torch.tensor(new, dtype=logits.dtype)
+    return out
 
 
 def sample(logits: Any, params: SamplingParams, rng: Any) -> int:

@@ -12,9 +12,10 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from services.worker import penalties
 from services.worker.engine import CANCELLED, Chunk, EngineError, Job, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,56 @@ def sampler_settings(params: SamplingParams) -> dict[str, float | int]:
     are a chat UI's taste, not the OpenAI API's, and would make the GPU engine answer differently
     from the CPU one; so every one of them is set. top_k 0 and top_p 1.0 switch those filters
     off in exllamav2's sampler; temperature 0 is greedy (its Settings.greedy()).
+
+    repetition_penalty maps onto exllamav2's own over the whole sequence (range -1, no decay:
+    prompt and completion, as penalties.py). Its frequency and presence penalties stay 0: they
+    count the prompt's tokens too, OpenAI's do not, so CompletionPenalty does them through the
+    job's token_bias instead, as it does logit_bias (see needs_bias).
     """
+    penalty: dict[str, float | int] = {
+        "token_repetition_penalty": params.repetition_penalty,
+        "token_repetition_range": -1,
+        "token_repetition_decay": 0,
+        "token_frequency_penalty": 0.0,
+        "token_presence_penalty": 0.0,
+    }
     if params.temperature == 0:
-        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "token_repetition_penalty": 1.0}
+        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, **penalty}
     return {
         "temperature": params.temperature,
         "top_k": params.top_k,
         "top_p": params.top_p,
-        "token_repetition_penalty": 1.0,
+        **penalty,
     }
+
+
+def needs_bias(params: SamplingParams) -> bool:
+    """Whether a job needs a token_bias tensor (logit_bias, or OpenAI's completion penalties)."""
+    return bool(params.logit_bias or params.frequency_penalty or params.presence_penalty)
+
+
+class CompletionPenalty:
+    """OpenAI's frequency and presence penalties for one job, as changes to its token_bias.
+
+    After every generator step the tokens the job's sequence gained past the prompt are taken,
+    and each lowers its own bias by penalties.completion_penalty; exllamav2's sampler adds the
+    bias to the next step's logits, so the sum is exactly penalties.py's step 2.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_tokens: int) -> None:
+        self.params = params
+        self.done = prompt_tokens  # sequence positions already accounted for
+        self.counts: dict[int, int] = {}
+
+    def take(self, new_tokens: Sequence[int]) -> dict[int, float]:
+        """Bias changes (token -> amount to add) for tokens that follow those taken so far."""
+        changes: dict[int, float] = {}
+        for t in new_tokens:
+            before = self.counts.get(t, 0)
+            changes[t] = changes.get(t, 0.0) - penalties.completion_penalty(before, self.params)
+            self.counts[t] = before + 1
+        self.done += len(new_tokens)
+        return changes
 
 
 def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, int]:
@@ -64,12 +106,26 @@ def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, in
 class _Live:
     """A job the generator is running: ours, exllamav2's, and the tokens streamed so far."""
 
-    __slots__ = ("counted", "exjob", "job")
+    __slots__ = ("counted", "exjob", "job", "penalty")
 
-    def __init__(self, job: Job, exjob: Any) -> None:
+    def __init__(self, job: Job, exjob: Any, penalty: CompletionPenalty | None) -> None:
         self.job = job
         self.exjob = exjob
         self.counted = 0
+        self.penalty = penalty
+
+    def penalize(self) -> None:
+        """Fold the tokens sampled since the last step into the job's token_bias. Reads the
+        job's sequence, not the results: exllamav2 holds back the tokens of a possible stop
+        string, and the penalty must see them at once."""
+        if self.penalty is None:
+            return
+        sequence = self.exjob.sequences[0].sequence_ids.torch()
+        changes = self.penalty.take(sequence[0, self.penalty.done :].tolist())
+        bias = self.exjob.gen_settings.token_bias
+        for t, amount in changes.items():
+            if t < bias.shape[-1]:
+                bias[t] += amount
 
 
 class GeneratorLoop:
@@ -129,7 +185,10 @@ class GeneratorLoop:
             log.exception("exllamav2 refused a job")
             job.push(EngineError.of(exc))
             return
-        self._live[key] = _Live(job, exjob)
+        penalty = None
+        if params.frequency_penalty or params.presence_penalty:
+            penalty = CompletionPenalty(params, int(ids.shape[-1]))
+        self._live[key] = _Live(job, exjob, penalty)
 
     def _drop_cancelled(self) -> None:
         for key, live in list(self._live.items()):
@@ -148,8 +207,20 @@ class GeneratorLoop:
             return
         self.running = len(self.generator.active_jobs)
         self.peak_running = max(self.peak_running, self.running)
+        self._penalize()
         for result in results:
             self._deliver(result)
+
+    def _penalize(self) -> None:
+        """Update every job's completion penalties before the next iterate() samples again."""
+        for key, live in list(self._live.items()):
+            try:
+                live.penalize()
+            except Exception as exc:  # that job cannot be penalized as asked: it fails alone
+                log.exception("exllamav2 penalty update failed")
+                self.generator.cancel(live.exjob)
+                live.job.push(EngineError.of(exc))
+                del self._live[key]
 
     def _deliver(self, result: Mapping[str, Any]) -> None:
         live = self._live.get(result.get("identifier"))  # type: ignore[arg-type]

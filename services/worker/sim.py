@@ -1,8 +1,9 @@
 """Simulator engine: deterministic text at configurable speed, for tests and fleet-scale benches.
 
 A real Engine implementation (not a mock): it tokenizes, applies a chat template, enforces context
-limits, honours stop strings and max_tokens, runs up to max_batch sequences at once and slows down
-as the batch grows, so fleets of hundreds of workers fit on one machine.
+limits, honours stop strings, max_tokens, penalties and logit_bias (over VOCAB), runs up to
+max_batch sequences at once and slows down as the batch grows, so fleets of hundreds of workers
+fit on one machine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from schemas.inference import ChatMessage
+from services.worker import penalties
 from services.worker.engine import CANCELLED, Chunk, EngineLimits, Job, SamplingParams
 from services.worker.stops import StopScanner
 
@@ -52,6 +54,9 @@ _WORDS = tuple(
         "clients",
     ]
 )
+# The sim's vocabulary: token id i is the word VOCAB[i].
+VOCAB = tuple(dict.fromkeys(_WORDS))
+_IDS = {word: i for i, word in enumerate(VOCAB)}
 
 
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +75,7 @@ class SimEngine:
         self.limits = EngineLimits(
             max_batch=self.settings.max_batch, max_context=self.settings.max_context
         )
+        self.vocab_size = len(VOCAB)
         self.running = 0
         self.peak_running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,9 +97,17 @@ class SimEngine:
         task.add_done_callback(self._tasks.discard)
         return job
 
-    def _word(self, prompt: str, seed: int | None, i: int) -> str:
-        digest = hashlib.blake2b(f"{seed}|{prompt}|{i}".encode(), digest_size=4).digest()
-        return _WORDS[int.from_bytes(digest, "big") % len(_WORDS)]
+    def _token(
+        self, prompt: str, params: SamplingParams, context: list[int], completion: list[int]
+    ) -> int:
+        """Greedy over logits in [0, 1) hashed from (seed, prompt, position), after the
+        penalties and bias (so the request's knobs act on the sim as on a model)."""
+        key = f"{params.seed}|{prompt}|{len(completion)}".encode()
+        digest = hashlib.blake2b(key, digest_size=len(VOCAB)).digest()
+        logits = [b / 256 for b in digest]
+        if penalties.active(params):
+            logits = penalties.apply(logits, context, completion, params)
+        return max(range(len(VOCAB)), key=logits.__getitem__)  # the first of equals
 
     async def _run(self, job: Job, prompt: str, params: SamplingParams) -> None:
         s = self.settings
@@ -102,11 +116,14 @@ class SimEngine:
         try:
             await asyncio.sleep(s.ttft_s)
             scanner = StopScanner(params.stop)
+            context = [_IDS[w] for w in _TOKEN.findall(prompt) if w in _IDS]
+            completion: list[int] = []
             for i in range(params.max_tokens):
                 if job.cancelled:
                     job.push(CANCELLED)
                     return
-                out = scanner.feed((" " if i else "") + self._word(prompt, params.seed, i))
+                completion.append(self._token(prompt, params, context, completion))
+                out = scanner.feed((" " if i else "") + VOCAB[completion[-1]])
                 if scanner.stopped:
                     job.push(Chunk(text=out, tokens=1, finish_reason="stop"))
                     return

@@ -12,13 +12,20 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from services.worker.engine import Chunk, EngineError, Job, SamplingParams
-from services.worker.exl2_loop import GeneratorLoop, chunk_for, sampler_settings
+from services.worker.exl2_loop import (
+    CompletionPenalty,
+    GeneratorLoop,
+    chunk_for,
+    needs_bias,
+    sampler_settings,
+)
 from tests.helpers import eventually
 
 
@@ -85,21 +92,50 @@ def test_chunk_for(result: dict[str, Any], counted: int, chunk: Chunk | None, af
     assert chunk_for(result, counted) == (chunk, after)
 
 
+PENALTIES_OFF = {
+    "token_repetition_penalty": 1.0,
+    "token_repetition_range": -1,
+    "token_repetition_decay": 0,
+    "token_frequency_penalty": 0.0,
+    "token_presence_penalty": 0.0,
+}
+
+
 @pytest.mark.parametrize(
     ("params", "settings"),
     [
         (
             SamplingParams(max_tokens=8, temperature=0),
-            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "token_repetition_penalty": 1.0},
+            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, **PENALTIES_OFF},
         ),
         # OpenAI defaults: plain sampling, every exllamav2 filter and penalty off
         (
             SamplingParams(max_tokens=8),
-            {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "token_repetition_penalty": 1.0},
+            {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **PENALTIES_OFF},
         ),
         (
             SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=40, seed=3),
-            {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "token_repetition_penalty": 1.0},
+            {"temperature": 0.7, "top_k": 40, "top_p": 0.9, **PENALTIES_OFF},
+        ),
+        # repetition over the whole sequence (prompt too); exllamav2's frequency and presence
+        # penalties stay off whatever was asked (they would count the prompt): the token bias
+        # carries OpenAI's
+        (
+            SamplingParams(
+                max_tokens=8,
+                temperature=0,
+                repetition_penalty=1.3,
+                frequency_penalty=0.5,
+                presence_penalty=-1.0,
+                logit_bias=((5, 10.0),),
+            ),
+            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, **PENALTIES_OFF}
+            | {"token_repetition_penalty": 1.3},
+        ),
+        (
+            SamplingParams(max_tokens=8, temperature=1.2, repetition_penalty=0.9),
+            {"temperature": 1.2, "top_k": 0, "top_p": 1.0, **PENALTIES_OFF}
+            | {"token_repetition_penalty": 0.9},
         ),
     ],
 )
@@ -109,11 +145,67 @@ def test_sampler_settings_say_exactly_what_the_request_asked(
     assert sampler_settings(params) == settings
 
 
+@pytest.mark.parametrize(
+    ("knobs", "needs"),
+    [
+        ({}, False),
+        ({"repetition_penalty": 1.5}, False),  # exllamav2's own penalty, no bias
+        ({"logit_bias": ((1, -1.0),)}, True),
+        ({"frequency_penalty": 0.1}, True),
+        ({"presence_penalty": -0.1}, True),
+    ],
+)
+def test_needs_bias(knobs: dict[str, Any], needs: bool) -> None:
+    assert needs_bias(SamplingParams(max_tokens=1, **knobs)) is needs
+
+
+def test_completion_penalty_takes_each_new_token_once() -> None:
+    pen = CompletionPenalty(
+        SamplingParams(max_tokens=9, frequency_penalty=0.5, presence_penalty=2.0), 3
+    )
+    assert pen.done == 3
+    assert pen.take([7, 7, 8]) == {7: -(2.5 + 0.5), 8: -2.5}
+    assert pen.take([]) == {}
+    assert pen.take([8]) == {8: -0.5}
+    assert (pen.done, pen.counts) == (7, {7: 2, 8: 2})
+
+
+VOCAB = 8
+
+
+class ScriptedSequence:
+    """exllamav2's SeqTensor, the little of it the loop reads."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def torch(self) -> torch.Tensor:
+        return torch.tensor([self.ids], dtype=torch.long)
+
+
 class ScriptedJob:
-    def __init__(self, params: SamplingParams, key: int) -> None:
+    """A job whose model's logits are all 0: greedy picks the first token of the highest
+    token_bias, which exllamav2's sampler adds to the logits, so the bias decides."""
+
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams, key: int) -> None:
         self.identifier = key
         self.max_new_tokens = params.max_tokens
         self.new_tokens = 0
+        self.sequences = [SimpleNamespace(sequence_ids=ScriptedSequence(prompt[0].tolist()))]
+        bias = None
+        if needs_bias(params):  # as engine_exl2 builds it
+            bias = torch.zeros(VOCAB)
+            for token, amount in params.logit_bias:
+                bias[token] = amount
+        self.gen_settings = SimpleNamespace(token_bias=bias)
+
+    def sample(self) -> int:
+        logits = torch.zeros(VOCAB)
+        if self.gen_settings.token_bias is not None:
+            logits += self.gen_settings.token_bias
+        token = int(torch.argmax(logits))
+        self.sequences[0].sequence_ids.ids.append(token)
+        return token
 
 
 class ScriptedGenerator:
@@ -156,8 +248,9 @@ class ScriptedGenerator:
             results.append({"stage": "started", "identifier": job.identifier})
         for job in list(self.active_jobs):
             job.new_tokens += 1
-            r = {"stage": "streaming", "identifier": job.identifier, "text": "x", "eos": False}
-            r["token_ids"] = ids(1)
+            token = job.sample()
+            r = {"stage": "streaming", "identifier": job.identifier, "eos": False}
+            r.update(text=f"<{token}>", token_ids=torch.tensor([[token]]))
             if job.new_tokens == job.max_new_tokens:
                 r.update(eos=True, eos_reason="max_new_tokens", new_tokens=job.new_tokens)
                 self.active_jobs.remove(job)
@@ -173,10 +266,10 @@ class ScriptedGenerator:
         assert threading.current_thread() is not threading.main_thread()
 
 
-def make_job(_ids: Any, params: SamplingParams, key: int) -> ScriptedJob:
+def make_job(prompt: torch.Tensor, params: SamplingParams, key: int) -> ScriptedJob:
     if params.max_tokens <= 0:
         raise ValueError("max_new_tokens must be positive")
-    return ScriptedJob(params, key)
+    return ScriptedJob(prompt, params, key)
 
 
 @contextmanager
@@ -190,9 +283,9 @@ def generator_loop(max_batch: int = 16) -> Iterator[tuple[GeneratorLoop, Scripte
         loop.stop()
 
 
-def submit(loop: GeneratorLoop, max_tokens: int) -> Job:
+def submit(loop: GeneratorLoop, max_tokens: int, **knobs: Any) -> Job:
     job = Job(prompt_tokens=3)
-    loop.submit(job, ids(3), SamplingParams(max_tokens=max_tokens))
+    loop.submit(job, ids(3), SamplingParams(max_tokens=max_tokens, **knobs))
     return job
 
 
@@ -267,3 +360,44 @@ async def test_stop_cancels_what_is_in_flight() -> None:
         results = await asyncio.gather(*(collect(j) for j in jobs))
     assert [r[-1].finish_reason for r in results] == ["cancelled", "cancelled"]
     assert sorted(gen.cancelled) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("knobs", "tokens"),
+    [
+        ({}, [0, 0, 0, 0, 0, 0]),
+        ({"logit_bias": ((3, 5.0),)}, [3, 3, 3, 3, 3, 3]),
+        # each token once: the prompt's three 0s do not count (OpenAI's rule), so 0 comes first
+        ({"presence_penalty": 2.0}, [0, 1, 2, 3, 4, 5]),
+        ({"frequency_penalty": 1.0}, [0, 1, 2, 3, 4, 5]),
+        # frequency adds up: the biased 3 comes back until three uses cost more than its bias
+        ({"frequency_penalty": 1.0, "logit_bias": ((3, 2.5),)}, [3, 3, 3, 0, 1, 2]),
+        ({"presence_penalty": -1.0, "logit_bias": ((3, -0.5),)}, [0, 0, 0, 0, 0, 0]),
+    ],
+)
+async def test_completion_penalties_reach_the_next_step(
+    knobs: dict[str, Any], tokens: list[int]
+) -> None:
+    with generator_loop() as (loop, _):
+        chunks = await collect(submit(loop, 6, **knobs))
+    assert "".join(c.text for c in chunks) == "".join(f"<{t}>" for t in tokens)
+
+
+async def test_a_job_whose_penalty_fails_fails_alone() -> None:
+    def make(prompt: torch.Tensor, params: SamplingParams, key: int) -> ScriptedJob:
+        job = make_job(prompt, params, key)
+        if params.presence_penalty:
+            job.gen_settings.token_bias = None  # as if exllamav2 had dropped the tensor
+        return job
+
+    gen = ScriptedGenerator(16)
+    loop = GeneratorLoop(gen, make, name="exl2-test")
+    loop.start()
+    try:
+        good, bad = submit(loop, 5), submit(loop, 5, presence_penalty=1.0)
+        with pytest.raises(EngineError, match="AttributeError"):
+            await collect(bad)
+        assert sum(c.tokens for c in await collect(good)) == 5
+    finally:
+        loop.stop()
+    assert gen.cancelled == [2]
