@@ -17,6 +17,7 @@ Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
 
 
 class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,12 +53,14 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
-    # OpenAI features no engine here implements. Decoded so that a request asking for one is
-    # refused by name (see unsupported()) instead of answered as if it had not asked; their
-    # neutral values (0, null, false, {}) are accepted, since many clients always send them.
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, float] | None = None
+    # {"<token id>": bias}; the worker checks the ids against its model's vocabulary
+    logit_bias: dict[str, Bias] | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # vLLM's extension
+    # OpenAI features no engine here implements. Decoded so that a request asking for one is
+    # refused by name (see unsupported()) instead of answered as if it had not asked; their
+    # neutral values (0, null, false) are accepted, since many clients always send them.
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
 
@@ -69,9 +72,6 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     def unsupported(self) -> str | None:
         """The first parameter this request sets to something no engine here can do, if any."""
         asked = {
-            "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0,
-            "logit_bias": bool(self.logit_bias),
             # `is`, not ==: a completions request's logprobs=0 asks for the sampled token's
             "logprobs": self.logprobs is not None and self.logprobs is not False,
             "top_logprobs": bool(self.top_logprobs),
@@ -89,14 +89,27 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
 
     def _asked(self) -> dict[str, bool]:
         return {
             "tools": bool(self.tools),
             "functions": bool(self.functions),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "function_call": self.function_call not in (None, "none", "auto"),
             "response_format": (self.response_format or {}).get("type", "text") != "text",
+            "audio": self.audio is not None,
+            "modalities": self.modalities not in (None, ["text"]),
+            "web_search_options": self.web_search_options is not None,  # {} asks for search
+            # OpenAI refuses these on models that do not reason; none here does
+            "reasoning_effort": self.reasoning_effort is not None,
+            "verbosity": self.verbosity not in (None, "medium"),
         }
 
 

@@ -361,7 +361,7 @@ def _announce(opts: Any) -> None:
     print_prefixed(
         "up",
         f"try: curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
-        f'-d \'{{"model": "{name}", "stream": true, "messages": '
+        f'-d \'{{"model": "{name}", "stream": true, "max_tokens": 32, "messages": '
         f'[{{"role": "user", "content": "hi"}}]}}\'',
     )
     print_prefixed("up", f"live fleet page: {url}/dashboard")

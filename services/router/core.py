@@ -236,7 +236,7 @@ def gateway_busy(model: str, reason: str, retry_after_s: int) -> Refusal:
         status=503,
         message=f"the fleet is at capacity for model {model!r} ({why}); "
         f"retry after {retry_after_s}s",
-        type="rate_limit_error",
+        type="service_unavailable_error",  # 503, not 429: docs/worker.md, "Backpressure"
         code="rate_limit_exceeded",
         retry_after_s=retry_after_s,
     )

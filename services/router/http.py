@@ -176,6 +176,13 @@ def create_app(
         data = ModelList(data=[ModelCard(id=m) for m in state.view.models()])
         return Response(codec.encode(data), media_type="application/json")
 
+    async def model(request: Request) -> Response:
+        """One of the models /v1/models lists (those a Ready worker serves), else 404."""
+        name: str = request.path_params["model"]
+        if name not in state.view.models():
+            return router_refusal(refusal(UnknownModel(name)))
+        return Response(codec.encode(ModelCard(id=name)), media_type="application/json")
+
     async def readyz(_: Request) -> Response:
         ready = state.follower.synced.is_set() and not state.draining
         return JSONResponse(
@@ -193,6 +200,8 @@ def create_app(
         Route("/v1/chat/completions", guarded(completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
+        # :path, since model ids are Hugging Face names ("org/name")
+        Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
         Route("/readyz", readyz),
         Route("/health", health_probe),
         *ops_routes(metrics_registry, health),

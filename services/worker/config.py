@@ -32,7 +32,8 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     max_in_flight: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     max_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
     max_wait_s: Seconds = 30.0
-    default_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # The most a request naming no max_tokens gets; 0: the rest of the context (OpenAI's default).
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=64 << 20)] = 1 << 20
     heartbeat_interval_s: Seconds = 1.0
     drain_timeout_s: Seconds = 30.0

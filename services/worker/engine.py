@@ -19,6 +19,8 @@ from schemas.inference import ChatMessage
 class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_batch: int  # concurrent sequences the engine runs (the admission default max_in_flight)
     max_context: int  # prompt + completion tokens per sequence
+    # Chat image parts (image_url) reach the engine; False: they are refused, never dropped.
+    accepts_images: bool = False
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +30,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Penalties and logit bias: the rule every engine applies is services/worker/penalties.py.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extension; 1.0 is off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids checked < vocab_size
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +94,7 @@ class Engine(Protocol):
 
     model_id: str
     limits: EngineLimits
+    vocab_size: int  # token ids are 0..vocab_size-1 (logit_bias keys are checked against it)
 
     async def load(self) -> None:
         """Load weights (off the event loop); raise a clear error if impossible."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,9 +40,11 @@ from services.common.http import (
 )
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
+from services.worker import penalties
 from services.worker.engine import Engine, EngineError, Job, SamplingParams
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, usage
+from services.worker.template import IMAGE_PART, refused_part
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def busy_error(rejected: Rejected, model: str) -> ApiError:
     return ApiError(
         503,
         f"worker is at capacity for model {model} ({why}); retry after {busy.retry_after_s}s",
-        "rate_limit_error",
+        "service_unavailable_error",  # 503, not 429: see docs/worker.md, "Backpressure"
         "rate_limit_exceeded",
         headers={"Retry-After": str(busy.retry_after_s)},
     )
@@ -112,16 +115,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+# msgspec names a missing top-level field only in the message, without a `$.` path.
+_MISSING = re.compile(r"^Object missing required field `(\w+)`$")
+
+
 def decode_request(body: bytes, type_: type[Any]) -> Any:
     try:
         return codec.decode(body, type_)
     except msgspec.ValidationError as exc:
+        missing = _MISSING.match(str(exc))
         raise ApiError(
             400,
             f"invalid request: {exc}",
             "invalid_request_error",
             "invalid_value",
-            codec.error_field(str(exc)),
+            missing.group(1) if missing else codec.error_field(str(exc)),
         ) from None
     except msgspec.DecodeError as exc:
         raise ApiError(
@@ -136,8 +144,10 @@ class WorkerApi:
         metrics: WorkerMetrics,
         *,
         body_limit: int = 1 << 20,
-        default_max_tokens: int = 256,
+        default_max_tokens: int = 0,
     ) -> None:
+        """default_max_tokens: the most a request that names no max_tokens gets; 0: the rest of
+        the model's context, as OpenAI does."""
         self.models = models
         self.metrics = metrics
         self.body_limit = body_limit
@@ -156,19 +166,40 @@ class WorkerApi:
         return served
 
     def _params(
-        self, req: SamplingFields, engine: Engine, prompt_tokens: int, cap: int | None
+        self,
+        req: SamplingFields,
+        engine: Engine,
+        prompt_tokens: int,
+        cap: int | None,
+        prompt_param: str,
     ) -> SamplingParams:
-        room = engine.limits.max_context - prompt_tokens
-        wanted = cap if cap is not None else min(self.default_max_tokens, room)
-        if wanted > room or room <= 0:
+        context = engine.limits.max_context
+        room = context - prompt_tokens
+        if room <= 0:  # not one token of room: the prompt is at fault, whatever max_tokens says
+            raise ApiError(
+                400,
+                f"the prompt ({prompt_tokens} tokens) leaves no room in the model's context of "
+                f"{context} tokens",
+                "invalid_request_error",
+                "context_length_exceeded",
+                prompt_param,
+            )
+        wanted = cap if cap is not None else min(self.default_max_tokens or room, room)
+        if wanted > room:
             raise ApiError(
                 400,
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({wanted}) exceeds the "
-                f"model's context of {engine.limits.max_context} tokens",
+                f"model's context of {context} tokens",
                 "invalid_request_error",
                 "context_length_exceeded",
                 "max_tokens",
             )
+        try:
+            bias = penalties.parse_bias(req.logit_bias, engine.vocab_size)
+        except penalties.BadBias as exc:
+            raise ApiError(
+                400, str(exc), "invalid_request_error", "invalid_value", "logit_bias"
+            ) from None
         return SamplingParams(
             max_tokens=wanted,
             temperature=req.temperature,
@@ -176,6 +207,10 @@ class WorkerApi:
             top_k=req.top_k,
             seed=req.seed,
             stop=req.stop_strings(),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logit_bias=bias,
         )
 
     async def _decode(self, request: Request, type_: type[Any]) -> Any:
@@ -195,6 +230,18 @@ class WorkerApi:
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = await self._decode(request, ChatCompletionRequest)
         served = self._model(req.model)
+        images = served.engine.limits.accepts_images
+        refused = refused_part(req.messages, images)
+        if refused is not None:
+            where, kind = refused
+            takes = f"text and {IMAGE_PART}" if images else "text"
+            raise ApiError(
+                400,
+                f"{where} is a {kind!r} part; model {req.model} takes only {takes} parts",
+                "invalid_request_error",
+                "unsupported_content",
+                where,
+            )
         prompt = served.engine.chat_prompt(req.messages)
         cap = req.max_completion_tokens or req.max_tokens
         return await self._generate(request, served, req, prompt, cap, chat=True)
@@ -217,7 +264,9 @@ class WorkerApi:
         chat: bool,
     ) -> Response:
         engine = served.engine
-        params = self._params(req, engine, engine.count_tokens(prompt), cap)
+        params = self._params(
+            req, engine, engine.count_tokens(prompt), cap, "messages" if chat else "prompt"
+        )
         shape = Shape(
             chat=chat,
             id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
@@ -334,6 +383,11 @@ class WorkerApi:
         cards = [ModelCard(id=name) for name in sorted(self.models)]
         return Response(codec.encode(ModelList(data=cards)), media_type="application/json")
 
+    async def get_model(self, request: Request) -> Response:
+        name: str = request.path_params["model"]
+        self._model(name)
+        return Response(codec.encode(ModelCard(id=name)), media_type="application/json")
+
 
 def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: HealthCheck) -> ASGIApp:
     refusals = SampledLog(log)
@@ -358,6 +412,8 @@ def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: Heal
         Route("/v1/chat/completions", handled(api.chat), methods=["POST"]),
         Route("/v1/completions", handled(api.completions), methods=["POST"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
+        # :path, since model ids are Hugging Face names ("org/name")
+        Route("/v1/models/{model:path}", handled(api.get_model), methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         *ops_routes(metrics_registry, health),
     ]

@@ -1,4 +1,5 @@
-"""Chat templates from a model's tokenizer_config.json, rendered with sandboxed Jinja (no torch)."""
+"""Chat templates from a model's tokenizer_config.json, rendered with sandboxed Jinja (no torch);
+which message content parts a model can take."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas.inference import ChatMessage
+
+IMAGE_PART = "image_url"
 
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -52,3 +55,16 @@ def _token(value: object) -> str:
     if isinstance(value, dict):
         return str(value.get("content", ""))
     return "" if value is None else str(value)
+
+
+def refused_part(messages: Sequence[ChatMessage], accepts_images: bool) -> tuple[str, str] | None:
+    """Where the first content part the model cannot take is (`messages[i].content[j]`) and its
+    type. Text always goes; images only to a model that takes them; audio, files and any other
+    part are refused rather than dropped, which would answer a question that was not asked."""
+    allowed = {"text", IMAGE_PART} if accepts_images else {"text"}
+    for i, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type not in allowed:
+                    return f"messages[{i}].content[{j}]", part.type
+    return None

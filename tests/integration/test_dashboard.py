@@ -98,7 +98,11 @@ async def test_feed_streams_the_fleet_and_follows_a_status_change(
         assert last.registry_seq > 0
 
         # A request through the router shows up as this router's gateway load for the model.
-        body = {"model": "sim-model", "messages": [{"role": "user", "content": "x"}]}
+        body = {
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 4,
+        }
         async with s.post(router.url + "/v1/chat/completions", json=body) as reply:
             assert reply.status == 200
         await eventually(lambda: "sim-model" in (feed.last.gateway if feed.last else {}))

@@ -176,7 +176,11 @@ async def test_up_starts_the_stack_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
         bus = await Bus.connect(operator_url, "probe")
         await bus.flush()
         await bus.close()
-        body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+        body = {
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        }
         async with aiohttp.ClientSession() as s:
             for p in (worker_port, worker_port + 1, router_port):
                 async with s.post(f"http://127.0.0.1:{p}/v1/chat/completions", json=body) as r:

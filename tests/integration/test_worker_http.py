@@ -53,7 +53,7 @@ async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix
         rejected_in = time.perf_counter() - began
         assert status == 503
         assert rejected_in < 0.5, rejected_in  # a full queue answers at once, not after max_wait
-        assert_error_envelope(body, "rate_limit_exceeded", "rate_limit_error")
+        assert_error_envelope(body, "rate_limit_exceeded", "service_unavailable_error")
         assert int(headers["Retry-After"]) >= 1
         results = await asyncio.gather(*slow)
         # two ran; two waited 0.8 s without a slot (30 tokens at 20/s = 1.5 s) and timed out
@@ -234,10 +234,10 @@ async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str)
         assert plain.choices[0].message.content == full.choices[0].message.content
         with pytest.raises(openai.BadRequestError) as refused:
             await client.chat.completions.create(
-                model="alpha", messages=messages, max_tokens=7, frequency_penalty=0.5
+                model="alpha", messages=messages, max_tokens=7, logprobs=True
             )
         assert refused.value.code == "unsupported_parameter"
-        assert refused.value.param == "frequency_penalty"
+        assert refused.value.param == "logprobs"
         text = await client.completions.create(model="beta", prompt="once upon", max_tokens=4)
         assert text.usage is not None
         assert text.usage.completion_tokens == 4
@@ -310,3 +310,127 @@ async def test_clients_leaving_the_workers_queue_free_it_and_start_no_job(
         async with s.get(w.url + "/metrics") as resp:
             done = 'switchboard_worker_request_duration_seconds_count{model="sim-model"} 2.0'
             assert done in (await resp.text()).splitlines()  # the hog and the last: no leaver
+
+
+TEXT = "/v1/completions"
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+FILE = {"type": "file", "file": {"file_id": "file-1"}}
+
+
+def parts(*content: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": "look"}, *content]}
+
+
+async def test_refusals_name_the_field_at_fault(nats_url: str, prefix: str) -> None:
+    too_long = " ".join(["w"] * 64)  # the sim counts a token per word: the context is 64
+    cases: list[tuple[str, dict[str, Any], str, str]] = [
+        (CHAT, {"model": "sim-model"}, "invalid_value", "messages"),
+        (TEXT, {"model": "sim-model"}, "invalid_value", "prompt"),
+        (CHAT, {"messages": [parts()]}, "invalid_value", "model"),
+        (
+            CHAT,
+            {"model": "sim-model", "messages": [parts(IMAGE)]},
+            "unsupported_content",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            {"model": "sim-model", "messages": [parts(), parts(AUDIO)]},
+            "unsupported_content",
+            "messages[1].content[1]",
+        ),
+        (
+            CHAT,
+            {"model": "sim-model", "messages": [{"role": "user", "content": [FILE]}]},
+            "unsupported_content",
+            "messages[0].content[0]",
+        ),
+        (CHAT, chat_body(max_tokens=61), "context_length_exceeded", "max_tokens"),
+        (
+            CHAT,
+            {"model": "sim-model", "messages": [{"role": "user", "content": too_long}]},
+            "context_length_exceeded",
+            "messages",
+        ),
+        (TEXT, {"model": "sim-model", "prompt": too_long}, "context_length_exceeded", "prompt"),
+        # features no engine here has: named, never answered as if not asked
+        *(
+            (CHAT, chat_body() | {field: value}, "unsupported_parameter", field)
+            for field, value in [
+                ("audio", {"voice": "alloy", "format": "wav"}),
+                ("modalities", ["text", "audio"]),
+                ("web_search_options", {}),
+                ("function_call", {"name": "f"}),
+                ("reasoning_effort", "low"),
+                ("verbosity", "low"),
+            ]
+        ),
+    ]
+    async with (
+        running_worker(nats_url, prefix, register=False, sim_max_context=64) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        got = []
+        for path, body, _, _ in cases:
+            status, data, _ = await post(s, w.url + path, body)
+            error = data["error"] if status == 400 else {}
+            got.append((status, error.get("type"), error.get("code"), error.get("param")))
+        assert got == [(400, "invalid_request_error", code, param) for *_, code, param in cases]
+        # text parts are served, and so are the neutral values of the fields above
+        neutral = {"modalities": ["text"], "function_call": "auto", "verbosity": "medium"}
+        status, _, _ = await post(
+            s, w.url + CHAT, {"model": "sim-model", "messages": [parts()], **neutral}
+        )
+        assert status == 200
+        # image parts too, once the engine says it takes them
+        engine = w.models["sim-model"].engine
+        engine.limits = msgspec.structs.replace(engine.limits, accepts_images=True)
+        status, _, _ = await post(
+            s, w.url + CHAT, {"model": "sim-model", "messages": [parts(IMAGE)]}
+        )
+        assert status == 200
+        status, data, _ = await post(
+            s, w.url + CHAT, {"model": "sim-model", "messages": [parts(IMAGE, AUDIO)]}
+        )
+        assert (status, data["error"]["param"]) == (400, "messages[0].content[2]")
+
+
+async def test_default_max_tokens_is_the_rest_of_the_context(nats_url: str, prefix: str) -> None:
+    # a context well over the 256 tokens that once were the default
+    fast = {"sim_max_context": 600, "sim_tokens_per_s": 1e6, "sim_ttft_s": 0.0}
+    chat = {"model": "sim-model", "messages": [{"role": "user", "content": "hi there"}]}
+    text = {"model": "sim-model", "prompt": "once upon a time"}
+    async with aiohttp.ClientSession() as s:
+        async with running_worker(nats_url, prefix, register=False, **fast) as w:
+            for path, body in ((CHAT, chat), (TEXT, text)):
+                status, data, _ = await post(s, w.url + path, body)
+                assert status == 200, data
+                assert data["usage"]["total_tokens"] == 600  # filled the context
+                assert data["choices"][0]["finish_reason"] == "length"
+        # a configured cap still bounds it
+        async with running_worker(
+            nats_url, prefix, register=False, default_max_tokens=5, **fast
+        ) as w:
+            status, data, _ = await post(s, w.url + CHAT, chat)
+            assert (status, data["usage"]["completion_tokens"]) == (200, 5)
+
+
+async def test_retrieve_a_model(nats_url: str, prefix: str) -> None:
+    async with (
+        running_worker(nats_url, prefix, register=False, models=("alpha", "org/beta")) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(w.url + "/v1/models") as resp:
+            listed = (await resp.json())["data"]
+        for card in listed:
+            async with s.get(w.url + "/v1/models/" + card["id"]) as resp:
+                assert resp.status == 200
+                assert await resp.json() == card
+        assert set(listed[0]) == {"id", "object", "created", "owned_by"}
+        assert listed[0]["object"] == "model"
+        async with s.get(w.url + "/v1/models/nope") as resp:
+            assert resp.status == 404
+            body = await resp.json()
+        assert_error_envelope(body, "model_not_found", "invalid_request_error")
+        assert body["error"]["param"] == "model"

@@ -310,10 +310,19 @@ TEXT_BASE: dict[str, Any] = {"model": "m", "prompt": "hi"}
         ),
         (CHAT_BASE, {"tool_choice": "none", "functions": None, "logprobs": None}, None),
         (TEXT_BASE, {"echo": False, "best_of": 1, "suffix": "", "logprobs": None}, None),
+        # penalties and logit_bias are served (their values are checked elsewhere)
+        (
+            CHAT_BASE,
+            {
+                "presence_penalty": 0.5,
+                "frequency_penalty": -1,
+                "repetition_penalty": 1.2,
+                "logit_bias": {"50256": -100},
+            },
+            None,
+        ),
+        (TEXT_BASE, {"presence_penalty": 2, "logit_bias": {"7": 100}}, None),
         # anything that asks for a feature no engine has is named
-        (CHAT_BASE, {"presence_penalty": 0.5}, "presence_penalty"),
-        (CHAT_BASE, {"frequency_penalty": -1}, "frequency_penalty"),
-        (CHAT_BASE, {"logit_bias": {"50256": -100}}, "logit_bias"),
         (CHAT_BASE, {"logprobs": True}, "logprobs"),
         (CHAT_BASE, {"top_logprobs": 3}, "top_logprobs"),
         (CHAT_BASE, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -339,6 +348,37 @@ def test_unsupported_openai_features_are_named(
     assert req.unsupported() == param
 
 
-def test_penalties_out_of_range_fail_validation_by_name() -> None:
-    with pytest.raises(msgspec.ValidationError, match="presence_penalty"):
-        msgspec.convert({**CHAT_BASE, "presence_penalty": 3}, ChatCompletionRequest)
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"presence_penalty": -2.01}, "presence_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+        ({"logit_bias": {"5": -101}}, "logit_bias"),
+        ({"logit_bias": {"5": "x"}}, "logit_bias"),
+        ({"logit_bias": [5]}, "logit_bias"),
+    ],
+)
+def test_penalties_out_of_range_fail_validation_by_name(extra: dict[str, Any], param: str) -> None:
+    for base, type_ in ((CHAT_BASE, ChatCompletionRequest), (TEXT_BASE, CompletionRequest)):
+        with pytest.raises(msgspec.ValidationError) as failed:
+            codec.decode(codec.encode({**base, **extra}), type_)
+        assert codec.error_field(str(failed.value)) == param
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"presence_penalty": -2, "frequency_penalty": 2},
+        {"repetition_penalty": 1e-6},
+        {"repetition_penalty": 50},
+        {"logit_bias": {"0": -100, "5": 100, "x": 0}},  # keys are the worker's to check
+    ],
+)
+def test_penalties_in_range_decode(extra: dict[str, Any]) -> None:
+    req = codec.decode(codec.encode({**CHAT_BASE, **extra}), ChatCompletionRequest)
+    assert {k: getattr(req, k) for k in extra} == extra
