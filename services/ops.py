@@ -59,7 +59,7 @@ def forget_state_dir(state_dir: Path, environ: Mapping[str, str]) -> None:
 
 
 def _saved(state_dir: Path, how: str) -> NatsTarget:
-    saved = state_dir / "operator-url"
+    saved = state_dir / natsauth.OPERATOR_URL_FILE
     try:
         return NatsTarget(saved.read_text().strip(), f"credentials from {saved}")
     except OSError:
@@ -84,11 +84,11 @@ def find_nats(
         return _saved(Path(environ["SWITCHBOARD_STATE_DIR"]), "SWITCHBOARD_STATE_DIR")
     try:
         last_up = Path(pointer_file(environ).read_text().strip())
-        if (last_up / "operator-url").is_file():
+        if (last_up / natsauth.OPERATOR_URL_FILE).is_file():
             return _saved(last_up, f"recorded in {pointer_file(environ)}")
     except OSError:
         pass
-    if (Path(DEFAULT_STATE_DIR) / "operator-url").is_file():
+    if (Path(DEFAULT_STATE_DIR) / natsauth.OPERATOR_URL_FILE).is_file():
         return _saved(Path(DEFAULT_STATE_DIR), "in this directory")
     return NatsTarget(DEFAULT_NATS_URL, "the default: no running `switchboard up` found")
 

@@ -545,10 +545,10 @@ def _start_nats(
     users: Sequence[str] = natsauth.ROLES,
 ) -> tuple[NatsServer | None, str, dict[str, str]]:
     """The embedded nats-server with one NATS user per service role and per worker (unless
-    nats_url is given); records the operator's URL in state_dir/operator-url either way, for
+    nats_url is given); records the operator's URL in state_dir (OPERATOR_URL_FILE) either way, for
     `switchboard status` and friends."""
     if nats_url is not None:
-        private_file(state_dir / "operator-url", nats_url + "\n")
+        private_file(state_dir / natsauth.OPERATOR_URL_FILE, nats_url + "\n")
         return None, nats_url, {}
     passwords = {user: secrets.token_urlsafe(18) for user in users}
     config = private_file(state_dir / "nats.conf", natsauth.render_config(prefix, passwords))
@@ -572,11 +572,11 @@ def _start_nats(
             raise StartError(f"port {nats_port} is in use (--nats-port)") from None
         raise StartError(str(exc)) from None
     operator = natsauth.url_for(nats_url, "operator", passwords["operator"])
-    private_file(state_dir / "operator-url", operator + "\n")
+    private_file(state_dir / natsauth.OPERATOR_URL_FILE, operator + "\n")
     printer("up", f"embedded nats-server ready at {nats_url} (JetStream in {state_dir / 'nats'})")
     printer(
         "up",
         "one NATS user per service role and per worker; operator credentials: "
-        f"{state_dir / 'operator-url'}",
+        f"{state_dir / natsauth.OPERATOR_URL_FILE}",
     )
     return nats, nats_url, passwords

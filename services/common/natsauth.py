@@ -17,6 +17,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 from schemas.subjects import Subjects, inbox_prefix, token
 
+# In `up`'s state dir: the NATS URL with the operator's credentials, written by `up` and read by
+# `switchboard status`, `tail` and `drain`.
+OPERATOR_URL_FILE = "operator-url"
 ROLES = ("registry", "capacity", "worker", "router", "operator")
 # Users named after their role; every other user is a worker principal.
 SERVICE_USERS = ("registry", "capacity", "router", "operator")
