@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -26,11 +24,6 @@ def new_registry() -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
-
-
-def bounded(value: str, known: Collection[str]) -> str:
-    """value as a label only if it is one of known; a client must not mint label values."""
-    return value if value in known else UNKNOWN
 
 
 class BusMetrics:

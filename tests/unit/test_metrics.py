@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
 from services.capacity.shell import CapacityMetrics
-from services.common.metrics import PREFIX, UNKNOWN, bounded, new_registry
+from services.common.metrics import PREFIX, new_registry
 from services.registry.shell import RegistryMetrics
 from services.router.state import RouterMetrics
 from services.worker.metrics import WorkerMetrics
@@ -42,8 +42,3 @@ def test_process_collector_on_and_created_series_off() -> None:
     assert "python_info" in text
     assert "_created" not in text
     assert 'switchboard_router_request_duration_seconds_count{model="m"} 1.0' in text
-
-
-def test_a_label_value_outside_the_known_set_is_unknown() -> None:
-    assert bounded("llama", {"llama", "qwen"}) == "llama"
-    assert bounded("x" * 1000, {"llama"}) == UNKNOWN
