@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +93,19 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.worker.demo_model import make_demo_model
 
     return make_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+@pytest.fixture
+async def hf_worker(nats_url: str, prefix: str, demo_dir: Path) -> AsyncIterator[Any]:
+    """An unregistered transformers worker serving the demo checkpoint as model "demo"."""
+    from tests.integration.fleet_fixtures import running_worker
+
+    async with running_worker(
+        nats_url,
+        prefix,
+        register=False,
+        engine="transformers",
+        model_dir=str(demo_dir),
+        models=("demo",),
+    ) as w:
+        yield w

@@ -108,9 +108,7 @@ async def test_sim_invalid_values_are_400_naming_the_param(
         assert data["error"]["param"] == param
 
 
-async def test_transformers_logit_bias_and_penalties(
-    nats_url: str, prefix: str, demo_dir: Path
-) -> None:
+async def test_transformers_logit_bias_and_penalties(hf_worker: Any, demo_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(demo_dir), local_files_only=True)
@@ -118,17 +116,8 @@ async def test_transformers_logit_bias_and_penalties(
     def ids(text: str) -> list[int]:
         return list(tok.encode(text, add_special_tokens=False))
 
-    async with (
-        running_worker(
-            nats_url,
-            prefix,
-            register=False,
-            engine="transformers",
-            model_dir=str(demo_dir),
-            models=("demo",),
-        ) as w,
-        aiohttp.ClientSession() as s,
-    ):
+    w = hf_worker
+    async with aiohttp.ClientSession() as s:
         first = ids(await answer(s, w.url, ask("demo", 1)))
         assert len(first) == 1, first  # one whole token: its text encodes back to its id
         plain = await answer(s, w.url, ask("demo", 16))

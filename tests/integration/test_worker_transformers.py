@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,19 +22,6 @@ from tests.engine_contract import MESSAGES, check_cancel_on_disconnect, check_st
 from tests.integration.fleet_fixtures import running_worker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def hf_worker(nats_url: str, prefix: str, demo_dir: Path) -> AsyncIterator[Any]:
-    async with running_worker(
-        nats_url,
-        prefix,
-        register=False,
-        engine="transformers",
-        model_dir=str(demo_dir),
-        models=("demo",),
-    ) as w:
-        yield w
 
 
 @contextmanager
