@@ -258,7 +258,7 @@ class Registry:
                 self._refused_heartbeat(principal, load.worker_id, now)
         elif load.worker_id in self.state.records:
             self.heard_at[load.worker_id] = now
-            # bounded by the records: a removed worker's entry goes with the next removal check
+            # bounded: removed workers' entries are dropped once they outnumber the live ones
             if len(self.heard_at) > 2 * len(self.state.records) + 16:
                 self.heard_at = {k: v for k, v in self.heard_at.items() if k in self.state.records}
 
