@@ -43,7 +43,7 @@ COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY services ./services
 RUN pip install --no-deps --no-build-isolation .
-# The worker's demo checkpoint goes to ./.switchboard/demo-model (services/worker/engines.py):
+# The worker's demo checkpoint goes to ./.switchboard/demo-model (services/worker/engines/select.py):
 # compose mounts a named volume here, which starts as a copy of this directory, owner included.
 RUN useradd --create-home switchboard && install -d -o switchboard /app/.switchboard
 USER switchboard

@@ -131,7 +131,7 @@ class Stack:
         self.hogs: list[Conn] = []
 
     async def start(self) -> None:
-        from services.common.natsd import NatsServer
+        from services.cli.natsd import NatsServer
 
         nats = NatsServer(self.tmp / "js")
         self.procs.append(nats)

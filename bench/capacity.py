@@ -29,8 +29,8 @@ from schemas.registry import (
 from schemas.subjects import Subjects
 from services.capacity.config import CapacityConfig
 from services.capacity.main import serve
+from services.cli.natsd import NatsServer
 from services.common.bus import Bus, Message, reply
-from services.common.natsd import NatsServer
 from services.common.run import start_in_process
 
 S = WorkerStatus

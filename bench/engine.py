@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.inference import ChatMessage
-from services.worker.engine import SamplingParams
+from services.worker.engines.base import SamplingParams
 
 PROMPT = [ChatMessage(role="user", content="Route this request to the least busy worker.")]
 
@@ -77,20 +77,20 @@ def raw_exl2_rate(engine: Any, prompt: str, streams: int, tokens: int) -> float:
 
 
 async def main(kind: str, model_dir: Path | None, tokens: int) -> None:
-    from services.worker.demo_model import make_demo_model
-    from services.worker.engine_exl2 import cuda_ready
+    from services.worker.engines.demo_model import make_demo_model
+    from services.worker.engines.exl2 import cuda_ready
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = model_dir or make_demo_model(Path(tmp) / "demo")
         if kind == "auto":
             kind = "exllamav2" if cuda_ready()[0] else "transformers"
         if kind == "exllamav2":
-            from services.worker.engine_exl2 import ExLlamaV2Engine
+            from services.worker.engines.exl2 import ExLlamaV2Engine
 
             engine: Any = ExLlamaV2Engine(directory, "bench", max_batch=16)
             raw = raw_exl2_rate
         else:
-            from services.worker.engine_hf import TransformersEngine
+            from services.worker.engines.hf import TransformersEngine
 
             engine = TransformersEngine(directory, "bench")
             raw = raw_hf_rate

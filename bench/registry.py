@@ -14,8 +14,8 @@ from pathlib import Path
 
 from schemas.registry import RegisterRequest, SetStatusRequest, WorkerSpec, WorkerStatus
 from schemas.subjects import Subjects
+from services.cli.natsd import NatsServer
 from services.common.bus import Bus
-from services.common.natsd import NatsServer
 from services.common.run import start_in_process
 from services.registry.client import RegistryClient
 from services.registry.config import RegistryConfig

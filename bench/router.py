@@ -103,8 +103,8 @@ def ensure_peers() -> bool:
 async def start_switchboard(backend: str, procs: list[subprocess.Popen[bytes]], tmp: Path) -> str:
     from schemas.registry import SetStatusRequest, UpsertRequest, WorkerSpec, WorkerStatus
     from schemas.subjects import Subjects
+    from services.cli.natsd import NatsServer
     from services.common.bus import Bus
-    from services.common.natsd import NatsServer
     from services.registry.client import RegistryClient
     from services.registry.core import HEARTBEAT_LABEL
 

@@ -17,9 +17,9 @@ import aiohttp
 
 from services.common.run import start_in_process
 from services.worker.config import WorkerConfig
-from services.worker.engine import SamplingParams
+from services.worker.engines.base import SamplingParams
+from services.worker.engines.sim import SimEngine, SimSettings
 from services.worker.main import RunningWorker, serve
-from services.worker.sim import SimEngine, SimSettings
 
 
 def pct(values: list[float], q: float) -> float:

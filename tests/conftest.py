@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from services.cli.natsd import NatsServer
 from services.common.bus import Bus
-from services.common.natsd import NatsServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -90,7 +90,7 @@ def state_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo checkpoint (random fp16 Llama + trained BPE tokenizer), built once per session."""
-    from services.worker.demo_model import make_demo_model
+    from services.worker.engines.demo_model import make_demo_model
 
     return make_demo_model(tmp_path_factory.mktemp("demo") / "model")
 

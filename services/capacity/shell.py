@@ -19,9 +19,9 @@ from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
 from schemas.subjects import Subjects
 from services.capacity.core import CapacitySettings, changed, compute_view
 from services.common.bus import KV, Bus, Message, reply
-from services.common.follower import RegistryFollower
 from services.common.metrics import BusMetrics
 from services.common.seq import Sequencer
+from services.registry.follower import RegistryFollower
 
 log = logging.getLogger(__name__)
 FLEET = "*"

@@ -13,7 +13,8 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import nats
 import nats.errors
@@ -24,11 +25,34 @@ from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from schemas import codec
 from schemas.subjects import DEFAULT_INBOX, SubjectError, inbox_prefix
-from services.common import natsauth
 from services.common.errors import ServiceError
+from services.common.logging import clip
+from services.common.metrics import BusMetrics
+from services.common.sampled_log import SampledLog
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", covariant=True)
+
+
+class Decoder(Protocol[T]):
+    def decode(self, data: bytes) -> T: ...
+
+
+_rejects = SampledLog(log)
+
+
+def decode_or_reject(decoder: Decoder[T], data: bytes, metrics: BusMetrics, label: str) -> T | None:
+    """The message, or None after counting it under `label` and logging why (sampled, clipped):
+    a bad message costs a line and a count, never the subscription."""
+    try:
+        return decoder.decode(data)
+    except codec.DecodeError as exc:
+        metrics.rejected.labels(label).inc()
+        _rejects.info("bad message ignored", {"subject": label, "error": clip(str(exc))})
+        return None
+
 
 Callback = Callable[[], Awaitable[None]]
 ErrorCallback = Callable[[Exception], Awaitable[None]]
@@ -57,6 +81,16 @@ def servers(url: str) -> list[str]:
 
 class NatsConnectError(ServiceError):
     """The first connection to NATS failed: nothing answered in time, or it refused us."""
+
+
+def user_of(url: str) -> str:
+    """The user name in a NATS URL (the first server that names one), "" when there is none or
+    the URL holds a token (no password): a token names no user."""
+    for server in url.split(","):
+        parts = urlsplit(server.strip())
+        if parts.username and parts.password is not None:
+            return unquote(parts.username)
+    return ""
 
 
 def mask_url(url: str) -> str:
@@ -183,7 +217,7 @@ class Bus:
         }
         if user:
             options.update(user=user, password=password)
-        options["inbox_prefix"] = _inbox_for(user or natsauth.user_of(url))
+        options["inbox_prefix"] = _inbox_for(user or user_of(url))
         # nats-py retries a first connect forever with these options; the deadline and the
         # credentials check bound it here.
         attempt = asyncio.ensure_future(bus.nc.connect(**options))

@@ -4,40 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
+import msgspec
 import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from schemas import codec
 from schemas.codec import error_body
+from services.common.errors import ApiError, Refused, invalid
 from services.common.http_limits import HttpLimits, protocol_class, raise_fd_limit
 
+T = TypeVar("T")
 HealthCheck = Callable[[], Awaitable[dict[str, object]] | dict[str, object]]
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    """Every HTTP error leaves through here: the OpenAI envelope, JSON."""
+def error_response(err: ApiError, headers: Mapping[str, str] | None = None) -> Response:
+    """Every HTTP error leaves through here: the OpenAI envelope, JSON, and any Retry-After."""
+    all_headers = dict(headers or {})
+    if err.retry_after_s is not None:
+        all_headers["Retry-After"] = str(err.retry_after_s)
     return Response(
-        error_body(message, type_, code, param),
-        status_code=status,
+        error_body(err.message, err.type, err.code, err.param),
+        status_code=err.status,
         media_type="application/json",
-        headers=headers,
+        headers=all_headers,
     )
 
 
@@ -49,15 +51,25 @@ async def _starlette_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None  # 405: Allow
     if status >= 500:
-        return error_response(status, "internal error", "server_error", "internal_error")
+        internal = ApiError(
+            status=status, message="internal error", type="server_error", code="internal_error"
+        )
+        return error_response(internal)
     detail = exc.detail if isinstance(exc, HTTPException) else ""
     code = _STARLETTE_CODES.get(status, "http_error")
-    return error_response(status, detail, "invalid_request_error", code, headers=headers)
+    refused = ApiError(status=status, message=detail, type="invalid_request_error", code=code)
+    return error_response(refused, headers)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refused)
+    return error_response(exc.error)
 
 
 # Every service's Starlette app takes these: no error leaves any service outside the envelope.
 # (Exception: Starlette still logs the traceback and re-raises after answering.)
 ENVELOPE_ERRORS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    Refused: _refused,
     HTTPException: _starlette_error,
     Exception: _starlette_error,
 }
@@ -107,6 +119,91 @@ async def read_capped(request: Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body; Refused 413 past `limit`, 499 when the client leaves mid-body (answered
+    for the log line only: nobody is left to read it)."""
+    try:
+        body = await read_capped(request, limit)
+    except ClientDisconnect:
+        raise Refused(
+            ApiError(
+                status=499,
+                message="client left before sending the whole body",
+                type="invalid_request_error",
+                code="client_gone",
+            )
+        ) from None
+    if body is None:
+        raise Refused(
+            ApiError(
+                status=413,
+                message=f"request body exceeds {limit} bytes",
+                type="invalid_request_error",
+                code="request_too_large",
+            )
+        )
+    return body
+
+
+# msgspec names a missing top-level field only in the message, without a `$.` path.
+_MISSING = re.compile(r"^Object missing required field `(\w+)`$")
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    """JSON body to `type_`; Refused 400 (invalid_json, or invalid_value naming the field)."""
+    try:
+        return codec.decode(body, type_)
+    except msgspec.ValidationError as exc:
+        missing = _MISSING.match(str(exc))
+        param = missing.group(1) if missing else codec.error_field(str(exc))
+        raise Refused(invalid(f"invalid request: {exc}", "invalid_value", param)) from None
+    except msgspec.DecodeError as exc:
+        raise Refused(invalid(f"malformed JSON body: {exc}", "invalid_json")) from None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class BearerAuth:
+    """`Authorization: Bearer <token>` against a set of tokens; no tokens: everyone is let in."""
+
+    def __init__(self, tokens: Iterable[str], what: str = "API key") -> None:
+        self.tokens = [t.encode() for t in tokens if t]
+        self.what = what
+
+    def token(self, request: Request) -> str | None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return given if scheme.lower() == "bearer" else None
+
+    def matches(self, given: str) -> bool:
+        # Compare against every token (no early exit) so timing says nothing about which matched.
+        results = [hmac.compare_digest(given.encode(), token) for token in self.tokens]
+        return any(results)
+
+    def allows(self, request: Request) -> bool:
+        if not self.tokens:
+            return True
+        given = self.token(request)
+        return given is not None and self.matches(given)
+
+    def unauthorized(self) -> Response:
+        refused = ApiError(
+            status=401,
+            message=f"missing or invalid {self.what}",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+        return error_response(refused, {"WWW-Authenticate": "Bearer"})
+
+    def guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            if not self.allows(request):
+                return self.unauthorized()
+            return await handler(request)
+
+        return guarded
 
 
 def ops_routes(registry: CollectorRegistry, health: HealthCheck) -> list[BaseRoute]:

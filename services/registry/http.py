@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -28,14 +27,18 @@ from schemas.registry import (
     WorkerSpec,
     WorkerStatus,
 )
+from services.common.errors import ApiError, Refused, invalid
 from services.common.http import (
     ENVELOPE_ERRORS,
+    BearerAuth,
     HealthCheck,
+    decode_body,
     error_response,
     ops_routes,
-    read_capped,
+    read_body,
 )
 
+T = TypeVar("T")
 Dispatch = Callable[[str, Any], Awaitable[CommandReply]]
 
 # The one table from typed registry errors to HTTP.
@@ -54,21 +57,16 @@ class StatusPatch(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
 def to_response(result: CommandReply, created_status: int = 200) -> Response:
     if isinstance(result, CommandError):
-        return error_response(
-            ERROR_STATUS[result.code],
-            result.message,
-            ERROR_TYPE[result.code],
-            result.code,
-            result.field,
+        err = ApiError(
+            status=ERROR_STATUS[result.code],
+            message=result.message,
+            type=ERROR_TYPE[result.code],
+            code=result.code,
+            param=result.field,
         )
+        return error_response(err)
     assert isinstance(result, CommandOk)
     if result.worker is None:
         body = codec.encode({"workers": result.workers})
@@ -78,19 +76,8 @@ def to_response(result: CommandReply, created_status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-async def read_json(request: Request, type_: type[Any], limit: int) -> Any:
-    try:
-        body = await read_capped(request, limit)
-    except ClientDisconnect:  # left mid-body: answered for form's sake, nobody reads it
-        raise BadRequest(499, "client left before sending the whole body") from None
-    if body is None:
-        raise BadRequest(413, f"request body larger than {limit} bytes")
-    try:
-        return codec.decode(body, type_)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(400, f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
+async def read_json(request: Request, type_: type[T], limit: int) -> T:
+    return decode_body(await read_body(request, limit), type_)
 
 
 def _path_id(request: Request) -> str:
@@ -98,7 +85,7 @@ def _path_id(request: Request) -> str:
     try:
         return msgspec.convert({"id": worker_id}, GetRequest).id
     except msgspec.ValidationError as exc:
-        raise BadRequest(400, f"invalid worker id: {exc}", "id") from None
+        raise Refused(invalid(f"invalid worker id: {exc}", "invalid_value", "id")) from None
 
 
 def create_app(
@@ -111,36 +98,8 @@ def create_app(
 ) -> Starlette:
     """The admin API; every /workers route needs `Authorization: Bearer <admin_token>` if set."""
 
-    def authorized(request: Request) -> bool:
-        if not admin_token:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.encode(), admin_token.encode()
-        )
-
-    def guarded(
-        handler: Callable[[Request], Awaitable[Response]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def wrapped(request: Request) -> Response:
-            if not authorized(request):
-                return error_response(
-                    401,
-                    "missing or wrong admin bearer token",
-                    "authentication_error",
-                    "invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                code = "request_too_large" if exc.status == 413 else "invalid"
-                return error_response(
-                    exc.status, str(exc), "invalid_request_error", code, exc.param
-                )
-
-        return wrapped
+    auth = BearerAuth([admin_token], what="admin bearer token")
+    guarded = auth.guard
 
     async def collection(request: Request) -> Response:
         if request.method == "GET":

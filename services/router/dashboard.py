@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from schemas import codec
 from schemas.dashboard import FleetSnapshot
 from services.common.http import GuardedStream
-from services.router.state import RouterState
+from services.router.shell import RouterState
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ from starlette.types import ASGIApp
 
 from schemas import codec
 from schemas.inference import ModelCard, ModelList
-from services.common.gate import Abandoned, Rejected
+from services.admission.gate import Abandoned, Rejected
 from services.common.http import ENVELOPE_ERRORS, HealthCheck, disconnected, ops_routes, read_capped
 from services.common.metrics import UNKNOWN
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
 from services.router.core import PriorityCaps, Refusal, UnknownModel, gateway_busy, refusal
 from services.router.dashboard import dashboard_routes
-from services.router.proxy import Outcome, Proxy, router_refusal
-from services.router.state import RouterState
+from services.router.forward import Outcome, Proxy, router_refusal
+from services.router.shell import RouterState
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from services.common.ports import serving_socket
 from services.common.run import cancel_and_wait
 from services.router.config import RouterConfig
 from services.router.core import PriorityCaps
+from services.router.forward import Proxy
 from services.router.http import create_app
-from services.router.proxy import Proxy
-from services.router.state import RouterMetrics, RouterState
+from services.router.shell import RouterMetrics, RouterState
 
 log = logging.getLogger(__name__)
 

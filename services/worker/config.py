@@ -10,7 +10,7 @@ import msgspec
 
 from schemas.base import ModelId
 from schemas.subjects import SubjectError, token
-from services.common import natsauth
+from services.common.bus import user_of
 from services.common.config import Port, ServiceConfig, load_config
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -64,7 +64,7 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
 
     @property
     def worker_principal(self) -> str:
-        return self.principal or natsauth.user_of(self.nats_url) or DEFAULT_PRINCIPAL
+        return self.principal or user_of(self.nats_url) or DEFAULT_PRINCIPAL
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> WorkerConfig:

@@ -28,7 +28,8 @@ from schemas.inference import (
     SamplingFields,
 )
 from schemas.load import ModelLoad
-from services.common.gate import Abandoned, Gate, Rejected
+from services.admission.gate import Abandoned, Gate, Rejected
+from services.common.errors import ApiError as Problem
 from services.common.http import (
     ENVELOPE_ERRORS,
     GuardedStream,
@@ -40,11 +41,11 @@ from services.common.http import (
 )
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
-from services.worker import penalties
-from services.worker.engine import Engine, EngineError, Job, SamplingParams
+from services.worker.engines import penalties
+from services.worker.engines.base import Engine, EngineError, Job, SamplingParams
+from services.worker.engines.template import IMAGE_PART, refused_part
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, usage
-from services.worker.template import IMAGE_PART, refused_part
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ class ApiError(Exception):
         )
 
     def response(self) -> Response:
-        return error_response(
-            self.status, str(self), self.type, self.code, self.param, self.headers
+        err = Problem(
+            status=self.status, message=str(self), type=self.type, code=self.code, param=self.param
         )
+        return error_response(err, self.headers)
 
 
 def busy_error(rejected: Rejected, model: str) -> ApiError:

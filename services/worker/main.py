@@ -7,20 +7,20 @@ import logging
 from collections.abc import Callable
 
 from schemas.subjects import Subjects
-from services.common.admission import AdmissionLimits
+from services.admission.core import AdmissionLimits
+from services.admission.gate import Gate
 from services.common.bus import Bus
-from services.common.gate import Gate
 from services.common.http import HttpServer
 from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
 from services.common.ports import serving_socket
 from services.common.run import cancel_and_wait
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine
-from services.worker.engines import build_engines
+from services.worker.engines.base import Engine
+from services.worker.engines.select import build_engines
 from services.worker.http import ServedModel, WorkerApi, create_app
-from services.worker.lifecycle import Lifecycle
 from services.worker.metrics import WorkerMetrics
+from services.worker.shell import Lifecycle
 
 log = logging.getLogger(__name__)
 

@@ -93,7 +93,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "services.cli.main",
         "up",
         "--engine",
         "sim",

@@ -35,7 +35,7 @@ def test_compose_stack_serves_a_chat_completion(
 
     from testcontainers.compose import DockerCompose
 
-    from services.ops import write_compose_env
+    from services.cli.ops import write_compose_env
 
     secrets = write_compose_env(tmp_path / ".env")
     for line in secrets.read_text().splitlines():  # what `switchboard compose-env` gives a user

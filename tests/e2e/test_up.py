@@ -16,7 +16,7 @@ import pytest
 
 from schemas import codec
 from schemas.dashboard import FleetSnapshot
-from services.common.natsd import NatsServer
+from services.cli.natsd import NatsServer
 from tests.helpers import eventually, free_port, free_port_range
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +48,7 @@ class Stack:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.cli",
+            "services.cli.main",
             *args,
             "--nats-url",
             self.nats.url,
@@ -84,7 +84,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "services.cli.main",
         "up",
         "--nats-url",
         nats.url,

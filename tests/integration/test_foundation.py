@@ -15,8 +15,8 @@ from schemas import codec
 from schemas.base import Envelope
 from schemas.registry import WorkerRecord, WorkerRegistered, WorkerStatus
 from schemas.subjects import Subjects
+from services.cli.natsd import NatsServer
 from services.common.bus import Bus, KeyWrongLastSequenceError, NoRespondersError, reply
-from services.common.natsd import NatsServer
 from tests.helpers import eventually, free_port, free_port_range
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ def test_embedded_server_restarts_with_its_data(tmp_path: Path) -> None:
 
 
 def _switchboard(*args: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "services.cli.main", *args]
 
 
 async def _read_until(

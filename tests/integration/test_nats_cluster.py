@@ -11,8 +11,8 @@ import pytest
 
 from schemas.registry import CommandOk, RegisterRequest, WorkerSpec
 from schemas.subjects import Subjects
+from services.cli.natsd import NatsServer
 from services.common.bus import Bus, NoRespondersError, RequestTimeout, servers
-from services.common.natsd import NatsServer
 from services.registry.client import RegistryClient
 from tests.helpers import eventually, free_port
 from tests.integration.registry_fixtures import running_registry

@@ -32,9 +32,9 @@ from schemas.registry import (
     WorkerStatus,
 )
 from schemas.subjects import Subjects
-from services.common import natsauth
-from services.common.bus import Bus, Message
-from services.common.natsd import NatsServer
+from services.cli import natsauth
+from services.cli.natsd import NatsServer
+from services.common.bus import Bus, Message, user_of
 from services.common.seq import Sequencer
 from services.registry.client import RegistryClient
 from tests.helpers import eventually
@@ -162,9 +162,9 @@ def test_rendered_config_names_every_user() -> None:
     }
     assert worker["subscribe"] == {"allow": ["_INBOX_worker-1.>"]}
     assert natsauth.url_for("nats://h:4222", "worker", "p@ss/") == "nats://worker:p%40ss%2F@h:4222"
-    assert natsauth.user_of("nats://worker-1:p%40ss@h:4222,nats://h2:4222") == "worker-1"
-    assert natsauth.user_of("nats://a-token@h:4222") == ""  # a token names no user
-    assert natsauth.user_of("nats://h:4222") == ""
+    assert user_of("nats://worker-1:p%40ss@h:4222,nats://h2:4222") == "worker-1"
+    assert user_of("nats://a-token@h:4222") == ""  # a token names no user
+    assert user_of("nats://h:4222") == ""
     assert natsauth.role_of("worker-gpu") == "worker"
     assert natsauth.role_of("router") == "router"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common import natsauth
-from services.common.natsd import NatsServer
+from services.cli import natsauth
+from services.cli.natsd import NatsServer
 from tests.helpers import free_port, free_port_range
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ async def start(tmp_path: Path, *args: str, cwd: Path | None = None) -> asyncio.
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "services.cli.main",
         *args,
         cwd=cwd,
         env=cli_env(tmp_path),
@@ -227,7 +227,7 @@ async def test_a_missing_model_directory_names_the_flag(tmp_path: Path) -> None:
 
 
 async def test_exllamav2_without_a_gpu_is_one_line(tmp_path: Path) -> None:
-    from services.worker.engine_exl2 import cuda_ready
+    from services.worker.engines.exl2 import cuda_ready
 
     if cuda_ready()[0]:
         pytest.skip("this machine can run exllamav2")

@@ -19,7 +19,7 @@ async def cli(nats_url: str, prefix: str, *args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "services.cli.main",
         *args,
         "--nats-url",
         nats_url,

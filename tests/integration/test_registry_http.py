@@ -108,11 +108,11 @@ async def test_admin_api_walk_with_token(nats_url: str, prefix: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "payload", "status", "code"),
     [
-        ("POST", "/workers", b"{oops", 400, "invalid"),
-        ("POST", "/workers", b'{"url": "ftp://x", "models": []}', 400, "invalid"),
+        ("POST", "/workers", b"{oops", 400, "invalid_json"),
+        ("POST", "/workers", b'{"url": "ftp://x", "models": []}', 400, "invalid_value"),
         ("POST", "/workers", b"x" * 70000, 413, "request_too_large"),
-        ("GET", "/workers/bad.id", None, 400, "invalid"),
-        ("PATCH", "/workers/w1", b'{"status": "asleep"}', 400, "invalid"),
+        ("GET", "/workers/bad.id", None, 400, "invalid_value"),
+        ("PATCH", "/workers/w1", b'{"status": "asleep"}', 400, "invalid_value"),
     ],
 )
 async def test_admin_api_bad_input(

@@ -27,8 +27,8 @@ from schemas.registry import (
     WorkerStatusChanged,
 )
 from schemas.subjects import Subjects
+from services.cli.natsd import NatsServer
 from services.common.bus import KV, Bus
-from services.common.natsd import NatsServer
 from services.registry.client import RegistryClient
 from services.registry.main import RunningRegistry
 from tests.helpers import assert_error_envelope, eventually, free_port, post

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.common.gate import Gate
+from services.admission.gate import Gate
 from tests.helpers import eventually, post, queue_and_leave
 from tests.integration.fleet_fixtures import fleet
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from services.common.child import MAX_LINE_BYTES
+from services.cli.child import MAX_LINE_BYTES
+from services.cli.supervisor import Liveness, RestartBudget, ServiceSpec, supervise
 from services.common.http import bind
-from services.supervisor import Liveness, RestartBudget, ServiceSpec, supervise
 from tests.helpers import eventually, free_port
 
 pytestmark = pytest.mark.integration

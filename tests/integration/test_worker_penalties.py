@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from services.worker.sim import VOCAB
+from services.worker.engines.sim import VOCAB
 from tests.helpers import assert_error_envelope, post
 from tests.integration.fleet_fixtures import fleet, running_worker
 

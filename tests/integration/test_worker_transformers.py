@@ -14,10 +14,10 @@ import msgspec
 import pytest
 
 from schemas.inference import ChatMessage
-from services.worker.demo_model import is_model_dir
-from services.worker.engine import SamplingParams
-from services.worker.engine_hf import TransformersEngine
-from services.worker.template import ChatTemplate
+from services.worker.engines.base import SamplingParams
+from services.worker.engines.demo_model import is_model_dir
+from services.worker.engines.hf import TransformersEngine
+from services.worker.engines.template import ChatTemplate
 from tests.engine_contract import MESSAGES, check_cancel_on_disconnect, check_stream_and_usage
 from tests.integration.fleet_fixtures import running_worker
 
@@ -116,7 +116,7 @@ async def test_exllamav2_without_cuda_is_a_clear_error(
     nats_url: str, prefix: str, demo_dir: Path
 ) -> None:
     from services.common.errors import ConfigError
-    from services.worker.engine_exl2 import cuda_ready
+    from services.worker.engines.exl2 import cuda_ready
 
     if cuda_ready()[0]:
         pytest.skip("this machine has CUDA and exllamav2: tests/gpu covers that path")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.admission import Admission, AdmissionLimits, Admitted, Busy, Queued
+from services.admission.core import Admission, AdmissionLimits, Admitted, Busy, Queued
 
 
 def adm(max_in_flight: int = 2, depth: int = 2, wait: float = 5.0) -> Admission:

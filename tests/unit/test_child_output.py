@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.child import LineCutter
+from services.cli.child import LineCutter
 
 
 def test_lines_split_across_reads_come_out_whole() -> None:

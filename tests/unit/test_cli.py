@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from services import cli
-from services.stack import passthrough_env
+from services.cli import main as cli
+from services.cli.stack import passthrough_env
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

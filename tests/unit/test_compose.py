@@ -20,13 +20,13 @@ import msgspec
 import pytest
 import yaml
 
-from services import cli
-from services.common import natsauth
+from services.cli import main as cli
+from services.cli import natsauth
+from services.cli.ops import write_compose_env
 from services.common.config import SHARED_ENV, env_name
-from services.ops import write_compose_env
 from services.router import config as router_config
 from services.worker import config as worker_config
-from services.worker.engines import DEFAULT_DEMO_DIR
+from services.worker.engines.select import DEFAULT_DEMO_DIR
 from tools.lock import LOCKS
 
 ROOT = Path(__file__).resolve().parents[2]

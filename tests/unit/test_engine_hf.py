@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from services.worker.engine_hf import cache_kwarg
+from services.worker.engines.hf import cache_kwarg
 
 
 def renamed(fn: Callable[..., Any]) -> Callable[..., Any]:

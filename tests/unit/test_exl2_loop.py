@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from services.worker.engine import Chunk, EngineError, Job, SamplingParams
-from services.worker.exl2_loop import (
+from services.worker.engines.base import Chunk, EngineError, Job, SamplingParams
+from services.worker.engines.exl2_loop import (
     CompletionPenalty,
     GeneratorLoop,
     chunk_for,

@@ -13,7 +13,7 @@ from schemas.registry import (
     WorkerStatus,
     WorkerStatusChanged,
 )
-from services.common.follow import Applied, Ignored, RegistryMirror, Resync
+from services.registry.mirror import Applied, Ignored, RegistryMirror, Resync
 
 S = WorkerStatus
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from services.common.admission import AdmissionLimits
-from services.common.gate import Abandoned, Gate
+from services.admission.core import AdmissionLimits
+from services.admission.gate import Abandoned, Gate
 from tests.helpers import eventually
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.natsd import brief
+from services.cli.natsd import brief
 
 BANNER = """\
 [1] 2026/11/30 14:29:55.058541 [INF] Starting nats-server

@@ -9,7 +9,7 @@ import pytest
 from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import RegistrySnapshot, WorkerRecord, WorkerStatus
-from services.ops import (
+from services.cli.ops import (
     DEFAULT_NATS_URL,
     NatsTarget,
     OperatorError,

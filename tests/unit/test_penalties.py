@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from services.worker import penalties
-from services.worker.engine import SamplingParams
-from services.worker.engine_hf import penalize
+from services.worker.engines import penalties
+from services.worker.engines.base import SamplingParams
+from services.worker.engines.hf import penalize
 
 LOGITS = [2.0, -1.0, 0.5, 0.0, 3.0]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from schemas.inference import ChatMessage
-from services.worker.engine import Chunk, Job, SamplingParams
-from services.worker.sim import SimEngine, SimSettings
+from services.worker.engines.base import Chunk, Job, SamplingParams
+from services.worker.engines.sim import SimEngine, SimSettings
 
 FAST = SimSettings(ttft_s=0.0, tokens_per_s=5000.0, max_batch=4)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.stops import StopScanner
+from services.worker.engines.stops import StopScanner
 
 
 @pytest.mark.parametrize(

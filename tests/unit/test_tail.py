@@ -5,7 +5,7 @@ from __future__ import annotations
 from schemas import codec
 from schemas.base import Envelope
 from schemas.registry import RegistryBeacon, WorkerRecord, WorkerRegistered, WorkerStatus
-from services.tail import Filters, TailFormatter
+from services.cli.tail import Filters, TailFormatter
 
 REC = WorkerRecord(
     id="w1", url="http://h:1", models=("m1",), status=WorkerStatus.PENDING, revision=1

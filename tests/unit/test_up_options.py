@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
-from services.stack import StackOptions, plan, worker_grace
+from services.cli.main import main
+from services.cli.stack import StackOptions, plan, worker_grace
 
 
 def test_a_token_on_the_command_line_is_refused_without_echoing_it(

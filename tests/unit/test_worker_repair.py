@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from schemas.registry import WorkerRecord, WorkerSpec, WorkerStatus
-from services.worker.lifecycle import Repair, repair
+from services.worker.core import Repair, repair
 
 S = WorkerStatus
 SPEC = WorkerSpec(url="http://w:1", models=("m",), max_running_requests=4, labels={"a": "b"})

@@ -14,7 +14,7 @@ from schemas import codec
 from services.common.seq import Duplicate, Gap, InOrder, NewEpoch, SequenceTracker
 
 if TYPE_CHECKING:
-    from services.ops import NatsTarget
+    from services.cli.ops import NatsTarget
 
 
 class Filters(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,8 +135,8 @@ async def tail(
     """Subscribe to pattern and print until stop is set (NatsConnectError if NATS is not there)."""
     import time
 
+    from services.cli.ops import connect
     from services.common.run import cancel_and_wait, wait_stop_or
-    from services.ops import connect
 
     connecting = asyncio.ensure_future(connect(target, "switchboard-tail", timeout_s))
     await wait_stop_or(stop, connecting)  # Ctrl-C while NATS is not there yet

@@ -17,11 +17,18 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
-from services.worker import penalties
-from services.worker.demo_model import is_model_dir
-from services.worker.engine import CANCELLED, Chunk, EngineError, EngineLimits, Job, SamplingParams
-from services.worker.memory import available_ram_bytes, checkpoint_bytes, require_room
-from services.worker.stops import StopScanner
+from services.worker.engines import penalties
+from services.worker.engines.base import (
+    CANCELLED,
+    Chunk,
+    EngineError,
+    EngineLimits,
+    Job,
+    SamplingParams,
+)
+from services.worker.engines.demo_model import is_model_dir
+from services.worker.engines.memory import available_ram_bytes, checkpoint_bytes, require_room
+from services.worker.engines.stops import StopScanner
 
 _STOP = object()
 

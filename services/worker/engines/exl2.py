@@ -17,11 +17,11 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
-from services.worker.demo_model import is_model_dir
-from services.worker.engine import EngineLimits, Job, SamplingParams
-from services.worker.exl2_loop import GeneratorLoop, needs_bias, sampler_settings
-from services.worker.memory import checkpoint_bytes, require_room
-from services.worker.template import ChatTemplate
+from services.worker.engines.base import EngineLimits, Job, SamplingParams
+from services.worker.engines.demo_model import is_model_dir
+from services.worker.engines.exl2_loop import GeneratorLoop, needs_bias, sampler_settings
+from services.worker.engines.memory import checkpoint_bytes, require_room
+from services.worker.engines.template import ChatTemplate
 
 log = logging.getLogger(__name__)
 PAGE = 256  # exllamav2's page size; cache lengths are multiples of it

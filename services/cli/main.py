@@ -105,7 +105,7 @@ def _prefix_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _operator_flags(p: argparse.ArgumentParser) -> None:
-    """Where an operator command finds NATS: see services.ops.find_nats for the order."""
+    """Where an operator command finds NATS: see services.cli.ops.find_nats for the order."""
     p.add_argument(
         "--nats-url",
         default=None,
@@ -127,7 +127,7 @@ def _operator_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _up_epilog() -> str:
-    from services.stack import passthrough_env
+    from services.cli.stack import passthrough_env
 
     lines = [
         "Environment: `up` reads NATS_URL (--nats-url), SUBJECT_PREFIX (--prefix), "
@@ -262,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _check_up(args: argparse.Namespace) -> None:
     """What would make a worker fail at start, found before anything starts."""
-    from services.worker.demo_model import is_model_dir
+    from services.worker.engines.demo_model import is_model_dir
 
     if args.engine == "exllamav2":
         if find_spec("exllamav2") is None:
@@ -270,7 +270,7 @@ async def _check_up(args: argparse.Namespace) -> None:
                 "--engine exllamav2 needs a CUDA GPU and the exllamav2 package, which is not "
                 "installed (--engine auto or transformers runs on CPU)"
             )
-        from services.worker.engine_exl2 import cuda_ready
+        from services.worker.engines.exl2 import cuda_ready
 
         ok, why = await asyncio.to_thread(cuda_ready)
         if not ok:
@@ -288,10 +288,10 @@ async def _check_up(args: argparse.Namespace) -> None:
 async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
     import msgspec
 
+    from services.cli.ops import forget_state_dir, record_state_dir
+    from services.cli.stack import StackOptions, plan, ports, worker_grace
+    from services.cli.supervisor import print_prefixed, supervise
     from services.common.ports import claim, release
-    from services.ops import forget_state_dir, record_state_dir
-    from services.stack import StackOptions, plan, ports, worker_grace
-    from services.supervisor import print_prefixed, supervise
 
     await _check_up(args)
     admin_token = _admin_token(args, dict(os.environ))
@@ -318,7 +318,7 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
     state_dir = Path(args.state_dir)
     try:
         if opts.model is None and opts.engine in ("auto", "transformers"):
-            from services.worker.engines import ensure_demo_model
+            from services.worker.engines.select import ensure_demo_model
 
             demo_dir = state_dir / "demo-model"
             print_prefixed(
@@ -350,7 +350,7 @@ async def _up(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 def _announce(opts: Any) -> None:
-    from services.supervisor import print_prefixed
+    from services.cli.supervisor import print_prefixed
 
     url = f"http://127.0.0.1:{opts.router_port}"
     model = opts.model
@@ -373,10 +373,10 @@ def _announce(opts: Any) -> None:
 
 
 async def _nats(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.common.natsd import NatsServer
+    from services.cli.natsd import NatsServer
 
     server = NatsServer(Path(args.state_dir) / "nats", port=args.port, on_line=print)
-    url = server.start()  # main thread: see services/common/child.py
+    url = server.start()  # main thread: see services/cli/child.py
     print(f"nats-server ready at {url}", flush=True)
     try:
         await stop.wait()
@@ -386,13 +386,13 @@ async def _nats(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 def _target(args: argparse.Namespace) -> Any:
-    from services.ops import find_nats
+    from services.cli.ops import find_nats
 
     return find_nats(args.nats_url, args.state_dir, os.environ)
 
 
 async def _tail(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.tail import Filters, tail
+    from services.cli.tail import Filters, tail
 
     pattern = args.pattern or Subjects.for_prefix(args.prefix).all
     filters = Filters(worker=args.worker, model=args.model, type=args.type)
@@ -408,7 +408,7 @@ async def _tail(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 async def _make_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.worker.demo_model import make_demo_model
+    from services.worker.engines.demo_model import make_demo_model
 
     path = await asyncio.to_thread(make_demo_model, Path(args.directory), seed=args.seed)
     print(f"demo checkpoint written to {path}")
@@ -416,7 +416,7 @@ async def _make_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 async def _nats_config(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.common.natsauth import render_config
+    from services.cli.natsauth import render_config
 
     print(COMPOSE_CONFIG_HEADER + render_config(args.prefix))
     return 0
@@ -431,7 +431,7 @@ COMPOSE_CONFIG_HEADER = (
 
 
 async def _compose_env(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.ops import ComposeEnvExists, write_compose_env
+    from services.cli.ops import ComposeEnvExists, write_compose_env
 
     try:
         written = write_compose_env(Path(args.output), force=args.force)
@@ -446,14 +446,14 @@ async def _compose_env(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 async def _status(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.ops import status
+    from services.cli.ops import status
 
     print(await status(_target(args), args.prefix, args.timeout))
     return 0
 
 
 async def _drain(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from services.ops import drain
+    from services.cli.ops import drain
 
     print(await drain(_target(args), args.prefix, args.worker_id, args.timeout, undo=args.undo))
     return 0

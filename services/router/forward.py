@@ -11,6 +11,7 @@ import aiohttp
 from starlette.responses import Response
 
 from schemas.codec import error_event
+from services.common.errors import ApiError
 from services.common.http import GuardedStream, error_response
 from services.common.request_id import HEADER as REQUEST_ID
 from services.common.request_id import current_request_id
@@ -22,7 +23,7 @@ from services.router.core import (
     parse_retry_after,
     refusal,
 )
-from services.router.state import RouterState
+from services.router.shell import RouterState
 
 log = logging.getLogger(__name__)
 ORIGIN = "x-switchboard-origin"
@@ -32,10 +33,15 @@ CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
 
 def router_refusal(r: Refusal) -> Response:
-    headers = {ORIGIN: "router"}
-    if r.retry_after_s is not None:
-        headers["Retry-After"] = str(r.retry_after_s)
-    return error_response(r.status, r.message, r.type, r.code, r.param, headers)
+    err = ApiError(
+        status=r.status,
+        message=r.message,
+        type=r.type,
+        code=r.code,
+        param=r.param,
+        retry_after_s=r.retry_after_s,
+    )
+    return error_response(err, {ORIGIN: "router"})
 
 
 def upstream_headers() -> dict[str, str]:

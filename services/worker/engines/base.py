@@ -30,7 +30,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    # Penalties and logit bias: the rule every engine applies is services/worker/penalties.py.
+    # Penalties and logit bias: every engine applies engines/penalties.py.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension; 1.0 is off

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from schemas import codec
 from schemas.load import WorkerLoad
@@ -23,7 +22,6 @@ from schemas.registry import (
     ReplaceRequest,
     SetStatusRequest,
     UpsertRequest,
-    WorkerRecord,
     WorkerSpec,
     WorkerStatus,
 )
@@ -31,34 +29,11 @@ from schemas.subjects import Subjects
 from services.common.bus import Bus, NoRespondersError, RequestTimeout
 from services.common.seq import Sequencer
 from services.registry.client import RegistryClient
+from services.worker.core import repair
 from services.worker.http import ServedModel
 
 log = logging.getLogger(__name__)
 MIN_PUBLISH_GAP_S = 0.05  # debounce: at most ~20 load messages a second
-Repair = Literal["register", "replace", "drain"]
-
-
-def repair(record: WorkerRecord | None, spec: WorkerSpec, chosen: WorkerStatus) -> Repair | None:
-    """What puts our record right when someone else changed it (pure; None: nothing to do).
-
-    The worker knows what it serves: a missing record is registered again; a changed spec, or
-    Failed (left only through Pending), is replaced by ours. Its own Draining is restored. It never
-    undoes a status it did not choose otherwise: an operator's drain stays, and Pending/NotReady
-    are its heartbeats' business (a `ready` heartbeat makes them Ready).
-    """
-    if record is None:
-        return "register"
-    ours = WorkerSpec(
-        url=record.url,
-        models=record.models,
-        max_running_requests=record.max_running_requests,
-        labels=record.labels,
-    )
-    if ours != spec or record.status == WorkerStatus.FAILED:
-        return "replace"
-    if chosen == WorkerStatus.DRAINING and record.status != WorkerStatus.DRAINING:
-        return "drain"
-    return None
 
 
 class Lifecycle:

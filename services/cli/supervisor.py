@@ -31,10 +31,10 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from services.common import natsauth
-from services.common.child import LineCutter, die_with_parent
+from services.cli import natsauth
+from services.cli.child import LineCutter, die_with_parent
+from services.cli.natsd import NatsServer, brief
 from services.common.errors import NatsServerError, ServiceError
-from services.common.natsd import NatsServer, brief
 from services.common.run import cancel_and_wait, wait_stop_or
 
 Printer = Callable[[str, str], None]
@@ -418,7 +418,7 @@ class Watch:
             )
             if await self._pause(delay):
                 return True
-            nats.spawn()  # on this (main) thread: see services/common/child.py
+            nats.spawn()  # on this (main) thread: see services/cli/child.py
             try:
                 await asyncio.to_thread(nats.wait_ready)
             except NatsServerError as exc:

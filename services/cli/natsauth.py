@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from schemas.subjects import Subjects, inbox_prefix, token
 
@@ -118,13 +118,3 @@ def url_for(base_url: str, user: str, password: str) -> str:
     """nats://host:port -> nats://user:password@host:port (nats-py reads credentials from it)."""
     scheme, rest = base_url.split("://", 1)
     return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
-
-
-def user_of(url: str) -> str:
-    """The user name in a NATS URL (the first server that names one), "" when there is none or
-    the URL holds a token (no password): a token names no user."""
-    for server in url.split(","):
-        parts = urlsplit(server.strip())
-        if parts.username and parts.password is not None:
-            return unquote(parts.username)
-    return ""

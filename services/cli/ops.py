@@ -16,7 +16,7 @@ from schemas.capacity import CapacityView
 from schemas.load import WorkerLoad
 from schemas.registry import CommandOk, RegistrySnapshot, SetStatusRequest, WorkerStatus
 from schemas.subjects import Subjects
-from services.common import natsauth
+from services.cli import natsauth
 from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout
 from services.common.errors import ServiceError
 from services.registry.client import RegistryClient
@@ -197,7 +197,7 @@ class ComposeEnvExists(Exception):
 
 def write_compose_env(out: Path, *, force: bool = False) -> Path:
     """docker compose's .env: the admin token, the router's API key, NATS passwords (0600)."""
-    from services.supervisor import private_file
+    from services.cli.supervisor import private_file
 
     if out.exists() and not force:
         raise ComposeEnvExists(str(out))

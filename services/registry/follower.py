@@ -18,7 +18,7 @@ from schemas.base import Envelope
 from schemas.registry import RegistryEvent, RegistrySnapshot
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout, SlowConsumerError
-from services.common.follow import Applied, RegistryMirror, Resync, Step
+from services.registry.mirror import Applied, RegistryMirror, Resync, Step
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from schemas import codec
 from schemas.capacity import MAX_CAPACITY, CapacityView
 from schemas.dashboard import FleetSnapshot, GatewayLoad
 from schemas.subjects import Subjects
-from services.common.admission import AdmissionLimits
+from services.admission.core import AdmissionLimits
+from services.admission.gate import Gate
 from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout
-from services.common.follower import RegistryFollower
-from services.common.gate import Gate
 from services.common.metrics import BusMetrics
 from services.common.seq import is_newer
+from services.registry.follower import RegistryFollower
 from services.router.core import FleetView, RetryBudget
 
 log = logging.getLogger(__name__)

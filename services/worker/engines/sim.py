@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import msgspec
 
 from schemas.inference import ChatMessage
-from services.worker import penalties
-from services.worker.engine import CANCELLED, Chunk, EngineLimits, Job, SamplingParams
-from services.worker.stops import StopScanner
+from services.worker.engines import penalties
+from services.worker.engines.base import CANCELLED, Chunk, EngineLimits, Job, SamplingParams
+from services.worker.engines.stops import StopScanner
 
 # One token per run of non-space. Not \s*\S+ (same count): on a long run of whitespace it
 # retries from every position, quadratic, and a 100 KB all-space prompt stalled the worker.

@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from services.common.admission import Admission, AdmissionLimits, Busy, Queued
+from services.admission.core import Admission, AdmissionLimits, Busy, Queued
 
 
 class Rejected(Exception):

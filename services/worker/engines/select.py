@@ -14,9 +14,9 @@ from pathlib import Path
 
 from services.common.errors import ConfigError
 from services.worker.config import WorkerConfig
-from services.worker.demo_model import DEMO_NAME, is_model_dir
-from services.worker.engine import Engine
-from services.worker.sim import SimEngine, SimSettings
+from services.worker.engines.base import Engine
+from services.worker.engines.demo_model import DEMO_NAME, is_model_dir
+from services.worker.engines.sim import SimEngine, SimSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_DEMO_DIR = Path(".switchboard") / "demo-model"
@@ -36,7 +36,7 @@ def ensure_demo_model(directory: Path) -> Path:
     """Create the demo checkpoint once (built aside, then renamed, so a reader never sees half)."""
     if is_model_dir(directory):
         return directory
-    from services.worker.demo_model import make_demo_model
+    from services.worker.engines.demo_model import make_demo_model
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".demo-", dir=directory.parent))
@@ -65,7 +65,7 @@ def resolve(cfg: WorkerConfig) -> tuple[str, Path | None]:
         if model_dir is None:
             log.info("no model configured: using the demo checkpoint on CPU (transformers)")
             return "transformers", ensure_demo_model(DEFAULT_DEMO_DIR)
-        from services.worker.engine_exl2 import cuda_ready
+        from services.worker.engines.exl2 import cuda_ready
 
         ok, why = cuda_ready()
         if ok:
@@ -97,12 +97,12 @@ async def build_engines(cfg: WorkerConfig) -> list[Engine]:
         engines = [SimEngine(name, sim_settings(cfg)) for name in cfg.models or ("sim-model",)]
     elif kind == "transformers":
         assert model_dir is not None
-        from services.worker.engine_hf import TransformersEngine
+        from services.worker.engines.hf import TransformersEngine
 
         engines = [TransformersEngine(model_dir, model_name(cfg, model_dir))]
     else:
         assert model_dir is not None
-        from services.worker.engine_exl2 import ExLlamaV2Engine
+        from services.worker.engines.exl2 import ExLlamaV2Engine
 
         engines = [
             ExLlamaV2Engine(model_dir, model_name(cfg, model_dir), max_batch=cfg.exl2_max_batch)

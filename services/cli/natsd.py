@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.common.child import die_with_parent
+from services.cli.child import die_with_parent
 from services.common.errors import NatsServerError
 
 _LISTENING = re.compile(r"Listening for client connections on \S*?:(\d+)")
@@ -109,7 +109,7 @@ class NatsServer:
         return self.wait_ready(timeout_s)
 
     def spawn(self) -> None:
-        """Start the process without waiting: on the main thread (services/common/child.py)."""
+        """Start the process without waiting: on the main thread (services/cli/child.py)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port = self.port or self.requested_port
         argv = [nats_server_binary(), "-a", self.host, "-p", str(port)]

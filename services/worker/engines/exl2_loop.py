@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from services.worker import penalties
-from services.worker.engine import CANCELLED, Chunk, EngineError, Job, SamplingParams
+from services.worker.engines import penalties
+from services.worker.engines.base import CANCELLED, Chunk, EngineError, Job, SamplingParams
 
 log = logging.getLogger(__name__)
 

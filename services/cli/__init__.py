@@ -1,0 +1,1 @@
+"""The `switchboard` command: up (stack, supervisor, nats-server), status, drain, tail."""

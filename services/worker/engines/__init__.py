@@ -1,0 +1,1 @@
+"""Inference engines behind one protocol (sim, transformers, exllamav2), and what they share."""
