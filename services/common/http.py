@@ -284,6 +284,11 @@ class HttpServer:
     def started(self) -> bool:
         return bool(self._server.started)
 
+    async def wait_started(self) -> None:
+        """Until uvicorn accepts connections (serve() must be running)."""
+        while not self.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
+            await asyncio.sleep(0.01)
+
     async def serve(self) -> None:
         await self._server.serve(sockets=[self.sock])
 

@@ -8,9 +8,12 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from services.common.errors import ServiceError
+
+if TYPE_CHECKING:
+    from services.common.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,60 @@ def service_main(
         return 2
     setup_logging(name, cfg.log_level, cfg.log_format)
     return run_service(lambda stop: serve(cfg, stop))
+
+
+# ---- the one skeleton of every service's serve() ----
+
+S = TypeVar("S")
+
+
+class Running(Generic[S]):
+    """A started service as tests, benchmarks and `up` hold it: its service and HTTP server."""
+
+    def __init__(self, service: S, http: HttpServer) -> None:
+        self.service, self.http = service, http
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.port}"
+
+
+class Tasks:
+    """The background loops a service starts; they are cancelled after its HTTP server stopped."""
+
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self.group = group
+        self.started: list[asyncio.Task[Any]] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.group.create_task(coro)
+        self.started.append(task)
+        return task
+
+
+async def run_until_stopped(
+    http: HttpServer,
+    stop: asyncio.Event,
+    start: Callable[[Tasks], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve HTTP; `start` spawns the loops and returns once the service is ready (it resolves
+    `started` there); on stop: `drain` (refuse newcomers, let the running finish), HTTP stops
+    (uvicorn's graceful shutdown), then the loops are cancelled: they serve until the last byte."""
+    async with asyncio.TaskGroup() as group:
+        http_task = group.create_task(http.serve())
+        tasks = Tasks(group)
+        await start(tasks)
+        await stop.wait()
+        if drain is not None:
+            await drain()
+        http.stop()
+        await http_task
+        await cancel_and_wait(*tasks.started)
 
 
 # ---- running a service inside an existing event loop (tests, benchmarks) ----
