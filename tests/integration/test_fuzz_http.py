@@ -421,7 +421,7 @@ async def test_registry_admin_api_answers_hostile_requests_with_4xx_envelopes(
         failures = await barrage(registry.http.port, cases(SEED + 2, 600, admin_request))
         assert not failures, report(failures)
         assert not crashes(caplog)
-        await assert_too_deep_is_named(registry.http.port, b"POST /workers", "invalid")
+        await assert_too_deep_is_named(registry.http.port, b"POST /workers", "invalid_json")
         spec = {"url": "http://h:1", "models": []}
         reply = await request(registry.http.port, b"POST /workers", spec)
         assert reply.status == 201, reply
