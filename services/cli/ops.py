@@ -197,7 +197,7 @@ class ComposeEnvExists(Exception):
 
 def write_compose_env(out: Path, *, force: bool = False) -> Path:
     """docker compose's .env: the admin token, the router's API key, NATS passwords (0600)."""
-    from services.cli.supervisor import private_file
+    from services.cli.child import private_file
 
     if out.exists() and not force:
         raise ComposeEnvExists(str(out))

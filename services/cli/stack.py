@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from services.cli.supervisor import ServiceSpec
+from services.cli.child import ServiceSpec
 
 
 class StackOptions(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,11 +7,12 @@ import argparse
 import pytest
 
 from services.cli import main as cli
+from services.cli.args import build_parser
 from services.cli.stack import passthrough_env
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = cli._parser()
+    parser = build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.cli.stack import StackOptions, plan
-from services.cli.supervisor import RestartBudget
+from services.cli.watch import RestartBudget
 
 
 def test_restart_backoff_doubles_and_a_crash_loop_gives_up() -> None:
