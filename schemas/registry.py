@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 import msgspec
 
@@ -14,6 +14,7 @@ LabelMap = dict[
     Annotated[str, msgspec.Meta(min_length=1, max_length=63)],
     Annotated[str, msgspec.Meta(max_length=256)],
 ]
+Slots = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class WorkerStatus(enum.Enum):
@@ -31,7 +32,11 @@ class WorkerSpec(WireStruct, frozen=True, kw_only=True):
 
     url: Url
     models: tuple[ModelId, ...]
-    max_running_requests: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    # The worker's total: how many requests it runs at once, all models together.
+    max_running_requests: Slots | None = None
+    # Per model, how many of its requests it runs at once (a model absent: unknown, see
+    # docs/capacity.md). Every key must be one of `models`.
+    model_slots: dict[ModelId, Slots] = msgspec.field(default_factory=dict)
     labels: LabelMap = msgspec.field(default_factory=dict)
 
 
@@ -43,7 +48,8 @@ class WorkerRecord(WireStruct, frozen=True, kw_only=True):
     models: tuple[ModelId, ...]
     status: WorkerStatus
     revision: Annotated[int, msgspec.Meta(ge=1)]
-    max_running_requests: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    max_running_requests: Slots | None = None
+    model_slots: dict[ModelId, Slots] = msgspec.field(default_factory=dict)
     labels: LabelMap = msgspec.field(default_factory=dict)
     registered_at: float = 0.0
     # The NATS user (principal) of the worker that registered it; "" = an operator or the admin
@@ -107,17 +113,21 @@ class RegistrySnapshot(WireStruct, frozen=True, kw_only=True):
 
 
 # ---- commands (request/reply on <prefix>.registry.cmd.<op>; workers: .registry.wcmd.<p>.<op>) ----
+# Each request type names its op in a ClassVar, not a msgspec tag: a tag would be encoded into the
+# body, and on the wire the op travels in the subject while the body is the bare request.
 
 
 class RegisterRequest(WireStruct, frozen=True, kw_only=True):
     """Create-only: a URL that is already registered is a conflict."""
 
+    op: ClassVar[str] = "register"
     worker: WorkerSpec
 
 
 class ReplaceRequest(WireStruct, frozen=True, kw_only=True):
     """Replace the record with this id; a URL change only to a URL nobody else owns."""
 
+    op: ClassVar[str] = "replace"
     id: WorkerId
     worker: WorkerSpec
 
@@ -125,12 +135,14 @@ class ReplaceRequest(WireStruct, frozen=True, kw_only=True):
 class UpsertRequest(WireStruct, frozen=True, kw_only=True):
     """Replace the record owning this URL if there is one, else register."""
 
+    op: ClassVar[str] = "upsert"
     worker: WorkerSpec
 
 
 class SetStatusRequest(WireStruct, frozen=True, kw_only=True):
     """Change a status; with expected_revision the change applies only at that revision."""
 
+    op: ClassVar[str] = "set_status"
     id: WorkerId
     status: WorkerStatus
     expected_revision: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -140,6 +152,7 @@ class SetStatusRequest(WireStruct, frozen=True, kw_only=True):
 class RemoveRequest(WireStruct, frozen=True, kw_only=True):
     """Delete the record with this id."""
 
+    op: ClassVar[str] = "remove"
     id: WorkerId
     reason: str = ""
 
@@ -147,13 +160,30 @@ class RemoveRequest(WireStruct, frozen=True, kw_only=True):
 class GetRequest(WireStruct, frozen=True, kw_only=True):
     """Read one record by id."""
 
+    op: ClassVar[str] = "get"
     id: WorkerId
 
 
 class ListRequest(WireStruct, frozen=True, kw_only=True):
     """Read all records, optionally only those serving `model`."""
 
+    op: ClassVar[str] = "list"
     model: ModelId | None = None
+
+
+# Every registry command: the registry's core handles each by `match` on this union.
+Command = (
+    RegisterRequest
+    | ReplaceRequest
+    | UpsertRequest
+    | SetStatusRequest
+    | RemoveRequest
+    | GetRequest
+    | ListRequest
+)
+# The one table of commands, op -> request type, derived from the union: the subjects
+# (schemas.subjects), the client's op lookup and the registry's decoding all come from it.
+COMMANDS: dict[str, type[Command]] = {t.op: t for t in get_args(Command)}
 
 
 # forbidden: a worker's credential asked to touch a record that is not its own.
@@ -177,12 +207,3 @@ class CommandError(WireStruct, frozen=True, kw_only=True, tag_field="result", ta
 
 
 CommandReply = CommandOk | CommandError
-Command = (
-    RegisterRequest
-    | ReplaceRequest
-    | UpsertRequest
-    | SetStatusRequest
-    | RemoveRequest
-    | GetRequest
-    | ListRequest
-)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 
 from schemas.base import WireStruct
+from schemas.registry import COMMANDS
 
 _BAD_TOKEN = re.compile(r"[.*>\s]")
-COMMAND_OPS = ("register", "replace", "upsert", "set_status", "remove", "get", "list")
+# The ops that have a command subject: exactly the registry's command table.
+COMMAND_OPS = tuple(COMMANDS)
 DEFAULT_INBOX = "_INBOX"
 
 

@@ -2,10 +2,12 @@
 
 Tiers, in precedence order (first that applies wins):
 1. Override        operator value > 0 (per-model override first, then the fleet override)
-2. WorkerReported  every healthy worker reports max_running_requests: their sum
+2. WorkerReported  every healthy worker reports its slots: their sum
 3. Mixed           some or none report: reporters' values + slots_per_worker per non-reporter
 4. LegacyFallback  no healthy workers: legacy_max_concurrent_requests
-Healthy = status Ready. Results saturate at 65535 (MAX_CAPACITY).
+Healthy = status Ready. A worker's slots (`slots`): for the fleet its max_running_requests; for
+one model its model_slots entry, else its max_running_requests (a record without per-model
+limits). Results saturate at 65535 (MAX_CAPACITY).
 """
 
 from __future__ import annotations
@@ -25,10 +27,22 @@ class CapacitySettings(msgspec.Struct, frozen=True, kw_only=True):
     model_overrides: Mapping[str, int] = msgspec.field(default_factory=dict)
 
 
+def slots(worker: WorkerRecord, model: str | None = None) -> int | None:
+    """How many requests the worker says it runs at once: in all (model None) or of one model.
+    A multi-model worker's total is shared by its models, so a model's share is its own entry
+    when the worker reports one; None: the worker does not say."""
+    if model is not None and model in worker.model_slots:
+        return worker.model_slots[model]
+    return worker.max_running_requests
+
+
 def compute(
-    settings: CapacitySettings, healthy: Iterable[WorkerRecord], override: int | None = None
+    settings: CapacitySettings,
+    healthy: Iterable[WorkerRecord],
+    override: int | None = None,
+    model: str | None = None,
 ) -> tuple[int, CapacitySource]:
-    """Capacity of a set of healthy workers and the tier it came from."""
+    """Capacity of a set of healthy workers (for one model, or all) and the tier it came from."""
     chosen_override = settings.override if override is None else override
     if chosen_override > 0:
         return min(chosen_override, MAX_CAPACITY), CapacitySource.OVERRIDE
@@ -37,7 +51,7 @@ def compute(
         return min(
             settings.legacy_max_concurrent_requests, MAX_CAPACITY
         ), CapacitySource.LEGACY_FALLBACK
-    reported = [w.max_running_requests for w in workers if w.max_running_requests is not None]
+    reported = [n for n in (slots(w, model) for w in workers) if n is not None]
     total = sum(reported) + settings.slots_per_worker * (len(workers) - len(reported))
     source = (
         CapacitySource.WORKER_REPORTED if len(reported) == len(workers) else CapacitySource.MIXED
@@ -46,9 +60,12 @@ def compute(
 
 
 def _entry(
-    settings: CapacitySettings, healthy: list[WorkerRecord], override: int | None
+    settings: CapacitySettings,
+    healthy: list[WorkerRecord],
+    override: int | None,
+    model: str | None = None,
 ) -> ModelCapacity:
-    capacity, source = compute(settings, healthy, override)
+    capacity, source = compute(settings, healthy, override, model)
     return ModelCapacity(capacity=capacity, source=source, workers_available=len(healthy))
 
 
@@ -64,6 +81,7 @@ def compute_view(
             settings,
             [w for w in healthy if model in w.models],
             settings.model_overrides.get(model) or None,
+            model,
         )
         for model in models
     }

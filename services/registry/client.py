@@ -5,30 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import codec
-from schemas.registry import (
-    CommandError,
-    CommandReply,
-    GetRequest,
-    ListRequest,
-    RegisterRequest,
-    RegistrySnapshot,
-    RemoveRequest,
-    ReplaceRequest,
-    SetStatusRequest,
-    UpsertRequest,
-)
+from schemas.registry import Command, CommandError, CommandReply, RegistrySnapshot
 from schemas.subjects import Subjects
 from services.common.bus import Bus
-
-OPS: dict[type[Any], str] = {
-    RegisterRequest: "register",
-    ReplaceRequest: "replace",
-    UpsertRequest: "upsert",
-    SetStatusRequest: "set_status",
-    RemoveRequest: "remove",
-    GetRequest: "get",
-    ListRequest: "list",
-}
 
 
 class RegistryClient:
@@ -49,14 +28,16 @@ class RegistryClient:
         self.principal = principal
 
     async def call(self, request: Any) -> CommandReply:
-        """Send one command; after timeout_s without an answer, NATS's error propagates."""
-        op = OPS[type(request)]
+        """Send one command (a schemas.registry.Command) on the subject of its op; after
+        timeout_s without an answer, NATS's error propagates."""
+        # Any, not Command: callers that queue mixed requests (bench/registry.py) hold `object`s.
+        command: Command = request
         subject = (
-            self.subjects.registry_cmd(op)
+            self.subjects.registry_cmd(command.op)
             if self.principal is None
-            else self.subjects.worker_cmd(self.principal, op)
+            else self.subjects.worker_cmd(self.principal, command.op)
         )
-        data = await self.bus.request(subject, codec.encode(request), self.timeout_s)
+        data = await self.bus.request(subject, codec.encode(command), self.timeout_s)
         reply: CommandReply = codec.command_reply_decoder.decode(data)
         return reply
 

@@ -12,12 +12,22 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from msgspec import DecodeError, ValidationError
+from prometheus_client import CollectorRegistry
 
 from schemas import codec
 from schemas.base import Envelope
 from schemas.registry import RegistryEvent, RegistrySnapshot
 from schemas.subjects import Subjects
-from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout, SlowConsumerError
+from services.common.backoff import Backoff
+from services.common.bus import (
+    Bus,
+    Message,
+    NoRespondersError,
+    RequestTimeout,
+    SlowConsumerError,
+    decode_or_reject,
+)
+from services.common.metrics import BusMetrics
 from services.registry.mirror import Applied, RegistryMirror, Resync, Step
 
 log = logging.getLogger(__name__)
@@ -27,6 +37,9 @@ Lost = str  # a queue item that is a reason string means "events may have been l
 
 
 class RegistryFollower:
+    """An event that does not decode is dropped and counted: in `bus_metrics` under
+    "registry.events" when given, and by calling `on_bad_message` (give one of the two)."""
+
     def __init__(
         self,
         bus: Bus,
@@ -35,6 +48,7 @@ class RegistryFollower:
         *,
         on_resync: Callable[[str], None] = lambda reason: None,
         on_bad_message: Callable[[], None] = lambda: None,
+        bus_metrics: BusMetrics | None = None,
         checkpoint_interval_s: float = 5.0,
         snapshot_timeout_s: float = 2.0,
         max_backoff_s: float = 2.0,
@@ -45,6 +59,9 @@ class RegistryFollower:
         self.on_change = on_change
         self.on_resync = on_resync
         self.on_bad_message = on_bad_message
+        # Without the caller's metrics, a registry nobody serves takes the count (on_bad_message
+        # is then what counts).
+        self.bus_metrics = bus_metrics or BusMetrics(CollectorRegistry(), "registry_follower")
         self.checkpoint_interval_s = checkpoint_interval_s
         self.snapshot_timeout_s = snapshot_timeout_s
         self.max_backoff_s = max_backoff_s
@@ -72,10 +89,10 @@ class RegistryFollower:
             self.queue.put_nowait("queue_overflow")
 
     async def _on_msg(self, msg: Message) -> None:
-        try:
-            env = codec.registry_event_decoder.decode(msg.data)
-        except codec.DecodeError as exc:
-            log.warning("bad registry event ignored: %s", exc)
+        env = decode_or_reject(
+            codec.registry_event_decoder, msg.data, self.bus_metrics, "registry.events"
+        )
+        if env is None:
             self.on_bad_message()
             return
         self.enqueue(env)
@@ -117,7 +134,7 @@ class RegistryFollower:
             self.enqueue("checkpoint")
 
     async def _fetch_snapshot(self, reason: str) -> RegistrySnapshot:
-        delay = 0.05
+        pace = Backoff(first_s=min(0.05, self.max_backoff_s), max_s=self.max_backoff_s)
         while True:
             try:
                 data = await self.bus.request(
@@ -128,6 +145,5 @@ class RegistryFollower:
                     log.info("re-snapshotted (%s) at seq %d", reason, snap.seq)
                 return snap
             except (NoRespondersError, RequestTimeout, DecodeError, ValidationError) as exc:
-                log.warning("registry snapshot failed (%r); retrying in %.2fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff_s)
+                log.warning("registry snapshot failed (%r); retrying in %.2fs", exc, pace.delay)
+            await pace.wait()

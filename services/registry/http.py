@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 from prometheus_client import CollectorRegistry
@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from schemas import codec
 from schemas.registry import (
+    Command,
     CommandError,
     CommandOk,
     CommandReply,
@@ -39,7 +40,7 @@ from services.common.http import (
 )
 
 T = TypeVar("T")
-Dispatch = Callable[[str, Any], Awaitable[CommandReply]]
+Dispatch = Callable[[Command], Awaitable[CommandReply]]  # Registry.dispatch, operator rights
 
 # The one table from typed registry errors to HTTP.
 ERROR_STATUS = {"conflict": 409, "not_found": 404, "invalid": 400, "unavailable": 503}
@@ -103,25 +104,19 @@ def create_app(
 
     async def collection(request: Request) -> Response:
         if request.method == "GET":
-            return to_response(
-                await dispatch("list", ListRequest(model=request.query_params.get("model")))
-            )
+            return to_response(await dispatch(ListRequest(model=request.query_params.get("model"))))
         spec = await read_json(request, WorkerSpec, body_limit)
         if request.query_params.get("upsert", "").lower() in ("1", "true", "yes"):
-            return to_response(
-                await dispatch("upsert", UpsertRequest(worker=spec)), created_status=200
-            )
-        return to_response(
-            await dispatch("register", RegisterRequest(worker=spec)), created_status=201
-        )
+            return to_response(await dispatch(UpsertRequest(worker=spec)), created_status=200)
+        return to_response(await dispatch(RegisterRequest(worker=spec)), created_status=201)
 
     async def item(request: Request) -> Response:
         worker_id = _path_id(request)
         if request.method == "GET":
-            return to_response(await dispatch("get", GetRequest(id=worker_id)))
+            return to_response(await dispatch(GetRequest(id=worker_id)))
         if request.method == "PUT":
             spec = await read_json(request, WorkerSpec, body_limit)
-            return to_response(await dispatch("replace", ReplaceRequest(id=worker_id, worker=spec)))
+            return to_response(await dispatch(ReplaceRequest(id=worker_id, worker=spec)))
         if request.method == "PATCH":
             patch = await read_json(request, StatusPatch, body_limit)
             req = SetStatusRequest(
@@ -130,8 +125,8 @@ def create_app(
                 expected_revision=patch.expected_revision,
                 reason=patch.reason or "admin",
             )
-            return to_response(await dispatch("set_status", req))
-        result = await dispatch("remove", RemoveRequest(id=worker_id, reason="admin"))
+            return to_response(await dispatch(req))
+        result = await dispatch(RemoveRequest(id=worker_id, reason="admin"))
         if isinstance(result, CommandOk):
             return Response(status_code=204)
         return to_response(result)

@@ -11,25 +11,20 @@ from services.common.http import HttpServer
 from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
 from services.common.ports import serving_socket
-from services.common.run import cancel_and_wait, every
+from services.common.run import Running, Tasks, every, run_until_stopped
 from services.registry.config import RegistryConfig
 from services.registry.http import create_app
+from services.registry.nats_edge import NatsEdge
 from services.registry.shell import Registry, RegistryMetrics
 from services.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
 
-class RunningRegistry:
-    """Handles to a started registry (tests read port and service from here)."""
-
-    def __init__(self, service: Registry, http: HttpServer) -> None:
-        self.service = service
-        self.http = http
-
-
 async def serve(
-    cfg: RegistryConfig, stop: asyncio.Event, started: asyncio.Future[RunningRegistry] | None = None
+    cfg: RegistryConfig,
+    stop: asyncio.Event,
+    started: asyncio.Future[Running[Registry]] | None = None,
 ) -> None:
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     metrics_registry = new_registry()
@@ -40,16 +35,17 @@ async def serve(
         )
         service = Registry(bus, store, subjects, RegistryMetrics(metrics_registry))
         await service.start()
+        edge = NatsEdge(service)
         # Queue groups: with two registries, each command is handled once (KV CAS keeps it safe).
-        await bus.subscribe(subjects.registry_cmd_all, queue="registry", cb=service.on_command)
-        await bus.subscribe(subjects.worker_cmd_all, queue="registry", cb=service.on_worker_command)
-        await bus.subscribe(subjects.registry_snapshot, queue="registry", cb=service.on_snapshot)
-        await bus.subscribe(subjects.load_all, cb=service.on_load)
+        await bus.subscribe(subjects.registry_cmd_all, queue="registry", cb=edge.on_command)
+        await bus.subscribe(subjects.worker_cmd_all, queue="registry", cb=edge.on_worker_command)
+        await bus.subscribe(subjects.registry_snapshot, queue="registry", cb=edge.on_snapshot)
+        await bus.subscribe(subjects.load_all, cb=edge.on_load)
         await bus.flush()  # the server knows our subscriptions before anyone is told we are up
 
         def health() -> dict[str, object]:
             seqr = service.sequencer
-            workers = len(service.state.records)
+            workers = len(service.book.records)
             return {
                 "ok": bus.connected,
                 "instance": cfg.instance,
@@ -74,24 +70,17 @@ async def serve(
             serving_socket(cfg.listen_fd, cfg.http_host, cfg.http_port),
             limits=HttpLimits.of(cfg),
         )
-        async with asyncio.TaskGroup() as tg:
-            http_task = tg.create_task(http.serve())
-            loops = [
-                tg.create_task(every(cfg.beacon_interval_s, service.beacon, "beacon")),
-                tg.create_task(
-                    every(
-                        max(cfg.heartbeat_ttl_s / 4, 0.05),
-                        lambda: service.expire(cfg.heartbeat_ttl_s),
-                        "expiry",
-                    )
-                ),
-            ]
+
+        async def start(tasks: Tasks) -> None:
+            tasks.spawn(every(cfg.beacon_interval_s, service.beacon, "beacon"))
+            expiry_interval_s = max(cfg.heartbeat_ttl_s / 4, 0.05)
+            tasks.spawn(
+                every(expiry_interval_s, lambda: service.expire(cfg.heartbeat_ttl_s), "expiry")
+            )
             log.info("registry serving", extra={"port": http.port, "prefix": cfg.subject_prefix})
             if started is not None:
-                started.set_result(RunningRegistry(service, http))
-            await stop.wait()
-            await cancel_and_wait(*loops)
-            http.stop()
-            await http_task
+                started.set_result(Running(service, http))
+
+        await run_until_stopped(http, stop, start)
     finally:
         await bus.close()

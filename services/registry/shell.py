@@ -2,7 +2,7 @@
 
 One asyncio lock orders all mutations in this process, so the publish order equals the seq order.
 Memory changes only after the KV writes succeeded. A CAS conflict (another registry process wrote
-first) reloads state from KV and retries once; any other failure answers `unavailable`, and a
+first) reloads the book from KV and retries once; any other failure answers `unavailable`, and a
 write whose fate is unknown (cut off mid-way) makes the next change reload from KV first.
 """
 
@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -24,41 +23,27 @@ from schemas.registry import (
     Command,
     CommandError,
     CommandReply,
-    GetRequest,
-    ListRequest,
     RegisterRequest,
     RegistryBeacon,
     RegistrySnapshot,
-    RemoveRequest,
-    ReplaceRequest,
-    SetStatusRequest,
     UpsertRequest,
     WorkerStatus,
 )
 from schemas.subjects import Subjects
-from services.common.bus import Bus, Message, reply
+from services.common.bus import Bus
 from services.common.logging import clip
 from services.common.metrics import BusMetrics
 from services.common.seq import Sequencer
-from services.registry.core import OPERATOR, Outcome, RegistryState
+from services.registry.core import OPERATOR, RegistryBook
+from services.registry.effects import Effect
 from services.registry.store import RegistryStore, StoreConflict, StoreUnavailable, UrlTaken
 
 log = logging.getLogger(__name__)
 
-REQUEST_TYPES: dict[str, type[Any]] = {
-    "register": RegisterRequest,
-    "replace": ReplaceRequest,
-    "upsert": UpsertRequest,
-    "set_status": SetStatusRequest,
-    "remove": RemoveRequest,
-    "get": GetRequest,
-    "list": ListRequest,
-}
-_load_decoder = codec.load_decoder
-
 
 class RegistryMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.prometheus = registry  # what /metrics serves (tests read samples from it)
         self.workers = Gauge(
             "switchboard_registry_workers", "Workers by status.", ["status"], registry=registry
         )
@@ -79,8 +64,8 @@ def new_worker_id() -> str:
     return "w-" + uuid.uuid4().hex[:12]
 
 
-def _unavailable(message: str) -> Outcome:
-    return Outcome(reply=CommandError(code="unavailable", message=message))
+def _unavailable(message: str) -> Effect:
+    return Effect(reply=CommandError(code="unavailable", message=message))
 
 
 class Registry:
@@ -103,7 +88,7 @@ class Registry:
         self.metrics = metrics
         self.clock = clock
         self.make_id = make_id
-        self.state = RegistryState()
+        self.book = RegistryBook()  # all records; change it only through _commit
         self.sequencer = Sequencer("registry", epoch=0)
         self.lock = asyncio.Lock()
         # Bounds one change's KV writes (each a JetStream request with a 5 s timeout of its own).
@@ -113,6 +98,11 @@ class Registry:
         self.refusals_logged_at = float("-inf")
         self.heard_at: dict[str, float] = {}
 
+    @property
+    def state(self) -> RegistryBook:
+        """Old name of `book`, kept while tests/integration/test_ops.py reads it."""
+        return self.book
+
     async def start(self) -> None:
         async with self.lock:
             await self._reload()
@@ -121,13 +111,13 @@ class Registry:
             extra={
                 "epoch": self.sequencer.epoch,
                 "seq": self.sequencer.seq,
-                "workers": len(self.state.records),
+                "workers": len(self.book.records),
             },
         )
 
     async def _reload(self) -> None:
         records = await self.store.load()
-        self.state.load(records, self.clock())
+        self.book.load(records, self.clock())
         self.sequencer = Sequencer("registry", self.store.meta.epoch, self.store.meta.seq)
         self.unsure = False
         self.metrics.seq.set(self.sequencer.seq)
@@ -155,38 +145,38 @@ class Registry:
         reconnects = self._reconnects()
         if reconnects != self.reconnects_seen:
             self.reconnects_seen = reconnects
-            self.state.grace(self.clock())
+            self.book.grace(self.clock())
             log.info("nats reconnected: heartbeat expiry restarts from now for every worker")
         if self.unsure and self.bus.connected:
             await self._try_reload()
 
     # ---- the one path every change takes ----
 
-    async def execute(self, op: str, run: Callable[[RegistryState], Outcome]) -> CommandReply:
+    async def execute(self, op: str, run: Callable[[RegistryBook], Effect]) -> CommandReply:
         async with self.lock:
-            outcome = await self._commit(run)
-        outcome_label = "ok" if not isinstance(outcome.reply, CommandError) else outcome.reply.code
-        self.metrics.commands.labels(op, outcome_label).inc()
-        return outcome.reply
+            effect = await self._commit(run)
+        result = "ok" if not isinstance(effect.reply, CommandError) else effect.reply.code
+        self.metrics.commands.labels(op, result).inc()
+        return effect.reply
 
-    async def _commit(self, plan: Callable[[RegistryState], Outcome]) -> Outcome:
+    async def _commit(self, plan: Callable[[RegistryBook], Effect]) -> Effect:
         """Plan on the state, persist the plan, and only then apply it to memory and publish."""
         await self._resync()
         for attempt in (1, 2):
-            outcome = plan(self.state)
-            if not outcome.writes and not outcome.events:  # a read, a no-op or a refusal
-                self.state.commit(outcome)
-                return outcome
+            effect = plan(self.book)
+            if not effect.writes and not effect.events:  # a read, a no-op or a refusal
+                self.book.commit(effect)
+                return effect
             if self.unsure:
                 return _unavailable("registry cannot reach its KV store (NATS)")
             try:
-                first = await self._persist(outcome)
+                first = await self._persist(effect)
             except StoreConflict as exc:
                 log.warning("kv conflict (%s); reloading (attempt %d)", exc, attempt)
                 if not await self._try_reload():
                     return _unavailable(f"registry lost its KV store mid-change: {exc}")
                 if isinstance(exc, UrlTaken) or attempt == 2:
-                    return Outcome(
+                    return Effect(
                         reply=CommandError(code="conflict", message=f"concurrent change: {exc}")
                     )
                 continue
@@ -196,25 +186,25 @@ class Registry:
             except Exception as exc:  # any failure: memory stays as it was, the client is told
                 log.warning("kv write failed (%r); memory unchanged, KV will be re-read", exc)
                 return _unavailable("registry could not persist the change (NATS trouble)")
-            self.state.commit(outcome)
-            await self._publish(outcome, first)
-            return outcome
+            self.book.commit(effect)
+            await self._publish(effect, first)
+            return effect
         raise AssertionError("unreachable")
 
-    async def _persist(self, outcome: Outcome) -> int:
+    async def _persist(self, effect: Effect) -> int:
         """Reserve the events' seqs and do the writes; return the first seq reserved."""
         self.unsure = True  # until we know how far the writes got
         async with asyncio.timeout(self.write_timeout_s):
-            first = await self.store.reserve(len(outcome.events)) if outcome.events else 0
-            await self.store.apply(outcome.writes)
+            first = await self.store.reserve(len(effect.events)) if effect.events else 0
+            await self.store.apply(effect.writes)
         self.unsure = False
         return first
 
-    async def _publish(self, outcome: Outcome, first_seq: int) -> None:
+    async def _publish(self, effect: Effect, first_seq: int) -> None:
         self.sequencer.seq = first_seq - 1
         now = self.clock()
         self._update_gauges()
-        for event in outcome.events:
+        for event in effect.events:
             env = self.sequencer.stamp(event, now)
             try:
                 await self.bus.publish(self.subjects.registry_events, codec.encode(env))
@@ -226,22 +216,22 @@ class Registry:
 
     def _update_gauges(self) -> None:
         counts = dict.fromkeys(WorkerStatus, 0)
-        for record in self.state.records.values():
+        for record in self.book.records.values():
             counts[record.status] += 1
         for status, n in counts.items():
             self.metrics.workers.labels(status.value).set(n)
 
     # ---- operations ----
 
-    async def dispatch(self, op: str, request: Command, principal: str = OPERATOR) -> CommandReply:
+    async def dispatch(self, request: Command, principal: str = OPERATOR) -> CommandReply:
         """Run one command; principal is the worker's NATS user, OPERATOR for full rights."""
         now = self.clock()
         new_id = self.make_id() if isinstance(request, RegisterRequest | UpsertRequest) else ""
-        return await self.execute(op, lambda s: s.run(request, principal, new_id, now))
+        return await self.execute(request.op, lambda b: b.run(request, principal, new_id, now))
 
     async def snapshot(self) -> RegistrySnapshot:
         async with self.lock:
-            workers = self.state.workers()
+            workers = self.book.workers()
             heard = {w.id: self.heard_at[w.id] for w in workers if w.id in self.heard_at}
             return RegistrySnapshot(
                 epoch=self.sequencer.epoch, seq=self.sequencer.seq, workers=workers, heard_at=heard
@@ -250,17 +240,17 @@ class Registry:
     async def heartbeat(self, load: WorkerLoad, principal: str = OPERATOR) -> None:
         now = self.clock()
         async with self.lock:
-            outcome = await self._commit(
-                lambda s: s.heartbeat(load.worker_id, load.status, now, principal)
+            effect = await self._commit(
+                lambda b: b.heartbeat(load.worker_id, load.status, now, principal)
             )
-        if isinstance(outcome.reply, CommandError):
-            if outcome.reply.code == "forbidden":
+        if isinstance(effect.reply, CommandError):
+            if effect.reply.code == "forbidden":
                 self._refused_heartbeat(principal, load.worker_id, now)
-        elif load.worker_id in self.state.records:
+        elif load.worker_id in self.book.records:
             self.heard_at[load.worker_id] = now
             # bounded: removed workers' entries are dropped once they outnumber the live ones
-            if len(self.heard_at) > 2 * len(self.state.records) + 16:
-                self.heard_at = {k: v for k, v in self.heard_at.items() if k in self.state.records}
+            if len(self.heard_at) > 2 * len(self.book.records) + 16:
+                self.heard_at = {k: v for k, v in self.heard_at.items() if k in self.book.records}
 
     def _refused_heartbeat(self, principal: str, worker_id: str, now: float) -> None:
         """Counted every time, logged at most every 10 s: a misbehaving worker floods neither."""
@@ -280,64 +270,15 @@ class Registry:
             await self._resync()
             now = self.clock()
             # One commit per worker, so a lost CAS race affects only that worker.
-            for worker_id in self.state.expired(now, ttl_s):
+            for worker_id in self.book.expired(now, ttl_s):
                 await self._commit(
-                    partial(RegistryState.expire_one, worker_id=worker_id, now=now, ttl_s=ttl_s)
+                    partial(RegistryBook.expire_one, worker_id=worker_id, now=now, ttl_s=ttl_s)
                 )
 
     async def beacon(self) -> None:
         async with self.lock:
             env = self.sequencer.beacon(
-                RegistryBeacon(last_seq=self.sequencer.seq, workers=len(self.state.records)),
+                RegistryBeacon(last_seq=self.sequencer.seq, workers=len(self.book.records)),
                 self.clock(),
             )
         await self.bus.publish(self.subjects.registry_events, codec.encode(env))
-
-    # ---- NATS handlers ----
-
-    async def on_command(self, msg: Message) -> None:
-        """An operator's command (<p>.registry.cmd.<op>): full rights."""
-        await self._command(msg, msg.subject.rsplit(".", 1)[-1], OPERATOR)
-
-    async def on_worker_command(self, msg: Message) -> None:
-        """A worker's command (<p>.registry.wcmd.<principal>.<op>): nats-server lets only the
-        NATS user `principal` publish there, so the subject says who is asking."""
-        parsed = self.subjects.parse_worker_cmd(msg.subject)
-        if parsed is None:  # cannot happen with our subscription; never run it as an operator
-            return
-        principal, op = parsed
-        await self._command(msg, op, principal)
-
-    async def _command(self, msg: Message, op: str, principal: str) -> None:
-        request_type = REQUEST_TYPES.get(op)
-        if request_type is None:
-            result: CommandReply = CommandError(code="invalid", message=f"unknown op {op!r}")
-            self.metrics.commands.labels("unknown", "invalid").inc()
-        else:
-            try:
-                request = codec.decode(msg.data, request_type)
-            except codec.DecodeError as exc:
-                self.metrics.commands.labels(op, "invalid").inc()
-                self.metrics.bus.rejected.labels(f"registry.cmd.{op}").inc()
-                result = CommandError(code="invalid", message=f"bad {op} request: {exc}")
-            else:
-                result = await self.dispatch(op, request, principal)
-        await reply(msg, codec.encode(result))
-
-    async def on_snapshot(self, msg: Message) -> None:
-        await reply(msg, codec.encode(await self.snapshot()))
-
-    async def on_load(self, msg: Message) -> None:
-        """A heartbeat on <p>.load.<principal>.<worker id>: nats-server lets only that principal
-        publish there; the id in the body must be the subject's."""
-        parsed = self.subjects.parse_load(msg.subject)
-        try:
-            env = _load_decoder.decode(msg.data)
-        except codec.DecodeError as exc:
-            self.metrics.bus.rejected.labels("load").inc()
-            log.warning("bad heartbeat on %s: %s", clip(msg.subject, 200), exc)
-            return
-        if parsed is None or parsed[1] != env.body.worker_id:
-            self.metrics.bus.rejected.labels("load").inc()
-            return
-        await self.heartbeat(env.body, parsed[0])

@@ -23,7 +23,7 @@ from services.common.bus import (
     KeyWrongLastSequenceError,
     NoKeysError,
 )
-from services.registry.core import (
+from services.registry.effects import (
     ClaimUrl,
     DeleteRecord,
     PutRecord,

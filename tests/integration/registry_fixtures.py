@@ -11,14 +11,15 @@ from schemas.base import Envelope
 from schemas.registry import RegistryBeacon, RegistryEvent
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message
-from services.common.run import start_in_process
+from services.common.run import Running, start_in_process
 from services.registry.config import RegistryConfig
-from services.registry.main import RunningRegistry, serve
+from services.registry.main import serve
+from services.registry.shell import Registry
 
 
 async def start_registry(
     nats_url: str, prefix: str, **overrides: Any
-) -> tuple[RunningRegistry, Callable[[], Awaitable[None]]]:
+) -> tuple[Running[Registry], Callable[[], Awaitable[None]]]:
     """Start a registry in-process; returns it and an idempotent stop function."""
     cfg = RegistryConfig(
         nats_url=nats_url, subject_prefix=prefix, http_port=0, log_format="text", **overrides
@@ -30,7 +31,7 @@ async def start_registry(
 @contextlib.asynccontextmanager
 async def running_registry(
     nats_url: str, prefix: str, **overrides: Any
-) -> AsyncIterator[RunningRegistry]:
+) -> AsyncIterator[Running[Registry]]:
     reg, stop = await start_registry(nats_url, prefix, **overrides)
     try:
         yield reg

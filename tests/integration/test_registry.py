@@ -34,6 +34,7 @@ from tests.integration.registry_fixtures import record_events, running_registry
 
 pytestmark = pytest.mark.integration
 S = WorkerStatus
+EVENT_REGISTERED = {"type": "worker.registered"}
 
 
 def spec(url: str = "http://10.1.0.1:8000", models: tuple[str, ...] = ("m1",)) -> WorkerSpec:
@@ -59,10 +60,13 @@ async def test_hundred_concurrent_registers_one_winner(
         assert len(wins) == 1
         assert len(losses) == 99
         assert {r.code for r in losses} == {"conflict"}
-        assert len(reg.service.state.records) == 1
-        await eventually(lambda: len(log.events) >= 1)
-        await asyncio.sleep(0.2)
-        assert [type(b) for b in log.bodies()] == [WorkerRegistered]
+        assert len(reg.service.book.records) == 1
+        # Every command has been answered, so every event is out: exactly one was published...
+        assert reg.service.sequencer.seq == 1
+        samples = reg.service.metrics.prometheus
+        assert samples.get_sample_value("switchboard_registry_events_total", EVENT_REGISTERED) == 1
+        # ...and it is the one that reaches a subscriber.
+        await eventually(lambda: [type(b) for b in log.bodies()] == [WorkerRegistered])
 
 
 async def test_concurrent_replaces_leave_no_stale_model_entries(
@@ -75,9 +79,9 @@ async def test_concurrent_replaces_leave_no_stale_model_entries(
         await asyncio.gather(
             *(client.call(ReplaceRequest(id=wid, worker=spec(models=ms))) for ms in model_sets)
         )
-        state = reg.service.state
-        final = state.records[wid]
-        assert {m for m, ids in state.model_index.items() if wid in ids} == set(final.models)
+        book = reg.service.book
+        final = book.records[wid]
+        assert {m for m, ids in book.model_index.items() if wid in ids} == set(final.models)
         # And the durable copy agrees with memory.
         stored = codec.decode(
             (await reg.service.store.kv.get(f"workers.{wid}")).value or b"", type(final)
@@ -101,11 +105,11 @@ async def test_upsert_and_url_conflict_on_replace(bus: Bus, prefix: str, nats_ur
         assert changed.worker.revision == 2
         other = ok(await client.call(RegisterRequest(worker=spec("http://b:1"))))
         assert other.worker is not None
-        before = dict(reg.service.state.records)
+        before = dict(reg.service.book.records)
         refused = await client.call(ReplaceRequest(id=other.worker.id, worker=spec("http://a:1")))
         assert isinstance(refused, CommandError)
         assert refused.code == "conflict"
-        assert reg.service.state.records == before
+        assert reg.service.book.records == before
         missing = await client.call(ReplaceRequest(id="w-nope", worker=spec("http://c:1")))
         assert isinstance(missing, CommandError)
         assert missing.code == "not_found"
@@ -120,14 +124,15 @@ async def test_restart_keeps_records_and_continues_sequence(
         a = ok(await client.call(RegisterRequest(worker=spec("http://a:1")))).worker
         ok(await client.call(SetStatusRequest(id=a.id, status=S.DRAINING)))  # type: ignore[union-attr]
         ok(await client.call(RegisterRequest(worker=spec("http://b:1"))))
-        before = dict(reg.service.state.records)
+        before = dict(reg.service.book.records)
         epoch = reg.service.sequencer.epoch
     async with running_registry(nats_url, prefix) as reg2:
-        assert reg2.service.state.records == before
+        assert reg2.service.book.records == before
         assert reg2.service.sequencer.epoch == epoch
         assert reg2.service.sequencer.seq == 3
         # the gauge tells the restored position at once, not 0 until the next event
-        assert [s.value for m in reg2.service.metrics.seq.collect() for s in m.samples] == [3]
+        samples = reg2.service.metrics.prometheus
+        assert samples.get_sample_value("switchboard_registry_seq") == 3
         ok(await client.call(RemoveRequest(id=a.id)))  # type: ignore[union-attr]
         await eventually(lambda: len(log.events) == 4)
     assert [e.seq for e in log.events] == [1, 2, 3, 4]
@@ -201,19 +206,26 @@ async def test_every_operation_emits_exactly_the_core_events(
         ("replace", b'{"id": "w.1", "worker": {"url": "http://x:1", "models": []}}', "id"),
         ("set_status", b'{"id": "w1", "status": "sleepy"}', "status"),
         ("remove", b'{"id": "$bad"}', "id"),
+        (
+            "register",
+            b'{"worker": {"url": "http://x:1", "models": ["a"], "model_slots": {"b": 8}}}',
+            "model_slots",
+        ),
         ("explode", b"{}", "unknown op"),
+        ("wcmd.worker-1.explode", b"{}", "unknown op"),  # a worker's subject: the same answer
     ],
 )
 async def test_bad_commands_get_invalid_and_change_nothing(
     bus: Bus, prefix: str, nats_url: str, op: str, payload: bytes, needle: str
 ) -> None:
+    subject = f"{prefix}.registry.{op}" if op.startswith("wcmd.") else f"{prefix}.registry.cmd.{op}"
     async with running_registry(nats_url, prefix) as reg:
-        data = await bus.request(f"{prefix}.registry.cmd.{op}", payload, timeout_s=3)
+        data = await bus.request(subject, payload, timeout_s=3)
         result = codec.command_reply_decoder.decode(data)
         assert isinstance(result, CommandError)
         assert result.code == "invalid"
         assert needle in result.message
-        assert reg.service.state.records == {}
+        assert reg.service.book.records == {}
         # the service keeps running
         ok(
             await RegistryClient(bus, Subjects.for_prefix(prefix)).call(
@@ -224,17 +236,23 @@ async def test_bad_commands_get_invalid_and_change_nothing(
 
 async def test_bad_heartbeat_is_counted_and_ignored(bus: Bus, prefix: str, nats_url: str) -> None:
     async with running_registry(nats_url, prefix) as reg:
-        rejected = reg.service.metrics.bus.rejected.labels("load")
+        samples = reg.service.metrics.prometheus
         subjects = Subjects.for_prefix(prefix)
 
+        def rejected() -> float:
+            value = samples.get_sample_value(
+                "switchboard_registry_messages_rejected_total", {"subject": "load"}
+            )
+            return value or 0.0
+
         base = await until_counted(
-            lambda: bus.publish(subjects.load("p", "w0"), b"probe"), rejected._value.get
+            lambda: bus.publish(subjects.load("p", "w0"), b"probe"), rejected
         )
         await bus.publish(subjects.load("p", "w1"), b"garbage")
         await bus.publish(
             subjects.load("p", "w1"),
             codec.encode(Envelope(source="w1", epoch=1, seq=1, sent_at=0.0, body={"x": 1})),
         )
-        await eventually(lambda: rejected._value.get() == base + 2)
+        await eventually(lambda: rejected() == base + 2)
         snap = await RegistryClient(bus, Subjects.for_prefix(prefix)).snapshot()
         assert snap.workers == ()

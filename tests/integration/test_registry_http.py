@@ -137,7 +137,7 @@ async def test_admin_api_bad_input(
         )
         assert got == status
         assert_error_envelope(body, code)
-        assert reg.service.state.records == {}
+        assert reg.service.book.records == {}
 
 
 def registry_cmd(nats_url: str, prefix: str, port: int, *extra: str) -> list[str]:

@@ -6,13 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from schemas import codec
 from schemas.registry import (
+    Command,
     CommandError,
     CommandOk,
     RegisterRequest,
@@ -29,8 +29,9 @@ from schemas.registry import (
 from schemas.subjects import Subjects
 from services.cli.natsd import NatsServer
 from services.common.bus import KV, Bus
+from services.common.run import Running
 from services.registry.client import RegistryClient
-from services.registry.main import RunningRegistry
+from services.registry.shell import Registry
 from tests.helpers import assert_error_envelope, eventually, free_port, post
 from tests.integration.fleet_fixtures import FAKE_WORKER, Heartbeats
 from tests.integration.registry_fixtures import record_events, running_registry
@@ -52,12 +53,12 @@ async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
         await asyncio.to_thread(server.stop)
 
 
-async def outage(server: NatsServer, reg: RunningRegistry) -> None:
+async def outage(server: NatsServer, reg: Running[Registry]) -> None:
     await asyncio.to_thread(server.stop)
     await eventually(lambda: not reg.service.bus.connected)
 
 
-async def recovery(server: NatsServer, reg: RunningRegistry) -> None:
+async def recovery(server: NatsServer, reg: Running[Registry]) -> None:
     await asyncio.to_thread(server.start)  # same port, same JetStream store
     await eventually(lambda: reg.service.bus.connected, timeout_s=10)
 
@@ -105,21 +106,21 @@ async def test_writes_during_an_outage_get_503_and_leave_no_ghost(
 
             # The NATS command path (on_command hands its request to the same dispatch).
             spec = WorkerSpec(url="http://10.9.0.3:8000", models=("m",))
-            requests: list[tuple[str, Any]] = [
-                ("register", RegisterRequest(worker=spec)),
-                ("upsert", UpsertRequest(worker=spec)),
-                ("replace", ReplaceRequest(id=kept.id, worker=spec)),
-                ("set_status", SetStatusRequest(id=kept.id, status=S.DRAINING)),
-                ("remove", RemoveRequest(id=kept.id)),
+            requests: list[Command] = [
+                RegisterRequest(worker=spec),
+                UpsertRequest(worker=spec),
+                ReplaceRequest(id=kept.id, worker=spec),
+                SetStatusRequest(id=kept.id, status=S.DRAINING),
+                RemoveRequest(id=kept.id),
             ]
-            for op, request in requests:
+            for request in requests:
                 started = time.monotonic()
-                result = await reg.service.dispatch(op, request)
-                assert time.monotonic() - started < PROMPT_S, op
-                assert isinstance(result, CommandError), (op, result)
-                assert result.code == "unavailable", (op, result)
-            assert list(reg.service.state.records.values()) == [kept]
-            assert reg.service.state.url_index == {kept.url: kept.id}
+                result = await reg.service.dispatch(request)
+                assert time.monotonic() - started < PROMPT_S, request.op
+                assert isinstance(result, CommandError), (request.op, result)
+                assert result.code == "unavailable", (request.op, result)
+            assert list(reg.service.book.records.values()) == [kept]
+            assert reg.service.book.url_index == {kept.url: kept.id}
 
             await recovery(own_nats, reg)
             await eventually(lambda: bus.connected, timeout_s=10)
@@ -156,7 +157,7 @@ async def test_any_kv_failure_rolls_back_not_only_cas_conflicts(
         assert status == 201
         wid = body["worker"]["id"]
         await bus.nc.jetstream().delete_key_value(Subjects.for_prefix(prefix).kv_bucket("registry"))
-        before = dict(reg.service.state.records)
+        before = dict(reg.service.book.records)
 
         async with s.patch(f"{base}/workers/{wid}", json={"status": "draining"}) as resp:
             assert resp.status == 503
@@ -167,7 +168,7 @@ async def test_any_kv_failure_rolls_back_not_only_cas_conflicts(
             s, f"{base}/workers", {"url": "http://10.7.0.2:8000", "models": ["m"]}
         )
         assert status == 503
-        assert reg.service.state.records == before
+        assert reg.service.book.records == before
 
 
 async def test_heartbeating_workers_stay_ready_through_a_short_outage(
@@ -189,8 +190,8 @@ async def test_heartbeating_workers_stay_ready_through_a_short_outage(
                 assert isinstance(reply, CommandOk)
                 assert reply.worker is not None
                 beats.append(Heartbeats(bus, prefix, reply.worker).start())
-            state = reg.service.state
-            await eventually(lambda: {r.status for r in state.records.values()} == {S.READY})
+            book = reg.service.book
+            await eventually(lambda: {r.status for r in book.records.values()} == {S.READY})
             ticks = count_expiry_ticks(reg)
             not_ready: list[tuple[str, WorkerStatus]] = []
             watcher = asyncio.create_task(watch_not_ready(reg, not_ready))
@@ -202,7 +203,7 @@ async def test_heartbeating_workers_stay_ready_through_a_short_outage(
                 # Down long enough that every worker missed more than a TTL of heartbeats.
                 await eventually(
                     lambda: (
-                        min(reg.service.clock() - t for t in state.last_heartbeat.values()) > ttl
+                        min(reg.service.clock() - t for t in book.last_heartbeat.values()) > ttl
                     ),
                     timeout_s=10,
                 )
@@ -214,7 +215,7 @@ async def test_heartbeating_workers_stay_ready_through_a_short_outage(
                 resumed_at = reg.service.clock()
                 for heartbeat in beats:
                     heartbeat.start()
-                await eventually(lambda: min(state.last_heartbeat.values()) > resumed_at)
+                await eventually(lambda: min(book.last_heartbeat.values()) > resumed_at)
                 seen = len(ticks)
                 await eventually(lambda: len(ticks) >= seen + 2, timeout_s=10)
             finally:
@@ -229,7 +230,7 @@ async def test_heartbeating_workers_stay_ready_through_a_short_outage(
         await bus.close()
 
 
-def count_expiry_ticks(reg: RunningRegistry) -> list[float]:
+def count_expiry_ticks(reg: Running[Registry]) -> list[float]:
     """Wrap the registry's expiry check (its loop looks it up each tick); log when each ran."""
     ticks: list[float] = []
     expire = reg.service.expire
@@ -242,9 +243,9 @@ def count_expiry_ticks(reg: RunningRegistry) -> list[float]:
     return ticks
 
 
-async def watch_not_ready(reg: RunningRegistry, seen: list[tuple[str, WorkerStatus]]) -> None:
+async def watch_not_ready(reg: Running[Registry], seen: list[tuple[str, WorkerStatus]]) -> None:
     """Record every worker the registry holds as anything but Ready, until cancelled."""
     while True:
-        records = reg.service.state.records.values()
+        records = reg.service.book.records.values()
         seen.extend((r.id, r.status) for r in records if r.status != S.READY)
         await asyncio.sleep(0.01)

@@ -17,6 +17,7 @@ def w(
     mrr: int | None = None,
     models: tuple[str, ...] = ("m",),
     status: WorkerStatus = S.READY,
+    slots: dict[str, int] | None = None,
 ) -> WorkerRecord:
     return WorkerRecord(
         id=worker_id,
@@ -25,6 +26,7 @@ def w(
         status=status,
         revision=1,
         max_running_requests=mrr,
+        model_slots=slots or {},
     )
 
 
@@ -84,6 +86,63 @@ def test_idle_model_cannot_hide_a_saturated_one() -> None:
     view = compute_view(DEFAULT, [w("big", 1000, ("a",)), w("small", 2, ("b",))])
     assert view.fleet.capacity == 1002
     assert view.models["b"].capacity == 2
+
+
+def cap(capacity: int, source: CapacitySource, available: int = 1) -> ModelCapacity:
+    return ModelCapacity(capacity=capacity, source=source, workers_available=available)
+
+
+PER_MODEL_CASES = [
+    # (workers, expected fleet, expected per model)
+    (  # issue #15: a worker serving a and b with 8 slots each is 8 + 8, not 16 for each
+        [w("x", 16, ("a", "b"), slots={"a": 8, "b": 8})],
+        cap(16, C.WORKER_REPORTED),
+        {"a": cap(8, C.WORKER_REPORTED), "b": cap(8, C.WORKER_REPORTED)},
+    ),
+    (  # a record without model_slots (an older worker): its total for each model, as before
+        [w("x", 16, ("a", "b"))],
+        cap(16, C.WORKER_REPORTED),
+        {"a": cap(16, C.WORKER_REPORTED), "b": cap(16, C.WORKER_REPORTED)},
+    ),
+    (  # old and new records together: each counts by what it reports
+        [w("x", 16, ("a", "b"), slots={"a": 12, "b": 4}), w("y", 10, ("a",))],
+        cap(26, C.WORKER_REPORTED, 2),
+        {"a": cap(22, C.WORKER_REPORTED, 2), "b": cap(4, C.WORKER_REPORTED)},
+    ),
+    (  # a model missing from model_slots falls back to the worker's total
+        [w("x", 16, ("a", "b"), slots={"a": 8})],
+        cap(16, C.WORKER_REPORTED),
+        {"a": cap(8, C.WORKER_REPORTED), "b": cap(16, C.WORKER_REPORTED)},
+    ),
+    (  # no total but per-model slots: reporting for its models, Mixed for the fleet
+        [w("x", None, ("a", "b"), slots={"a": 8, "b": 8}), w("y", 4, ("a",))],
+        cap(68, C.MIXED, 2),
+        {"a": cap(12, C.WORKER_REPORTED, 2), "b": cap(8, C.WORKER_REPORTED)},
+    ),
+    (  # reports for a only: b counts it as a non-reporter (slots_per_worker)
+        [w("x", None, ("a", "b"), slots={"a": 8}), w("y", 4, ("b",))],
+        cap(68, C.MIXED, 2),
+        {"a": cap(8, C.WORKER_REPORTED), "b": cap(68, C.MIXED, 2)},
+    ),
+    (  # not Ready: counts nowhere, its models still listed
+        [w("x", 16, ("a", "b"), slots={"a": 8, "b": 8}, status=S.DRAINING)],
+        cap(1024, C.LEGACY_FALLBACK, 0),
+        {"a": cap(1024, C.LEGACY_FALLBACK, 0), "b": cap(1024, C.LEGACY_FALLBACK, 0)},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("workers", "fleet", "models"),
+    PER_MODEL_CASES,
+    ids=["8+8", "old_record", "old_and_new", "partial", "no_total", "reports_one", "not_ready"],
+)
+def test_per_model_capacity_counts_each_workers_slots_for_that_model(
+    workers: list[WorkerRecord], fleet: ModelCapacity, models: dict[str, ModelCapacity]
+) -> None:
+    view = compute_view(DEFAULT, workers)
+    assert view.fleet == fleet  # the fleet total stays the sum of max_running_requests
+    assert view.models == models
 
 
 def test_model_override_beats_fleet_override_and_derived() -> None:

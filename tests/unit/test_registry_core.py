@@ -1,4 +1,4 @@
-"""Registry core, table by table: register, replace, upsert, status, remove, liveness."""
+"""Registry core, table by table: register, replace, upsert, status, remove, liveness, commands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
+from schemas import codec
 from schemas.registry import (
+    COMMANDS,
     Command,
     CommandError,
     CommandOk,
@@ -24,17 +26,11 @@ from schemas.registry import (
     WorkerStatus,
     WorkerStatusChanged,
 )
-from services.registry.core import (
-    HEARTBEAT_LABEL,
-    OPERATOR,
-    ClaimUrl,
-    DeleteRecord,
-    Outcome,
-    PutRecord,
-    RegistryState,
-    ReleaseUrl,
-    authorize,
-)
+from schemas.subjects import COMMAND_OPS, Subjects
+from services.registry.access import authorize
+from services.registry.core import HEARTBEAT_LABEL, OPERATOR, RegistryBook
+from services.registry.effects import ClaimUrl, DeleteRecord, Effect, PutRecord, ReleaseUrl
+from services.registry.nats_edge import COMMAND_DECODERS
 
 S = WorkerStatus
 
@@ -43,21 +39,21 @@ def spec(url: str = "http://a:1", models: tuple[str, ...] = ("m1",), **kw: objec
     return WorkerSpec(url=url, models=models, **kw)  # type: ignore[arg-type]
 
 
-def ok(outcome: Outcome) -> CommandOk:
-    assert isinstance(outcome.reply, CommandOk), outcome.reply
-    return outcome.reply
+def ok(effect: Effect) -> CommandOk:
+    assert isinstance(effect.reply, CommandOk), effect.reply
+    return effect.reply
 
 
-def err(outcome: Outcome, code: str) -> CommandError:
-    assert isinstance(outcome.reply, CommandError), outcome.reply
-    assert outcome.reply.code == code
-    assert outcome.events == ()
-    assert outcome.writes == ()
-    return outcome.reply
+def err(effect: Effect, code: str) -> CommandError:
+    assert isinstance(effect.reply, CommandError), effect.reply
+    assert effect.reply.code == code
+    assert effect.events == ()
+    assert effect.writes == ()
+    return effect.reply
 
 
 def test_register_creates_pending_record_with_claim_and_event() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     out = st.commit(st.register(spec(models=("m1", "m2", "m1")), "w1", now=10.0))
     rec = ok(out).worker
     assert rec is not None
@@ -70,7 +66,7 @@ def test_register_creates_pending_record_with_claim_and_event() -> None:
 
 
 def test_register_duplicate_url_conflicts_and_changes_nothing() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     before = (dict(st.records), dict(st.url_index))
     assert (
@@ -81,7 +77,7 @@ def test_register_duplicate_url_conflicts_and_changes_nothing() -> None:
 
 
 def test_replace_diffs_model_index_and_bumps_revision() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(models=("a", "b")), "w1", 0.0))
     out = st.commit(st.replace("w1", spec(models=("b", "c")), 1.0))
     new = ok(out).worker
@@ -94,7 +90,7 @@ def test_replace_diffs_model_index_and_bumps_revision() -> None:
 
 
 def test_replace_with_identical_spec_is_a_no_op() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     out = st.commit(st.replace("w1", spec(), 1.0))
     assert ok(out).applied is False
@@ -103,7 +99,7 @@ def test_replace_with_identical_spec_is_a_no_op() -> None:
 
 
 def test_replace_url_change_claims_new_releases_old() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec("http://a:1"), "w1", 0.0))
     out = st.commit(st.replace("w1", spec("http://b:1"), 1.0))
     new = ok(out).worker
@@ -117,7 +113,7 @@ def test_replace_url_change_claims_new_releases_old() -> None:
 
 
 def test_replace_onto_another_workers_url_is_rejected() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec("http://a:1"), "w1", 0.0))
     st.commit(st.register(spec("http://b:1", ("x",)), "w2", 0.0))
     assert err(st.commit(st.replace("w1", spec("http://b:1"), 1.0)), "conflict").field == "url"
@@ -131,7 +127,7 @@ def test_replace_onto_another_workers_url_is_rejected() -> None:
     [(S.FAILED, S.PENDING), (S.NOT_READY, S.PENDING), (S.READY, S.READY), (S.DRAINING, S.DRAINING)],
 )
 def test_replace_status_rules(status: WorkerStatus, after: WorkerStatus) -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     if status != S.PENDING:
         ok(st.commit(st.set_status("w1", status)))
@@ -141,7 +137,7 @@ def test_replace_status_rules(status: WorkerStatus, after: WorkerStatus) -> None
 
 
 def test_upsert_registers_then_replaces() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     first = st.commit(st.upsert(spec(), "w1", 0.0))
     assert isinstance(first.events[0], WorkerRegistered)
     again = st.commit(st.upsert(spec(), "w2", 1.0))
@@ -168,7 +164,7 @@ TRANSITION_CASES = [
 
 @pytest.mark.parametrize(("start", "target", "allowed"), TRANSITION_CASES)
 def test_status_transitions(start: WorkerStatus, target: WorkerStatus, allowed: bool) -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     path = {
         S.PENDING: [],
@@ -197,7 +193,7 @@ def test_status_transitions(start: WorkerStatus, target: WorkerStatus, allowed: 
 
 def test_first_ready_emits_status_changed() -> None:
     """SMG missed the Pending -> Ready event; we must not."""
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     out = st.commit(st.heartbeat("w1", S.READY, 0.5))
     assert len(out.events) == 1
@@ -207,7 +203,7 @@ def test_first_ready_emits_status_changed() -> None:
 
 
 def test_set_status_expected_revision_and_no_op() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     assert err(st.commit(st.set_status("w1", S.READY, expected_revision=5)), "conflict").field == (
         "expected_revision"
@@ -220,7 +216,7 @@ def test_set_status_expected_revision_and_no_op() -> None:
 
 
 def test_remove_clears_every_index() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(models=("a",)), "w1", 0.0))
     out = st.commit(st.remove("w1", reason="admin"))
     assert isinstance(out.events[0], WorkerRemoved)
@@ -231,7 +227,7 @@ def test_remove_clears_every_index() -> None:
 
 
 def test_heartbeat_ttl_expiry_and_recovery() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(), "w1", 0.0))
     st.commit(st.heartbeat("w1", S.READY, 1.0))
     assert st.expired(now=3.9, ttl_s=3.0) == []
@@ -247,7 +243,7 @@ def test_heartbeat_ttl_expiry_and_recovery() -> None:
 
 
 def test_draining_and_opted_out_workers_do_not_expire() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec("http://a:1"), "w1", 0.0))
     st.commit(st.register(spec("http://b:1", labels={HEARTBEAT_LABEL: "off"}), "w2", 0.0))
     ok(st.commit(st.set_status("w1", S.DRAINING)))
@@ -258,15 +254,15 @@ def test_draining_and_opted_out_workers_do_not_expire() -> None:
 
 
 def test_heartbeat_from_unknown_worker_is_an_error_value() -> None:
-    err(RegistryState().heartbeat("ghost", S.READY, 0.0), "not_found")
+    err(RegistryBook().heartbeat("ghost", S.READY, 0.0), "not_found")
 
 
 def test_load_gives_grace_and_rebuilds_indexes() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec(models=("a",)), "w1", 0.0))
     ok(st.commit(st.set_status("w1", S.READY)))
     records = list(st.records.values())
-    fresh = RegistryState()
+    fresh = RegistryBook()
     fresh.load(records, now=50.0)
     assert fresh.model_index == {"a": {"w1"}}
     assert fresh.expired(now=52.0, ttl_s=3.0) == []
@@ -274,7 +270,7 @@ def test_load_gives_grace_and_rebuilds_indexes() -> None:
 
 
 def test_list_and_get() -> None:
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec("http://a:1", ("x",)), "w2", 0.0))
     st.commit(st.register(spec("http://b:1", ("y",)), "w1", 0.0))
     assert [r.id for r in ok(st.list_workers()).workers] == ["w1", "w2"]
@@ -284,23 +280,23 @@ def test_list_and_get() -> None:
     err(st.get("w9"), "not_found")
 
 
-def two_workers() -> RegistryState:
+def two_workers() -> RegistryBook:
     """w1 Ready on http://a:1 serving a, w2 Pending on http://b:1 serving b."""
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec("http://a:1", ("a",)), "w1", 0.0))
     st.commit(st.register(spec("http://b:1", ("b",)), "w2", 0.0))
     st.commit(st.set_status("w1", S.READY))
     return st
 
 
-def snapshot(st: RegistryState) -> tuple[object, ...]:
+def snapshot(st: RegistryBook) -> tuple[object, ...]:
     models = {m: set(ids) for m, ids in st.model_index.items()}
     return dict(st.records), dict(st.url_index), models, dict(st.last_heartbeat)
 
 
 # (name, plan on two_workers(), ids present after the commit, url_index after, fresh beats after)
-Plan = Callable[[RegistryState], Outcome]
-PLAN_CASES: list[tuple[str, Plan, set[str], dict[str, str], dict[str, float]]] = [
+Planner = Callable[[RegistryBook], Effect]
+PLAN_CASES: list[tuple[str, Planner, set[str], dict[str, str], dict[str, float]]] = [
     (
         "register",
         lambda st: st.register(spec("http://c:1", ("c",)), "w3", 7.0),
@@ -358,7 +354,7 @@ PLAN_CASES: list[tuple[str, Plan, set[str], dict[str, str], dict[str, float]]] =
     ("plan", "ids", "urls", "beats"), [c[1:] for c in PLAN_CASES], ids=[c[0] for c in PLAN_CASES]
 )
 def test_operations_plan_without_changing_state_until_committed(
-    plan: Callable[[RegistryState], Outcome],
+    plan: Callable[[RegistryBook], Effect],
     ids: set[str],
     urls: dict[str, str],
     beats: dict[str, float],
@@ -369,7 +365,7 @@ def test_operations_plan_without_changing_state_until_committed(
     out = plan(st)
     assert out.writes
     assert out.events
-    assert snapshot(st) == before  # planned, not applied: dropping the outcome is a rollback
+    assert snapshot(st) == before  # planned, not applied: dropping the effect is a rollback
 
     st.commit(out)
     assert set(st.records) == ids
@@ -403,10 +399,10 @@ def test_reconnect_grace_restarts_every_liveness_clock() -> None:
 A, B = "worker-a", "worker-b"
 
 
-def fleet_of_owners() -> RegistryState:
+def fleet_of_owners() -> RegistryBook:
     """a1 (A's, Ready), b1 (B's, Ready), o1 (an operator's, Ready), o2 (an operator's, NotReady:
     nobody serves it), o3 (an operator's, Pending, managed by hand: heartbeat=off)."""
-    st = RegistryState()
+    st = RegistryBook()
     st.commit(st.register(spec("http://a:1"), "a1", 0.0, owner=A))
     st.commit(st.register(spec("http://b:1"), "b1", 0.0, owner=B))
     st.commit(st.register(spec("http://o:1"), "o1", 0.0))
@@ -495,3 +491,74 @@ def test_only_the_owner_heartbeats_a_record() -> None:
     out = st.commit(st.heartbeat("a1", S.READY, 1.0, principal=A))
     assert ok(out).worker == st.records["a1"]
     assert (st.records["a1"].status, out.beats) == (S.READY, (("a1", 1.0),))
+
+
+# ---- per-model slots ----
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        lambda st: st.register(spec("http://c:1", ("a",), model_slots={"b": 8}), "w3", 1.0),
+        lambda st: st.upsert(spec("http://c:1", ("a",), model_slots={"b": 8}), "w3", 1.0),
+        lambda st: st.replace("w1", spec("http://a:1", ("a",), model_slots={"b": 8}), 1.0),
+        lambda st: st.upsert(spec("http://a:1", ("a",), model_slots={"a": 8, "b": 8}), "x", 1.0),
+    ],
+    ids=["register", "upsert_new", "replace", "upsert_existing"],
+)
+def test_model_slots_may_name_only_served_models(plan: Planner) -> None:
+    st = two_workers()
+    before = snapshot(st)
+    refused = err(st.commit(plan(st)), "invalid")
+    assert refused.field == "model_slots"
+    assert "'b'" in refused.message
+    assert snapshot(st) == before
+
+
+def test_model_slots_are_carried_through_register_replace_and_upsert() -> None:
+    st = RegistryBook()
+    two = spec(models=("a", "b"), max_running_requests=16, model_slots={"a": 8, "b": 8})
+    rec = ok(st.commit(st.register(two, "w1", 0.0))).worker
+    assert rec is not None
+    assert (rec.max_running_requests, rec.model_slots) == (16, {"a": 8, "b": 8})
+    # a change of model_slots alone is a change: revision + 1, an event
+    uneven = spec(models=("a", "b"), max_running_requests=16, model_slots={"a": 12, "b": 4})
+    out = st.commit(st.replace("w1", uneven, 1.0))
+    assert ok(out).worker == st.records["w1"]
+    assert (st.records["w1"].model_slots, st.records["w1"].revision) == ({"a": 12, "b": 4}, 2)
+    assert isinstance(out.events[0], WorkerReplaced)
+    again = st.commit(st.upsert(uneven, "x", 2.0))
+    assert ok(again).applied is False
+    st.commit(st.upsert(spec(models=("a", "b"), max_running_requests=16), "x", 3.0))
+    assert st.records["w1"].model_slots == {}  # the spec is the whole truth: omitted = unknown
+
+
+# ---- the command table: one op, one subject, one request type, one handler ----
+
+EXAMPLES: dict[type[Command], Command] = {
+    RegisterRequest: RegisterRequest(worker=spec("http://new:1")),
+    ReplaceRequest: ReplaceRequest(id="a1", worker=spec("http://a:2")),
+    UpsertRequest: UpsertRequest(worker=spec("http://new:2")),
+    SetStatusRequest: SetStatusRequest(id="a1", status=S.DRAINING),
+    RemoveRequest: RemoveRequest(id="b1"),
+    GetRequest: GetRequest(id="o1"),
+    ListRequest: ListRequest(model="m1"),
+}
+
+
+def test_every_op_has_a_subject_a_request_type_and_a_handler() -> None:
+    """The subjects, the client's op lookup and the registry's decode/dispatch all come from
+    COMMANDS: a command missing from any of them fails here."""
+    assert set(EXAMPLES) == set(COMMANDS.values())  # a new command needs an example here
+    assert COMMAND_OPS == tuple(COMMANDS) == tuple(COMMAND_DECODERS)
+    subjects = Subjects.for_prefix("p")
+    for op, type_ in COMMANDS.items():
+        request = EXAMPLES[type_]
+        assert request.op == op  # what RegistryClient.call sends it on
+        assert subjects.registry_cmd(op) == f"p.registry.cmd.{op}"
+        assert subjects.worker_cmd("w", op) == f"p.registry.wcmd.w.{op}"
+        body = codec.encode(request)  # the bare request: the op travels in the subject only
+        assert set(codec.decode(body, dict)) == set(type_.__struct_fields__)
+        assert COMMAND_DECODERS[op].decode(body) == request
+        effect = fleet_of_owners().run(request, OPERATOR, "new", 1.0)
+        assert isinstance(effect.reply, CommandOk), (op, effect.reply)

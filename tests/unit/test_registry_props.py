@@ -18,7 +18,8 @@ from schemas.registry import (
     WorkerStatusChanged,
 )
 from services.common.seq import Sequencer, SequenceTracker
-from services.registry.core import Outcome, RegistryState
+from services.registry.core import RegistryBook
+from services.registry.effects import Effect
 
 URLS = [f"http://h{i}:8000" for i in range(4)]
 MODELS = ["a", "b", "c"]
@@ -40,64 +41,64 @@ ops = st.one_of(
 )
 
 
-def plan(state: RegistryState, op: tuple[Any, ...], now: float) -> Outcome:
+def plan(book: RegistryBook, op: tuple[Any, ...], now: float) -> Effect:
     match op:
         case ("register", spec, new_id):
-            return state.register(spec, new_id, now)
+            return book.register(spec, new_id, now)
         case ("upsert", spec, new_id):
-            return state.upsert(spec, new_id, now)
+            return book.upsert(spec, new_id, now)
         case ("replace", worker_id, spec):
-            return state.replace(worker_id, spec, now)
+            return book.replace(worker_id, spec, now)
         case ("set_status", worker_id, status):
-            return state.set_status(worker_id, status)
+            return book.set_status(worker_id, status)
         case ("remove", worker_id):
-            return state.remove(worker_id)
+            return book.remove(worker_id)
         case ("heartbeat", worker_id, status):
-            return state.heartbeat(worker_id, status, now)
+            return book.heartbeat(worker_id, status, now)
         case ("expire_one", worker_id, ttl):
-            return state.expire_one(worker_id, now, ttl)
+            return book.expire_one(worker_id, now, ttl)
     raise AssertionError(op)
 
 
-def snapshot(state: RegistryState) -> tuple[Any, ...]:
-    models = {m: set(ids) for m, ids in state.model_index.items()}
-    return dict(state.records), dict(state.url_index), models, dict(state.last_heartbeat)
+def snapshot(book: RegistryBook) -> tuple[Any, ...]:
+    models = {m: set(ids) for m, ids in book.model_index.items()}
+    return dict(book.records), dict(book.url_index), models, dict(book.last_heartbeat)
 
 
-def apply(state: RegistryState, op: tuple[Any, ...], now: float) -> list[RegistryEvent]:
+def apply(book: RegistryBook, op: tuple[Any, ...], now: float) -> list[RegistryEvent]:
     """Plan (which must change nothing), then commit, as the shell does after its KV writes."""
     if op[0] == "expire":
         events: list[RegistryEvent] = []
-        for worker_id in state.expired(now, op[1]):
-            events += apply(state, ("expire_one", worker_id, op[1]), now)
+        for worker_id in book.expired(now, op[1]):
+            events += apply(book, ("expire_one", worker_id, op[1]), now)
         return events
-    before = snapshot(state)
-    outcome = plan(state, op, now)
-    assert snapshot(state) == before
-    return list(state.commit(outcome).events)
+    before = snapshot(book)
+    effect = plan(book, op, now)
+    assert snapshot(book) == before
+    return list(book.commit(effect).events)
 
 
-def check_invariants(state: RegistryState) -> None:
+def check_invariants(book: RegistryBook) -> None:
     # 1. URL uniqueness: the index is exactly url -> id of the records.
-    assert state.url_index == {r.url: r.id for r in state.records.values()}
+    assert book.url_index == {r.url: r.id for r in book.records.values()}
     # 2. Model index equals the records' models exactly, no empty sets.
     expected: dict[str, set[str]] = {}
-    for record in state.records.values():
+    for record in book.records.values():
         for model in record.models:
             expected.setdefault(model, set()).add(record.id)
-    assert state.model_index == expected
+    assert book.model_index == expected
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(ops, max_size=40))
 def test_random_operations_keep_invariants(sequence: list[tuple[Any, ...]]) -> None:
-    state = RegistryState()
+    book = RegistryBook()
     sequencer = Sequencer("registry", epoch=1)
     tracker = SequenceTracker()
     revisions: dict[str, int] = {}
     for step, op in enumerate(sequence):
-        events = apply(state, op, now=float(step))
-        check_invariants(state)
+        events = apply(book, op, now=float(step))
+        check_invariants(book)
         for event in events:
             env = sequencer.stamp(event, now=float(step))
             # Seqs are contiguous from 1: every stamped event is in order for a fresh follower.
@@ -116,21 +117,21 @@ def test_random_operations_keep_invariants(sequence: list[tuple[Any, ...]]) -> N
                     revisions[wid] = rev
                 case WorkerRemoved(worker=rec):
                     revisions.pop(rec.id)
-        # Events describe the state: a follower applying them holds exactly the records.
-        assert set(revisions) == set(state.records)
+        # Events describe the book: a follower applying them holds exactly the records.
+        assert set(revisions) == set(book.records)
         for worker_id, rev in revisions.items():
-            assert state.records[worker_id].revision == rev
+            assert book.records[worker_id].revision == rev
 
 
 @given(st.lists(ops, max_size=30))
 def test_errors_change_nothing(sequence: list[tuple[Any, ...]]) -> None:
-    state = RegistryState()
+    book = RegistryBook()
     for step, op in enumerate(sequence):
         if op[0] == "expire":
             continue
-        before = snapshot(state)
-        out = state.commit(plan(state, op, float(step)))
+        before = snapshot(book)
+        out = book.commit(plan(book, op, float(step)))
         if isinstance(out.reply, CommandError):
-            assert snapshot(state) == before
+            assert snapshot(book) == before
             assert out.events == ()
             assert out.writes == ()

@@ -41,15 +41,18 @@ REC = WorkerRecord(
     status=WorkerStatus.READY,
     revision=2,
     max_running_requests=256,
+    model_slots={"llama-3-8b": 256},
     labels={"zone": "a"},
     registered_at=1700000000.5,
 )
 REC_JSON = (
     '{"id":"w1","url":"http://10.0.0.5:8000","models":["llama-3-8b"],"status":"ready",'
-    '"revision":2,"max_running_requests":256,"labels":{"zone":"a"},"registered_at":1700000000.5,'
-    '"owner":""}'
+    '"revision":2,"max_running_requests":256,"model_slots":{"llama-3-8b":256},"labels":{"zone":"a"},'
+    '"registered_at":1700000000.5,"owner":""}'
 )
-REC2 = msgspec.structs.replace(REC, url="http://10.0.0.6:8000", models=("m2",), revision=3)
+REC2 = msgspec.structs.replace(
+    REC, url="http://10.0.0.6:8000", models=("m2",), model_slots={"m2": 256}, revision=3
+)
 REC2_JSON = REC_JSON.replace("10.0.0.5", "10.0.0.6").replace('"llama-3-8b"', '"m2"')
 REC2_JSON = REC2_JSON.replace('"revision":2', '"revision":3')
 
@@ -193,6 +196,15 @@ def test_a_record_from_before_owners_is_an_operators() -> None:
     assert REC.owner == ""
 
 
+def test_a_record_from_before_model_slots_has_none() -> None:
+    """Records and specs written before per-model slots decode with an empty map (unknown)."""
+    old = REC_JSON.replace(',"model_slots":{"llama-3-8b":256}', "")
+    assert '"model_slots"' not in old
+    assert codec.decode(old.encode(), WorkerRecord) == msgspec.structs.replace(REC, model_slots={})
+    spec = codec.decode(b'{"url":"http://h:1","models":["a"]}', WorkerSpec)
+    assert spec.model_slots == {}
+
+
 def test_old_decoder_reads_message_with_new_field() -> None:
     """A newer registry adds a field; a consumer built against today's schema still decodes it."""
 
@@ -272,6 +284,10 @@ def test_nesting_too_deep_is_a_decode_error_naming_it(data: bytes, type_: Any) -
             {"url": "http://h:1", "models": [], "max_running_requests": 70000},
             "max_running_requests",
         ),
+        ({"url": "http://h:1", "models": ["a"], "model_slots": {"a": 0}}, "model_slots"),
+        ({"url": "http://h:1", "models": ["a"], "model_slots": {"a": 65536}}, "model_slots"),
+        ({"url": "http://h:1", "models": ["a"], "model_slots": {"a b": 8}}, "model_slots"),
+        ({"url": "http://h:1", "models": ["a"], "model_slots": {"a": "8"}}, "model_slots"),
     ],
 )
 def test_worker_spec_validation_names_the_field(spec: dict[str, Any], field: str) -> None:
