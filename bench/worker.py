@@ -15,11 +15,11 @@ from typing import Any
 
 import aiohttp
 
-from services.common.run import start_in_process
+from services.common.run import Running, start_in_process
 from services.worker.config import WorkerConfig
 from services.worker.engines.base import SamplingParams
 from services.worker.engines.sim import SimEngine, SimSettings
-from services.worker.main import RunningWorker, serve
+from services.worker.main import WorkerService, serve
 
 
 def pct(values: list[float], q: float) -> float:
@@ -27,7 +27,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-async def start(**fields: Any) -> tuple[RunningWorker, Callable[[], Awaitable[None]]]:
+async def start(**fields: Any) -> tuple[Running[WorkerService], Callable[[], Awaitable[None]]]:
     cfg = WorkerConfig(engine="sim", http_port=0, register=False, log_level="error", **fields)
     worker, stop = await start_in_process(serve, cfg)
     return worker, stop
@@ -41,7 +41,7 @@ async def rejection_latency(n: int) -> list[float]:
             asyncio.create_task(s.post(worker.url + "/v1/chat/completions", json=body))
             for _ in range(4)
         ]
-        gate = worker.models["sim-model"].gate
+        gate = worker.service.models["sim-model"].gate
         while gate.core.queue_depth < 2:  # noqa: ASYNC110 - waiting for the hogs to be admitted
             await asyncio.sleep(0.01)
         times = []

@@ -31,7 +31,7 @@ def reference_token_count(model_dir: Path, text: str) -> int:
 
 
 async def check_stream_and_usage(worker: Any, model: str, model_dir: Path) -> None:
-    engine = worker.models[model].engine
+    engine = worker.service.models[model].engine
     from schemas.inference import ChatMessage
 
     prompt = engine.chat_prompt([ChatMessage(**m) for m in MESSAGES])
@@ -72,8 +72,8 @@ async def check_stream_and_usage(worker: Any, model: str, model_dir: Path) -> No
 
 async def check_cancel_on_disconnect(worker: Any, model: str, steps: Any) -> None:
     """A client that goes away mid-generation stops the engine: no slot held, no steps wasted."""
-    engine = worker.models[model].engine
-    gate = worker.models[model].gate
+    engine = worker.service.models[model].engine
+    gate = worker.service.models[model].gate
     body = {"model": model, "messages": MESSAGES, "max_tokens": 1500, "stream": True}
     async with aiohttp.ClientSession() as s:
         try:

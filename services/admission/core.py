@@ -46,7 +46,8 @@ class Busy(msgspec.Struct, frozen=True):
     retry_after_s: int
 
 
-Decision = Admitted | Queued | Busy
+# Admission's answer to one request ("Decision" is the router's word: where a request goes).
+Verdict = Admitted | Queued | Busy
 
 
 class Admission:
@@ -74,7 +75,7 @@ class Admission:
         estimate = math.ceil(self.mean_service_s * rounds)
         return min(max(estimate, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
 
-    def request(self, now: float, priority: int = 0) -> Decision:
+    def request(self, now: float, priority: int = 0) -> Verdict:
         if self.draining:
             return Busy("draining", self.retry_after_s())
         self._next += 1

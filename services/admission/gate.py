@@ -44,12 +44,12 @@ class Gate:
         """Hold a running slot for the body; raises Rejected when there is no room.
 
         gone: returns once the client has left; watched only while queued (then Abandoned)."""
-        decision = self.core.request(self.clock(), priority)
-        if isinstance(decision, Busy):
-            raise Rejected(decision)
-        ticket = decision.ticket
+        verdict = self.core.request(self.clock(), priority)
+        if isinstance(verdict, Busy):
+            raise Rejected(verdict)
+        ticket = verdict.ticket
         self._changed()
-        if isinstance(decision, Queued):
+        if isinstance(verdict, Queued):
             await self._wait(ticket, gone)
         started = self.clock()
         failed = True

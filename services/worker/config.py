@@ -36,6 +36,10 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     default_max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=64 << 20)] = 1 << 20
     heartbeat_interval_s: Seconds = 1.0
+    # How often the worker reads its registry record back and puts it right (re-registers a lost
+    # one), and how long one registry request waits for its answer.
+    registry_check_interval_s: Seconds = 2.0
+    registry_timeout_s: Seconds = 5.0
     drain_timeout_s: Seconds = 30.0
     # False: a plain OpenAI server that never talks to NATS.
     register: bool = True

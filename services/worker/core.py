@@ -1,16 +1,53 @@
-"""Worker decisions, pure: how a worker puts its own registry record right. No I/O."""
+"""Worker decisions: its registry record, its heartbeat, how a request is shaped. Pure, no I/O.
+
+The shell (shell.py, http.py) reads the engines and the admission cores, asks here, and acts.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
+import msgspec
+
+from schemas.inference import ChatCompletionRequest, SamplingFields
+from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerSpec, WorkerStatus
+from services.admission.core import Admission, Busy
+from services.common.errors import ApiError, at_capacity, invalid
+from services.worker.engines.params import EngineLimits, SamplingParams
+from services.worker.engines.penalties import BadBias, parse_bias
+from services.worker.engines.template import IMAGE_PART, refused_part
+
+# ---- the registry record ----
 
 Repair = Literal["register", "replace", "drain"]
 
 
+def worker_spec(url: str, slots: Mapping[str, int], labels: Mapping[str, str]) -> WorkerSpec:
+    """What the worker registers: its models, each one's slots, and their sum (the old total)."""
+    return WorkerSpec(
+        url=url,
+        models=tuple(slots),
+        max_running_requests=sum(slots.values()),
+        model_slots=dict(slots),
+        labels=dict(labels),
+    )
+
+
+def spec_of(record: WorkerRecord) -> WorkerSpec:
+    """The spec a record was written from (the record minus the registry's bookkeeping)."""
+    return WorkerSpec(
+        url=record.url,
+        models=record.models,
+        max_running_requests=record.max_running_requests,
+        model_slots=record.model_slots,
+        labels=record.labels,
+    )
+
+
 def repair(record: WorkerRecord | None, spec: WorkerSpec, chosen: WorkerStatus) -> Repair | None:
-    """What puts our record right when someone else changed it (pure; None: nothing to do).
+    """What puts our record right when someone else changed it (None: nothing to do).
 
     The worker knows what it serves: a missing record is registered again; a changed spec, or
     Failed (left only through Pending), is replaced by ours. Its own Draining is restored. It never
@@ -19,14 +56,162 @@ def repair(record: WorkerRecord | None, spec: WorkerSpec, chosen: WorkerStatus) 
     """
     if record is None:
         return "register"
-    ours = WorkerSpec(
-        url=record.url,
-        models=record.models,
-        max_running_requests=record.max_running_requests,
-        labels=record.labels,
-    )
-    if ours != spec or record.status == WorkerStatus.FAILED:
+    if spec_of(record) != spec or record.status == WorkerStatus.FAILED:
         return "replace"
     if chosen == WorkerStatus.DRAINING and record.status != WorkerStatus.DRAINING:
         return "drain"
     return None
+
+
+# ---- what the heartbeat and /health report ----
+
+
+def slots(admissions: Mapping[str, Admission]) -> dict[str, int]:
+    """Each served model's running slots (its gate's max_in_flight)."""
+    return {name: a.limits.max_in_flight for name, a in admissions.items()}
+
+
+def backlog(admissions: Mapping[str, Admission]) -> int:
+    """Requests still running or queued, over every model (what a drain waits for)."""
+    return sum(a.in_flight + a.queue_depth for a in admissions.values())
+
+
+def model_loads(admissions: Mapping[str, Admission]) -> tuple[ModelLoad, ...]:
+    return tuple(a.load(name) for name, a in admissions.items())
+
+
+def worker_load(
+    worker_id: str,
+    url: str,
+    status: WorkerStatus,
+    interval_s: float,
+    admissions: Mapping[str, Admission],
+) -> WorkerLoad:
+    """One heartbeat's body: the worker's status and every model's load."""
+    return WorkerLoad(
+        worker_id=worker_id,
+        url=url,
+        models=model_loads(admissions),
+        status=status,
+        heartbeat_interval_s=interval_s,
+    )
+
+
+class WorkerHealth(msgspec.Struct, frozen=True, kw_only=True):
+    status: str  # "ready" | "draining"
+    models: tuple[ModelLoad, ...]
+
+
+def health(admissions: Mapping[str, Admission]) -> tuple[int, WorkerHealth]:
+    """/health: the heartbeat's numbers; 503 once draining (peer routers then stop sending)."""
+    draining = any(a.draining for a in admissions.values())
+    body = WorkerHealth(status="draining" if draining else "ready", models=model_loads(admissions))
+    return (503 if draining else 200), body
+
+
+# ---- shaping one OpenAI request ----
+
+
+def not_served(model: str, served: Iterable[str]) -> ApiError:
+    return ApiError(
+        status=404,
+        message=f"model {model!r} is not served here (serving: {', '.join(sorted(served))})",
+        type="invalid_request_error",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def unsupported(req: SamplingFields) -> ApiError | None:
+    """A feature no engine here has is refused by name, never answered as if not asked."""
+    param = req.unsupported()
+    if param is None:
+        return None
+    return invalid(
+        f"{param} is not supported here; remove it or send its default "
+        "(0, null or false) and the request will be served",
+        "unsupported_parameter",
+        param,
+    )
+
+
+def refused_content(req: ChatCompletionRequest, accepts_images: bool) -> ApiError | None:
+    """The first content part the model cannot take (refused rather than dropped)."""
+    refused = refused_part(req.messages, accepts_images)
+    if refused is None:
+        return None
+    where, kind = refused
+    takes = f"text and {IMAGE_PART}" if accepts_images else "text"
+    return invalid(
+        f"{where} is a {kind!r} part; model {req.model} takes only {takes} parts",
+        "unsupported_content",
+        where,
+    )
+
+
+def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...] | ApiError:
+    """OpenAI's {"<token id>": bias} as sorted (id, bias) pairs, or the refusal naming the key."""
+    try:
+        return parse_bias(req.logit_bias, vocab_size)
+    except BadBias as exc:
+        return invalid(str(exc), "invalid_value", "logit_bias")
+
+
+def sampling(
+    req: SamplingFields,
+    prompt_tokens: int,
+    limits: EngineLimits,
+    vocab_size: int,
+    default_max_tokens: int = 0,
+) -> SamplingParams | ApiError:
+    """The engine's parameters for a prompt of prompt_tokens, or why it cannot be served.
+
+    No max_tokens: the rest of the context (OpenAI's default), at most default_max_tokens if set.
+    """
+    if isinstance(req, ChatCompletionRequest):
+        cap, prompt_param = req.max_completion_tokens or req.max_tokens, "messages"
+    else:
+        cap, prompt_param = req.max_tokens, "prompt"
+    context = limits.max_context
+    room = context - prompt_tokens
+    if room <= 0:  # not one token of room: the prompt is at fault, whatever max_tokens says
+        return invalid(
+            f"the prompt ({prompt_tokens} tokens) leaves no room in the model's context of "
+            f"{context} tokens",
+            "context_length_exceeded",
+            prompt_param,
+        )
+    wanted = cap if cap is not None else min(default_max_tokens or room, room)
+    if wanted > room:
+        return invalid(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({wanted}) exceeds the "
+            f"model's context of {context} tokens",
+            "context_length_exceeded",
+            "max_tokens",
+        )
+    bias = logit_bias(req, vocab_size)
+    if isinstance(bias, ApiError):
+        return bias
+    return SamplingParams(
+        max_tokens=wanted,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        stop=req.stop_strings(),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=bias,
+    )
+
+
+def busy(model: str, refused: Busy) -> ApiError:
+    """The model's gate refused: the one busy 503 (Retry-After from its measured service time)."""
+    return at_capacity("worker", model, refused.reason, refused.retry_after_s)
+
+
+def engine_failed(why: str) -> ApiError:
+    return ApiError(
+        status=500, message=f"generation failed: {why}", type="server_error", code="engine_error"
+    )

@@ -5,138 +5,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
-import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from schemas import codec
-from schemas.inference import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    SamplingFields,
-)
-from schemas.load import ModelLoad
-from services.admission.gate import Abandoned, Gate, Rejected
-from services.common.errors import ApiError as Problem
+from schemas.inference import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from services.admission.gate import Abandoned, Rejected
+from services.common.errors import ApiError, Refused
 from services.common.http import (
     ENVELOPE_ERRORS,
     GuardedStream,
     HealthCheck,
+    decode_body,
     disconnected,
     error_response,
     ops_routes,
-    read_capped,
+    read_body,
 )
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
-from services.worker.engines import penalties
-from services.worker.engines.base import Engine, EngineError, Job, SamplingParams
-from services.worker.engines.template import IMAGE_PART, refused_part
+from services.worker import core
+from services.worker.engines.base import EngineError, Job
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, usage
+from services.worker.served import ServedModel, admissions
 
 log = logging.getLogger(__name__)
 
 
-class WorkerHealth(msgspec.Struct, frozen=True, kw_only=True):
-    status: str  # "ready" | "draining"
-    models: tuple[ModelLoad, ...]
+Req = TypeVar("Req", ChatCompletionRequest, CompletionRequest)
 
 
-class ServedModel:
-    def __init__(self, engine: Engine, gate: Gate) -> None:
-        self.engine = engine
-        self.gate = gate
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str,
-        code: str,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.type, self.code, self.param, self.headers = (
-            status,
-            type_,
-            code,
-            param,
-            headers,
-        )
-
-    def response(self) -> Response:
-        err = Problem(
-            status=self.status, message=str(self), type=self.type, code=self.code, param=self.param
-        )
-        return error_response(err, self.headers)
-
-
-def busy_error(rejected: Rejected, model: str) -> ApiError:
-    busy = rejected.busy
-    why = {
-        "queue_full": "its queue is full",
-        "timeout": "no slot freed in time",
-        "draining": "it is draining",
-    }[busy.reason]
-    return ApiError(
-        503,
-        f"worker is at capacity for model {model} ({why}); retry after {busy.retry_after_s}s",
-        "service_unavailable_error",  # 503, not 429: see docs/worker.md, "Backpressure"
-        "rate_limit_exceeded",
-        headers={"Retry-After": str(busy.retry_after_s)},
-    )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    try:
-        body = await read_capped(request, limit)
-    except ClientDisconnect:  # left mid-body: answered for the log line only, nobody reads it
-        raise ApiError(
-            499, "client left before sending the whole body", "invalid_request_error", "client_gone"
-        ) from None
-    if body is None:
-        raise ApiError(
-            413, f"request body exceeds {limit} bytes", "invalid_request_error", "request_too_large"
-        )
-    return body
-
-
-# msgspec names a missing top-level field only in the message, without a `$.` path.
-_MISSING = re.compile(r"^Object missing required field `(\w+)`$")
-
-
-def decode_request(body: bytes, type_: type[Any]) -> Any:
-    try:
-        return codec.decode(body, type_)
-    except msgspec.ValidationError as exc:
-        missing = _MISSING.match(str(exc))
-        raise ApiError(
-            400,
-            f"invalid request: {exc}",
-            "invalid_request_error",
-            "invalid_value",
-            missing.group(1) if missing else codec.error_field(str(exc)),
-        ) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(
-            400, f"malformed JSON body: {exc}", "invalid_request_error", "invalid_json"
-        ) from None
+def refuse(error: ApiError | None) -> None:
+    """Answer the request with error, if there is one (the app's handlers send the envelope)."""
+    if error is not None:
+        raise Refused(error)
 
 
 class WorkerApi:
@@ -158,117 +70,44 @@ class WorkerApi:
     def _model(self, name: str) -> ServedModel:
         served = self.models.get(name)
         if served is None:
-            raise ApiError(
-                404,
-                f"model {name!r} is not served here (serving: {', '.join(sorted(self.models))})",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
+            raise Refused(core.not_served(name, self.models))
         return served
 
-    def _params(
-        self,
-        req: SamplingFields,
-        engine: Engine,
-        prompt_tokens: int,
-        cap: int | None,
-        prompt_param: str,
-    ) -> SamplingParams:
-        context = engine.limits.max_context
-        room = context - prompt_tokens
-        if room <= 0:  # not one token of room: the prompt is at fault, whatever max_tokens says
-            raise ApiError(
-                400,
-                f"the prompt ({prompt_tokens} tokens) leaves no room in the model's context of "
-                f"{context} tokens",
-                "invalid_request_error",
-                "context_length_exceeded",
-                prompt_param,
-            )
-        wanted = cap if cap is not None else min(self.default_max_tokens or room, room)
-        if wanted > room:
-            raise ApiError(
-                400,
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({wanted}) exceeds the "
-                f"model's context of {context} tokens",
-                "invalid_request_error",
-                "context_length_exceeded",
-                "max_tokens",
-            )
-        try:
-            bias = penalties.parse_bias(req.logit_bias, engine.vocab_size)
-        except penalties.BadBias as exc:
-            raise ApiError(
-                400, str(exc), "invalid_request_error", "invalid_value", "logit_bias"
-            ) from None
-        return SamplingParams(
-            max_tokens=wanted,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            seed=req.seed,
-            stop=req.stop_strings(),
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            logit_bias=bias,
-        )
-
-    async def _decode(self, request: Request, type_: type[Any]) -> Any:
-        req: SamplingFields = decode_request(await read_body(request, self.body_limit), type_)
-        param = req.unsupported()
-        if param is not None:
-            raise ApiError(
-                400,
-                f"{param} is not supported here; remove it or send its default "
-                "(0, null or false) and the request will be served",
-                "invalid_request_error",
-                "unsupported_parameter",
-                param,
-            )
+    async def _decode(self, request: Request, type_: type[Req]) -> Req:
+        req = decode_body(await read_body(request, self.body_limit), type_)
+        refuse(core.unsupported(req))
         return req
 
     async def chat(self, request: Request) -> Response:
-        req: ChatCompletionRequest = await self._decode(request, ChatCompletionRequest)
+        req = await self._decode(request, ChatCompletionRequest)
         served = self._model(req.model)
-        images = served.engine.limits.accepts_images
-        refused = refused_part(req.messages, images)
-        if refused is not None:
-            where, kind = refused
-            takes = f"text and {IMAGE_PART}" if images else "text"
-            raise ApiError(
-                400,
-                f"{where} is a {kind!r} part; model {req.model} takes only {takes} parts",
-                "invalid_request_error",
-                "unsupported_content",
-                where,
-            )
+        refuse(core.refused_content(req, served.engine.limits.accepts_images))
         prompt = served.engine.chat_prompt(req.messages)
-        cap = req.max_completion_tokens or req.max_tokens
-        return await self._generate(request, served, req, prompt, cap, chat=True)
+        return await self._generate(request, served, req, prompt)
 
     async def completions(self, request: Request) -> Response:
-        req: CompletionRequest = await self._decode(request, CompletionRequest)
+        req = await self._decode(request, CompletionRequest)
         served = self._model(req.model)
-        return await self._generate(
-            request, served, req, req.prompt_text(), req.max_tokens, chat=False
-        )
+        return await self._generate(request, served, req, req.prompt_text())
 
     async def _generate(
         self,
         request: Request,
         served: ServedModel,
-        req: SamplingFields,
+        req: ChatCompletionRequest | CompletionRequest,
         prompt: str,
-        cap: int | None,
-        *,
-        chat: bool,
     ) -> Response:
         engine = served.engine
-        params = self._params(
-            req, engine, engine.count_tokens(prompt), cap, "messages" if chat else "prompt"
+        params = core.sampling(
+            req,
+            engine.count_tokens(prompt),
+            engine.limits,
+            engine.vocab_size,
+            self.default_max_tokens,
         )
+        if isinstance(params, ApiError):
+            raise Refused(params)
+        chat = isinstance(req, ChatCompletionRequest)
         shape = Shape(
             chat=chat,
             id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
@@ -281,7 +120,7 @@ class WorkerApi:
             await stack.enter_async_context(served.gate.slot(gone=lambda: disconnected(request)))
         except Rejected as rejected:
             self.metrics.rejections.labels(req.model, rejected.busy.reason).inc()
-            raise busy_error(rejected, req.model) from None
+            raise Refused(core.busy(req.model, rejected.busy)) from None
         except Abandoned:  # left while queued here: its place is free, no engine work started
             log.info("request", extra={"status": 499, "model": req.model, "finished": False})
             return Response(status_code=499)
@@ -363,23 +202,15 @@ class WorkerApi:
         try:
             text, reason = work.result()
         except EngineError as exc:  # answered here, so the request's log line says 500
-            return ApiError(
-                500, f"generation failed: {exc}", "server_error", "engine_error"
-            ).response()
+            return error_response(core.engine_failed(str(exc)))
         body = shape.full(text, reason, usage(job.prompt_tokens, job.completion_tokens))
         return Response(codec.encode(body), media_type="application/json")
 
     async def health(self, _: Request) -> Response:
         """Load per model, the numbers the heartbeat carries; 503 once draining. Peer routers
         (sglang-router, vllm-router) probe this and take a worker only while it answers 200."""
-        draining = any(m.gate.core.draining for m in self.models.values())
-        body = WorkerHealth(
-            status="draining" if draining else "ready",
-            models=tuple(m.gate.core.load(name) for name, m in self.models.items()),
-        )
-        return Response(
-            codec.encode(body), status_code=503 if draining else 200, media_type="application/json"
-        )
+        status, body = core.health(admissions(self.models))
+        return Response(codec.encode(body), status_code=status, media_type="application/json")
 
     async def list_models(self, _: Request) -> Response:
         cards = [ModelCard(id=name) for name in sorted(self.models)]
@@ -400,13 +231,14 @@ def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: Heal
         async def wrapped(request: Request) -> Response:
             try:
                 return await fn(request)
-            except ApiError as exc:  # refused before generating: the request's only log line
-                extra: dict[str, object] = {"status": exc.status, "code": exc.code}
-                if exc.status == 503:  # busy: they come by the hundred when the worker is full
+            except Refused as exc:  # refused before generating: the request's only log line
+                err = exc.error
+                extra: dict[str, object] = {"status": err.status, "code": err.code}
+                if err.status == 503:  # busy: they come by the hundred when the worker is full
                     refusals.info("request", extra)
                 else:
                     log.info("request", extra=extra)
-                return exc.response()
+                return error_response(err)
 
         return wrapped
 

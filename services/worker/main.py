@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from schemas.registry import WorkerStatus
 from schemas.subjects import Subjects
 from services.admission.core import AdmissionLimits
 from services.admission.gate import Gate
@@ -14,30 +15,53 @@ from services.common.http import HttpServer
 from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
 from services.common.ports import serving_socket
-from services.common.run import cancel_and_wait
+from services.common.run import Running, Tasks, run_until_stopped
 from services.worker.config import WorkerConfig
 from services.worker.engines.base import Engine
 from services.worker.engines.select import build_engines
-from services.worker.http import ServedModel, WorkerApi, create_app
+from services.worker.http import WorkerApi, create_app
 from services.worker.metrics import WorkerMetrics
+from services.worker.served import ServedModel
 from services.worker.shell import Lifecycle
 
 log = logging.getLogger(__name__)
 
 
-class RunningWorker:
+class WorkerService:
+    """A started worker as tests, benchmarks and `up` hold it (in a Running): where it answers,
+    what it serves, and its lifecycle in the fleet (None: a plain OpenAI server, unregistered)."""
+
     def __init__(
-        self,
-        url: str,
-        http: HttpServer,
-        models: dict[str, ServedModel],
-        lifecycle: Lifecycle | None,
+        self, url: str, models: dict[str, ServedModel], lifecycle: Lifecycle | None
     ) -> None:
-        self.url, self.http, self.models, self.lifecycle = url, http, models, lifecycle
+        self.url, self.models, self.lifecycle = url, models, lifecycle
 
     @property
     def worker_id(self) -> str | None:
         return None if self.lifecycle is None else self.lifecycle.worker_id
+
+    @property
+    def status(self) -> WorkerStatus:
+        return WorkerStatus.READY if self.lifecycle is None else self.lifecycle.status
+
+    async def start(self, tasks: Tasks) -> None:
+        """Registered (Pending), then Ready on the first heartbeat; then heartbeats and re-checks
+        in the background. HTTP already accepts: the registry may send traffic at once."""
+        if self.lifecycle is not None:
+            await self.lifecycle.register()
+            await self.lifecycle.publish_load()  # Ready as soon as the registry hears from us
+            tasks.spawn(self.lifecycle.heartbeats())
+            tasks.spawn(self.lifecycle.stay_registered())
+        log.info("worker serving", extra={"url": self.url, "models": sorted(self.models)})
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse newcomers, let the running finish, deregister (when registered)."""
+        log.info("draining")
+        if self.lifecycle is not None:
+            await self.lifecycle.drain(timeout_s)
+        else:
+            for served in self.models.values():
+                served.gate.drain()
 
 
 def serve_models(
@@ -46,6 +70,8 @@ def serve_models(
     metrics: WorkerMetrics,
     on_change: list[Callable[[], None]],
 ) -> dict[str, ServedModel]:
+    """Each engine behind its gate; a gate's in-flight or queue change updates the gauges and
+    calls on_change (the lifecycle's heartbeat, once registered)."""
     models: dict[str, ServedModel] = {}
     for engine in engines:
         limits = AdmissionLimits(
@@ -55,19 +81,21 @@ def serve_models(
         )
         name = engine.model_id
 
-        def changed(name: str = name) -> None:
+        def load_moved(name: str = name) -> None:
             core = models[name].gate.core
             metrics.in_flight.labels(name).set(core.in_flight)
             metrics.queue_depth.labels(name).set(core.queue_depth)
             for hook in on_change:
                 hook()
 
-        models[name] = ServedModel(engine, Gate(limits, on_change=changed))
+        models[name] = ServedModel(engine, Gate(limits, on_change=load_moved))
     return models
 
 
 async def serve(
-    cfg: WorkerConfig, stop: asyncio.Event, started: asyncio.Future[RunningWorker] | None = None
+    cfg: WorkerConfig,
+    stop: asyncio.Event,
+    started: asyncio.Future[Running[WorkerService]] | None = None,
 ) -> None:
     engines = await build_engines(cfg)
     registry = new_registry()
@@ -76,33 +104,9 @@ async def serve(
     models = serve_models(cfg, engines, metrics, hooks)
     sock = serving_socket(cfg.listen_fd, cfg.http_host, cfg.http_port)
     url = cfg.advertise_url or f"http://{cfg.http_host}:{sock.getsockname()[1]}"
-    lifecycle: Lifecycle | None = None
     bus: Bus | None = None
-
-    def health() -> dict[str, object]:
-        status = "ready" if lifecycle is None else lifecycle.status.value
-        return {
-            "ok": True,
-            "instance": cfg.instance,
-            "status": status,
-            "url": url,
-            "models": sorted(models),
-            "worker_id": None if lifecycle is None else lifecycle.worker_id,
-        }
-
-    api = WorkerApi(
-        models,
-        metrics,
-        body_limit=cfg.request_body_limit,
-        default_max_tokens=cfg.default_max_tokens,
-    )
-    http = HttpServer(
-        create_app(api, registry, health),
-        sock,
-        keep_alive_s=cfg.keep_alive_s,
-        limits=HttpLimits.of(cfg),
-    )
     try:
+        lifecycle: Lifecycle | None = None
         if cfg.register:
             bus = await Bus.connect(
                 cfg.nats_url, "worker", first_connect_s=cfg.nats_connect_timeout_s
@@ -115,33 +119,45 @@ async def serve(
                 labels=cfg.labels,
                 heartbeat_interval_s=cfg.heartbeat_interval_s,
                 principal=cfg.worker_principal,
+                check_interval_s=cfg.registry_check_interval_s,
+                registry_timeout_s=cfg.registry_timeout_s,
             )
             hooks.append(lifecycle.dirty.set)
-        async with asyncio.TaskGroup() as tg:
-            http_task = tg.create_task(http.serve())
-            while not http.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
-                await asyncio.sleep(0.01)
-            loops = []
-            if lifecycle is not None:
-                await lifecycle.register()
-                await lifecycle.publish_load()  # Ready as soon as the registry hears from us
-                loops = [
-                    tg.create_task(lifecycle.heartbeats()),
-                    tg.create_task(lifecycle.stay_registered()),
-                ]
-            log.info("worker serving", extra={"url": url, "models": sorted(models)})
+        worker = WorkerService(url, models, lifecycle)
+
+        def health() -> dict[str, object]:
+            return {
+                "ok": True,
+                "instance": cfg.instance,
+                "status": worker.status.value,
+                "url": url,
+                "models": sorted(models),
+                "worker_id": worker.worker_id,
+            }
+
+        api = WorkerApi(
+            models,
+            metrics,
+            body_limit=cfg.request_body_limit,
+            default_max_tokens=cfg.default_max_tokens,
+        )
+        http = HttpServer(
+            create_app(api, registry, health),
+            sock,
+            keep_alive_s=cfg.keep_alive_s,
+            limits=HttpLimits.of(cfg),
+        )
+
+        async def start(tasks: Tasks) -> None:
+            await http.wait_started()
+            await worker.start(tasks)
             if started is not None:
-                started.set_result(RunningWorker(url, http, models, lifecycle))
-            await stop.wait()
-            log.info("draining")
-            if lifecycle is not None:
-                await lifecycle.drain(cfg.drain_timeout_s)
-            else:
-                for served in models.values():
-                    served.gate.drain()
-            await cancel_and_wait(*loops)
-            http.stop()
-            await http_task
+                started.set_result(Running(worker, http))
+
+        async def drain() -> None:
+            await worker.drain(cfg.drain_timeout_s)
+
+        await run_until_stopped(http, stop, start, drain)
     finally:
         for engine in engines:
             await engine.close()

@@ -1,7 +1,8 @@
 """Worker lifecycle on the bus: register, heartbeat load, stay registered, drain and deregister.
 
-The worker speaks as its principal (its NATS user): its commands and heartbeats go on subjects
-that carry that name, and the registry lets it touch only the records it owns.
+What to say and what to repair is decided in core.py; this module does the talking. The worker
+speaks as its principal (its NATS user): its commands and heartbeats go on subjects that carry
+that name, and the registry lets it touch only the records it owns.
 """
 
 from __future__ import annotations
@@ -26,17 +27,23 @@ from schemas.registry import (
     WorkerStatus,
 )
 from schemas.subjects import Subjects
+from services.common.backoff import Backoff
 from services.common.bus import Bus, NoRespondersError, RequestTimeout
 from services.common.seq import Sequencer
 from services.registry.client import RegistryClient
-from services.worker.core import repair
-from services.worker.http import ServedModel
+from services.worker.core import backlog, repair, slots, worker_load, worker_spec
+from services.worker.served import ServedModel, admissions
 
 log = logging.getLogger(__name__)
 MIN_PUBLISH_GAP_S = 0.05  # debounce: at most ~20 load messages a second
 
 
 class Lifecycle:
+    """The worker's life in the fleet: Pending -> Ready (heartbeats) -> Draining -> removed.
+
+    check_interval_s: how often the record is read back (stay_registered); registry_timeout_s:
+    how long one registry request waits for its answer."""
+
     def __init__(
         self,
         bus: Bus,
@@ -47,6 +54,8 @@ class Lifecycle:
         labels: dict[str, str],
         heartbeat_interval_s: float,
         principal: str,
+        check_interval_s: float = 2.0,
+        registry_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
@@ -56,8 +65,9 @@ class Lifecycle:
         self.models = models
         self.labels = labels
         self.interval_s = heartbeat_interval_s
+        self.check_interval_s = check_interval_s
         self.clock = clock
-        self.registry = RegistryClient(bus, subjects, principal=principal)
+        self.registry = RegistryClient(bus, subjects, registry_timeout_s, principal=principal)
         self.worker_id: str | None = None
         self.status = WorkerStatus.READY
         self.dirty = asyncio.Event()
@@ -65,19 +75,16 @@ class Lifecycle:
         self.published = 0
 
     def spec(self) -> WorkerSpec:
-        total = sum(m.gate.core.limits.max_in_flight for m in self.models.values())
-        return WorkerSpec(
-            url=self.url, models=tuple(self.models), max_running_requests=total, labels=self.labels
-        )
+        return worker_spec(self.url, slots(admissions(self.models)), self.labels)
 
     async def register(self) -> str:
         """Upsert our record until the registry answers; the id comes back from it."""
-        delay = 0.1
+        pace = Backoff(first_s=0.1, max_s=5.0)
         while True:
             try:
                 reply = await self.registry.call(UpsertRequest(worker=self.spec()))
             except (NoRespondersError, RequestTimeout) as exc:
-                log.warning("registry not reachable (%r); retrying in %.1fs", exc, delay)
+                log.warning("registry not reachable (%r); retrying in %.1fs", exc, pace.delay)
             else:
                 if isinstance(reply, CommandOk) and reply.worker is not None:
                     if reply.worker.id != self.worker_id:
@@ -86,20 +93,15 @@ class Lifecycle:
                     log.info("registered", extra={"worker_id": self.worker_id, "url": self.url})
                     return self.worker_id
                 log.error("registry refused our registration: %s", reply)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await pace.wait()
 
     def in_flight(self) -> int:
-        return sum(m.gate.core.in_flight + m.gate.core.queue_depth for m in self.models.values())
+        return backlog(admissions(self.models))
 
     def load(self) -> WorkerLoad:
         assert self.worker_id is not None
-        return WorkerLoad(
-            worker_id=self.worker_id,
-            url=self.url,
-            models=tuple(m.gate.core.load(name) for name, m in self.models.items()),
-            status=self.status,
-            heartbeat_interval_s=self.interval_s,
+        return worker_load(
+            self.worker_id, self.url, self.status, self.interval_s, admissions(self.models)
         )
 
     async def publish_load(self) -> None:
@@ -119,11 +121,11 @@ class Lifecycle:
             await self.publish_load()
             await asyncio.sleep(MIN_PUBLISH_GAP_S)
 
-    async def stay_registered(self, every_s: float = 2.0) -> None:
-        """A registry that lost or removed our record gets it back (e.g. after losing its KV),
-        and a record someone else changed is put right (see repair())."""
+    async def stay_registered(self) -> None:
+        """Every check_interval_s: a registry that lost or removed our record gets it back (e.g.
+        after losing its KV), and a record someone else changed is put right (see repair())."""
         while True:
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(self.check_interval_s)
             with contextlib.suppress(NoRespondersError, RequestTimeout):
                 await self.check()
 

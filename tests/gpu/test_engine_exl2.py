@@ -42,14 +42,16 @@ async def exl2_worker(nats_url: str, prefix: str, demo_dir: Path) -> AsyncIterat
 
 
 async def test_streamed_chat_and_usage(exl2_worker: Any, demo_dir: Path) -> None:
-    engine = exl2_worker.models[MODEL].engine
+    engine = exl2_worker.service.models[MODEL].engine
     # the engine's real limit is what admission (and so capacity) uses
-    assert exl2_worker.models[MODEL].gate.core.limits.max_in_flight == engine.limits.max_batch
+    assert (
+        exl2_worker.service.models[MODEL].gate.core.limits.max_in_flight == engine.limits.max_batch
+    )
     await check_stream_and_usage(exl2_worker, MODEL, demo_dir)
 
 
 async def test_cancel_frees_the_job(exl2_worker: Any) -> None:
-    engine = exl2_worker.models[MODEL].engine
+    engine = exl2_worker.service.models[MODEL].engine
     await check_cancel_on_disconnect(exl2_worker, MODEL, lambda: engine.iterations)
     assert engine.generator.num_remaining_jobs() == 0
 
@@ -78,12 +80,12 @@ async def test_sixteen_concurrent_streams_complete(exl2_worker: Any) -> None:
     async with aiohttp.ClientSession() as s:
         counts = await asyncio.gather(*(stream_one(s, exl2_worker.url, 64) for _ in range(16)))
     assert all(1 <= c <= 64 for c in counts)
-    gate = exl2_worker.models[MODEL].gate
+    gate = exl2_worker.service.models[MODEL].gate
     assert (gate.core.in_flight, gate.core.queue_depth) == (0, 0)
 
 
 async def test_continuous_batching_runs_jobs_together(exl2_worker: Any) -> None:
-    engine = exl2_worker.models[MODEL].engine
+    engine = exl2_worker.service.models[MODEL].engine
     if not engine.paged:
         pytest.skip(
             "continuous batching needs flash-attn >= 2.5.7 (exllamav2 paged mode); "
@@ -105,7 +107,7 @@ async def test_heartbeats_show_in_flight_rise_and_fall(
         seen.append((time.monotonic(), body.models[0].in_flight + body.models[0].queue_depth))
 
     subject = Subjects.for_prefix(prefix).load(
-        exl2_worker.lifecycle.principal, exl2_worker.worker_id
+        exl2_worker.service.lifecycle.principal, exl2_worker.service.worker_id
     )
     await bus.subscribe(subject, cb=on_load)
     async with aiohttp.ClientSession() as s:
@@ -148,7 +150,7 @@ async def test_logit_bias_and_penalties(exl2_worker: Any, demo_dir: Path) -> Non
         # generator in tests/unit/test_exl2_loop.py); here: the real generator serves them.
         for knob in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
             assert ids(await answer(s, 16, **{knob: 2})), knob
-        vocab = exl2_worker.models[MODEL].engine.vocab_size
+        vocab = exl2_worker.service.models[MODEL].engine.vocab_size
         body = {"model": MODEL, "messages": MESSAGES, "logit_bias": {str(vocab): 1}}
         async with s.post(exl2_worker.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 400

@@ -95,7 +95,7 @@ async def test_backpressure_is_a_503_the_client_would_retry(nats_url: str, prefi
         hog = asyncio.create_task(
             direct.chat.completions.create(model="sim-model", messages=HI, max_tokens=40)
         )
-        await eventually(lambda: w.models["sim-model"].gate.core.in_flight == 1)
+        await eventually(lambda: w.service.models["sim-model"].gate.core.in_flight == 1)
         with pytest.raises(openai.InternalServerError) as busy:
             await api.chat.completions.create(model="sim-model", messages=HI, max_tokens=1)
         assert busy.value.status_code == 503

@@ -43,7 +43,7 @@ async def test_admission_queue_reject_timeout_and_counters(nats_url: str, prefix
         ) as w,
         aiohttp.ClientSession() as s,
     ):
-        gate = w.models["sim-model"].gate
+        gate = w.service.models["sim-model"].gate
         slow = [
             asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=30))) for _ in range(4)
         ]
@@ -80,7 +80,7 @@ async def test_burst_of_200_mixed_requests_leaves_no_slot_behind(
         max_wait_s=0.5,
         sim_tokens_per_s=400.0,
     ) as w:
-        gate = w.models["sim-model"].gate
+        gate = w.service.models["sim-model"].gate
         timeout = aiohttp.ClientTimeout(total=0.05)
 
         async def one(i: int) -> str:
@@ -112,7 +112,7 @@ async def test_burst_of_200_mixed_requests_leaves_no_slot_behind(
         await eventually(
             lambda: (gate.core.in_flight, gate.core.queue_depth) == (0, 0), timeout_s=5
         )
-        assert w.models["sim-model"].engine.running == 0
+        assert w.service.models["sim-model"].engine.running == 0
 
 
 async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, prefix: str) -> None:
@@ -122,8 +122,8 @@ async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, pre
         ) as w,
         aiohttp.ClientSession() as s,
     ):
-        engine = w.models["sim-model"].engine
-        gate = w.models["sim-model"].gate
+        engine = w.service.models["sim-model"].engine
+        gate = w.service.models["sim-model"].gate
         for stream in (True, False):
             with pytest.raises(TimeoutError):
                 async with s.post(
@@ -190,7 +190,7 @@ async def test_error_envelopes(
 async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str) -> None:
     async with running_worker(nats_url, prefix, register=False, models=("alpha", "beta")) as w:
         client = openai.AsyncOpenAI(base_url=w.url + "/v1", api_key="unused", max_retries=0)
-        engine = w.models["alpha"].engine
+        engine = w.service.models["alpha"].engine
         messages: list[Any] = [
             {"role": "system", "content": "be brief"},
             {"role": "user", "content": "say hi"},
@@ -256,7 +256,7 @@ async def test_health_reports_the_heartbeats_load_and_503_once_draining(
         ) as w,
         aiohttp.ClientSession() as s,
     ):
-        gate = w.models["sim-model"].gate
+        gate = w.service.models["sim-model"].gate
         busy = [asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=20))) for _ in "ab"]
         await eventually(lambda: (gate.core.in_flight, gate.core.queue_depth) == (1, 1))
         async with s.get(w.url + "/health") as resp:
@@ -275,7 +275,7 @@ async def test_health_reports_the_heartbeats_load_and_503_once_draining(
             ],
         }
         # the same numbers the heartbeat carries
-        assert health["models"] == list(msgspec.to_builtins(w.lifecycle.load().models))
+        assert health["models"] == list(msgspec.to_builtins(w.service.lifecycle.load().models))
         await asyncio.gather(*busy)
         gate.drain()
         async with s.get(w.url + "/health") as resp:
@@ -296,7 +296,7 @@ async def test_clients_leaving_the_workers_queue_free_it_and_start_no_job(
         running_worker(nats_url, prefix, max_in_flight=1, max_queue_depth=32, max_wait_s=60.0) as w,
         aiohttp.ClientSession() as s,
     ):
-        gate = w.models["sim-model"].gate
+        gate = w.service.models["sim-model"].gate
         hog = chat_body(max_tokens=2000) | {"stream": True}
         async with s.post(w.url + CHAT, json=hog) as held:
             await held.content.readany()
@@ -384,7 +384,7 @@ async def test_refusals_name_the_field_at_fault(nats_url: str, prefix: str) -> N
         )
         assert status == 200
         # image parts too, once the engine says it takes them
-        engine = w.models["sim-model"].engine
+        engine = w.service.models["sim-model"].engine
         engine.limits = msgspec.structs.replace(engine.limits, accepts_images=True)
         status, _, _ = await post(
             s, w.url + CHAT, {"model": "sim-model", "messages": [parts(IMAGE)]}

@@ -25,6 +25,7 @@ from schemas.registry import (
 )
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message
+from services.common.errors import BUSY_REASONS
 from services.registry.client import RegistryClient
 from tests.helpers import eventually, free_port
 from tests.integration.fleet_fixtures import running_worker, spawn_worker
@@ -32,6 +33,9 @@ from tests.integration.registry_fixtures import record_events, running_registry,
 
 pytestmark = pytest.mark.integration
 S = WorkerStatus
+# The record is read back every 0.1 s, and a registry that is gone answers nothing within 0.5 s
+# (the defaults, 2 s and 5 s, would make these tests wait on the clock).
+QUICK = {"registry_check_interval_s": 0.1, "registry_timeout_s": 0.5}
 
 
 class LoadLog:
@@ -60,20 +64,23 @@ async def test_ready_heartbeats_and_load(bus: Bus, prefix: str, nats_url: str) -
         assert isinstance(registered, WorkerRegistered)
         assert registered.worker.status == S.PENDING
         assert registered.worker.max_running_requests == 3  # the engine's real limit, reported
+        assert registered.worker.model_slots == {"sim-model": 3}  # and per model
         assert isinstance(ready, WorkerStatusChanged)
         assert (ready.old_status, ready.new_status) == (S.PENDING, S.READY)
-        # idle heartbeats at the configured rate
+        # idle heartbeats at the configured rate: 4 of them span ~3 intervals (0.75 s), neither
+        # a burst nor a stall; slack for a loaded box
         loads.loads.clear()
-        await asyncio.sleep(1.3)
-        idle = [env for _, env in loads.loads]
-        assert 3 <= len(idle) <= 8, len(idle)  # ~5 expected at 0.25 s; slack for a loaded box
+        await eventually(lambda: len(loads.loads) >= 4)
+        idle = [env for _, env in loads.loads[:4]]
+        span = loads.loads[3][0] - loads.loads[0][0]
+        assert 0.4 <= span <= 1.5, span
         assert all(env.body.models[0].in_flight == 0 for env in idle)
         assert [e.seq for e in idle] == list(range(idle[0].seq, idle[0].seq + len(idle)))
         # load shows up promptly (debounced publish on change), then drains back to 0
         body = {
             "model": "sim-model",
             "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 20,
+            "max_tokens": 10,  # 0.5 s each: long enough to be seen running and queued
         }
         reqs = [
             asyncio.create_task(s.post(w.url + "/v1/chat/completions", json=body)) for _ in range(5)
@@ -95,30 +102,33 @@ async def test_registry_losing_our_record_gets_it_back(
     bus: Bus, prefix: str, nats_url: str
 ) -> None:
     client = RegistryClient(bus, Subjects.for_prefix(prefix))
-    async with running_registry(nats_url, prefix), running_worker(nats_url, prefix) as w:
-        await eventually(lambda: w.worker_id is not None)
-        assert isinstance(await client.call(RemoveRequest(id=w.worker_id)), CommandOk)
+    async with (
+        running_registry(nats_url, prefix),
+        running_worker(nats_url, prefix, **QUICK) as w,
+    ):
+        await eventually(lambda: w.service.worker_id is not None)
+        assert isinstance(await client.call(RemoveRequest(id=w.service.worker_id)), CommandOk)
 
         async def back_and_ready() -> bool:
             snap = await client.snapshot()
             return any(r.url == w.url and r.status == S.READY for r in snap.workers)
 
-        await eventually(back_and_ready, timeout_s=6)
+        await eventually(back_and_ready)
 
 
 async def test_registry_restart_keeps_the_worker(bus: Bus, prefix: str, nats_url: str) -> None:
     client = RegistryClient(bus, Subjects.for_prefix(prefix))
     _, stop_first = await start_registry(nats_url, prefix)
-    async with running_worker(nats_url, prefix) as w:
+    async with running_worker(nats_url, prefix, **QUICK) as w:
         await stop_first()
         async with running_registry(nats_url, prefix):
 
             async def ready() -> bool:
-                reply = await client.call(GetRequest(id=w.worker_id))
+                reply = await client.call(GetRequest(id=w.service.worker_id))
                 worker = reply.worker if isinstance(reply, CommandOk) else None
                 return worker is not None and worker.status == S.READY
 
-            await eventually(ready, timeout_s=6)
+            await eventually(ready)
 
 
 async def test_sigterm_drains_then_deregisters(bus: Bus, prefix: str, nats_url: str) -> None:
@@ -155,7 +165,12 @@ async def test_sigterm_drains_then_deregisters(bus: Bus, prefix: str, nats_url: 
                     asyncio.create_task(s.post(url + "/v1/chat/completions", json=body))
                     for _ in range(2)
                 ]
-                await asyncio.sleep(0.3)
+
+                async def both_running() -> bool:
+                    async with s.get(url + "/health") as resp:
+                        return bool((await resp.json())["models"][0]["in_flight"] == 2)
+
+                await eventually(both_running)
                 proc.send_signal(signal.SIGTERM)
                 await eventually(
                     lambda: any(
@@ -166,7 +181,9 @@ async def test_sigterm_drains_then_deregisters(bus: Bus, prefix: str, nats_url: 
                 )
                 async with s.post(url + "/v1/chat/completions", json=body) as late:
                     assert late.status == 503
-                    assert "draining" in (await late.json())["error"]["message"]
+                    refused = (await late.json())["error"]
+                    assert refused["code"] == "rate_limit_exceeded"
+                    assert BUSY_REASONS["draining"] in refused["message"]
                 for resp in await asyncio.gather(*inflight):
                     assert resp.status == 200  # in-flight requests complete
                     data = await resp.json()

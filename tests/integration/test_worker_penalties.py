@@ -134,7 +134,7 @@ async def test_transformers_logit_bias_and_penalties(hf_worker: Any, demo_dir: P
             varied = await answer(s, w.url, ask("demo", 16, **{knob: 2}))
             assert ids(varied)[:1] == first  # nothing generated yet: the same first token
             assert ids(varied)[1:2] != first, knob  # then another than the repeated one
-        vocab = w.models["demo"].engine.vocab_size
+        vocab = w.service.models["demo"].engine.vocab_size
         status, data, _ = await post(s, w.url + CHAT, ask("demo", 2, logit_bias={str(vocab): 1}))
         assert (status, data["error"]["param"]) == (400, "logit_bias"), data
 

@@ -86,14 +86,14 @@ def test_jinja_template_matches_transformers(demo_dir: Path) -> None:
 
 
 async def test_streamed_chat_and_usage(hf_worker: Any, demo_dir: Path) -> None:
-    assert hf_worker.models["demo"].engine.limits.max_batch == 1
+    assert hf_worker.service.models["demo"].engine.limits.max_batch == 1
     with warnings_recorded() as seen:
         await check_stream_and_usage(hf_worker, "demo", demo_dir)
     assert seen == [], "generation warned (a deprecated transformers API?)"
 
 
 async def test_cancel_on_disconnect_stops_generation(hf_worker: Any) -> None:
-    engine = hf_worker.models["demo"].engine
+    engine = hf_worker.service.models["demo"].engine
     with warnings_recorded() as seen:
         await check_cancel_on_disconnect(hf_worker, "demo", lambda: engine.steps)
     assert seen == []

@@ -9,7 +9,13 @@ from schemas.registry import WorkerRecord, WorkerSpec, WorkerStatus
 from services.worker.core import Repair, repair
 
 S = WorkerStatus
-SPEC = WorkerSpec(url="http://w:1", models=("m",), max_running_requests=4, labels={"a": "b"})
+SPEC = WorkerSpec(
+    url="http://w:1",
+    models=("m", "n"),
+    max_running_requests=4,
+    model_slots={"m": 3, "n": 1},
+    labels={"a": "b"},
+)
 RECORD = WorkerRecord(
     id="w1",
     url=SPEC.url,
@@ -17,6 +23,7 @@ RECORD = WorkerRecord(
     status=S.READY,
     revision=3,
     max_running_requests=4,
+    model_slots={"m": 3, "n": 1},
     labels={"a": "b"},
     owner="worker-1",
 )
@@ -32,6 +39,8 @@ CASES: list[tuple[str, WorkerRecord | None, WorkerStatus, Repair | None]] = [
     ("url changed", record(url="http://evil:1"), S.READY, "replace"),
     ("models changed", record(models=("x",)), S.READY, "replace"),
     ("limit changed", record(max_running_requests=1), S.READY, "replace"),
+    ("a model's slots changed", record(model_slots={"m": 1, "n": 1}), S.READY, "replace"),
+    ("per-model slots lost", record(model_slots={}), S.READY, "replace"),
     ("labels changed", record(labels={}), S.READY, "replace"),
     ("failed by someone", record(status=S.FAILED), S.READY, "replace"),
     ("operator's drain stays", record(status=S.DRAINING), S.READY, None),

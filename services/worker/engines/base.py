@@ -15,26 +15,9 @@ import msgspec
 
 from schemas.inference import ChatMessage
 
-
-class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):
-    max_batch: int  # concurrent sequences the engine runs (the admission default max_in_flight)
-    max_context: int  # prompt + completion tokens per sequence
-    # Chat image parts (image_url) reach the engine; False: they are refused, never dropped.
-    accepts_images: bool = False
-
-
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    # Penalties and logit bias: every engine applies engines/penalties.py.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM's extension; 1.0 is off
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids checked < vocab_size
+# The pure values live apart so the worker's core can shape requests without importing asyncio.
+from services.worker.engines.params import EngineLimits as EngineLimits
+from services.worker.engines.params import SamplingParams as SamplingParams
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,260 @@
+"""The worker's pure decisions: its spec, its heartbeat, and how one request is shaped (tables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from schemas.inference import ChatCompletionRequest, CompletionRequest
+from schemas.registry import WorkerRecord, WorkerStatus
+from services.admission.core import Admission, AdmissionLimits, Busy
+from services.common.errors import ApiError
+from services.worker import core
+from services.worker.engines.params import EngineLimits, SamplingParams
+
+S = WorkerStatus
+LIMITS = EngineLimits(max_batch=4, max_context=100)
+VOCAB = 50
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return msgspec.convert(body, ChatCompletionRequest)
+
+
+def text(**fields: Any) -> CompletionRequest:
+    return msgspec.convert({"model": "m", "prompt": "hi", **fields}, CompletionRequest)
+
+
+def refusal(code: str, param: str | None) -> tuple[int, str, str | None]:
+    return 400, code, param
+
+
+# ---- spec and record ----
+
+
+def test_spec_carries_each_models_slots_and_their_sum() -> None:
+    spec = core.worker_spec("http://w:1", {"a": 3, "b": 1}, {"zone": "x"})
+    assert spec.models == ("a", "b")
+    assert spec.model_slots == {"a": 3, "b": 1}
+    assert spec.max_running_requests == 4
+    assert spec.labels == {"zone": "x"}
+
+
+def test_a_record_written_from_our_spec_needs_no_repair() -> None:
+    spec = core.worker_spec("http://w:1", {"a": 3, "b": 1}, {"zone": "x"})
+    fields = msgspec.structs.asdict(spec)
+    record = WorkerRecord(id="w1", status=S.READY, revision=1, owner="worker", **fields)
+    assert core.spec_of(record) == spec
+    assert core.repair(record, spec, S.READY) is None
+    grown = core.worker_spec("http://w:1", {"a": 4, "b": 1}, {"zone": "x"})
+    assert core.repair(record, grown, S.READY) == "replace"
+
+
+# ---- heartbeat and /health ----
+
+
+def admissions() -> dict[str, Admission]:
+    a = Admission(AdmissionLimits(max_in_flight=1, max_queue_depth=5, max_wait_s=9.0))
+    b = Admission(AdmissionLimits(max_in_flight=2, max_queue_depth=0, max_wait_s=9.0))
+    a.request(now=0.0)
+    a.request(now=0.0)  # queued behind the first
+    b.request(now=0.0)
+    return {"a": a, "b": b}
+
+
+def test_heartbeat_reports_every_models_load() -> None:
+    cores = admissions()
+    load = core.worker_load("w1", "http://w:1", S.READY, 0.5, cores)
+    assert (load.worker_id, load.url, load.status, load.heartbeat_interval_s) == (
+        "w1",
+        "http://w:1",
+        S.READY,
+        0.5,
+    )
+    got = [(m.id, m.in_flight, m.queue_depth, m.max_in_flight) for m in load.models]
+    assert got == [("a", 1, 1, 1), ("b", 1, 0, 2)]
+    assert core.slots(cores) == {"a": 1, "b": 2}
+    assert core.backlog(cores) == 3
+
+
+def test_health_is_the_heartbeats_numbers_and_503_once_draining() -> None:
+    cores = admissions()
+    status, body = core.health(cores)
+    assert (status, body.status, body.models) == (200, "ready", core.model_loads(cores))
+    cores["b"].draining = True
+    status, body = core.health(cores)
+    assert (status, body.status) == (503, "draining")
+
+
+# ---- shaping one request ----
+
+SHAPES: list[tuple[str, Any, int, int, tuple[int, str, str | None] | SamplingParams]] = [
+    # (case, request, prompt tokens, default_max_tokens, refusal or the params it becomes)
+    ("no max_tokens: the rest of the context", chat(), 10, 0, SamplingParams(max_tokens=90)),
+    ("a configured default caps it", chat(), 10, 5, SamplingParams(max_tokens=5)),
+    ("the default never passes the context", chat(), 98, 5, SamplingParams(max_tokens=2)),
+    ("max_tokens as asked", chat(max_tokens=7), 10, 5, SamplingParams(max_tokens=7)),
+    (
+        "max_completion_tokens wins over max_tokens",
+        chat(max_tokens=7, max_completion_tokens=3),
+        10,
+        0,
+        SamplingParams(max_tokens=3),
+    ),
+    ("the whole room", text(max_tokens=90), 10, 0, SamplingParams(max_tokens=90)),
+    (
+        "one token past the room",
+        text(max_tokens=91),
+        10,
+        0,
+        refusal("context_length_exceeded", "max_tokens"),
+    ),
+    ("chat prompt fills it", chat(), 100, 0, refusal("context_length_exceeded", "messages")),
+    (
+        "text prompt fills it",
+        text(max_tokens=1),
+        120,
+        0,
+        refusal("context_length_exceeded", "prompt"),
+    ),
+    (
+        "sampling knobs, stops and penalties pass through",
+        chat(
+            max_tokens=4,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=3,
+            seed=7,
+            stop="END",
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            repetition_penalty=1.2,
+        ),
+        10,
+        0,
+        SamplingParams(
+            max_tokens=4,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=3,
+            seed=7,
+            stop=("END",),
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            repetition_penalty=1.2,
+        ),
+    ),
+    (
+        "logit_bias becomes sorted (id, bias) pairs",
+        chat(max_tokens=1, logit_bias={"9": 1.0, "2": -100.0}),
+        10,
+        0,
+        SamplingParams(max_tokens=1, logit_bias=((2, -100.0), (9, 1.0))),
+    ),
+    (
+        "a logit_bias key past the vocabulary",
+        chat(max_tokens=1, logit_bias={str(VOCAB): 1.0}),
+        10,
+        0,
+        refusal("invalid_value", "logit_bias"),
+    ),
+    (
+        "a logit_bias key that is no number",
+        text(max_tokens=1, logit_bias={"x": 1.0}),
+        10,
+        0,
+        refusal("invalid_value", "logit_bias"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("req", "prompt_tokens", "default", "expected"),
+    [c[1:] for c in SHAPES],
+    ids=[c[0] for c in SHAPES],
+)
+def test_sampling(
+    req: Any,
+    prompt_tokens: int,
+    default: int,
+    expected: tuple[int, str, str | None] | SamplingParams,
+) -> None:
+    got = core.sampling(req, prompt_tokens, LIMITS, VOCAB, default)
+    if isinstance(got, ApiError):
+        assert got.type == "invalid_request_error"
+        assert (got.status, got.code, got.param) == expected, got.message
+    else:
+        assert got == expected
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+
+
+def parts(*content: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": "look"}, *content]}
+
+
+CONTENT: list[tuple[str, list[dict[str, Any]], bool, str | None]] = [
+    ("plain text", [{"role": "user", "content": "hi"}], False, None),
+    ("text parts", [parts()], False, None),
+    ("an image to a text model", [parts(IMAGE)], False, "messages[0].content[1]"),
+    ("an image to a model that takes them", [parts(IMAGE)], True, None),
+    ("audio, in the second message", [parts(), parts(AUDIO)], True, "messages[1].content[1]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("messages", "images", "param"), [c[1:] for c in CONTENT], ids=[c[0] for c in CONTENT]
+)
+def test_refused_content(messages: list[dict[str, Any]], images: bool, param: str | None) -> None:
+    err = core.refused_content(chat(messages=messages), images)
+    if param is None:
+        assert err is None
+    else:
+        assert err is not None
+        assert (err.status, err.code, err.param) == (400, "unsupported_content", param)
+
+
+@pytest.mark.parametrize(
+    ("req", "param"),
+    [
+        (chat(logprobs=False, presence_penalty=0), None),
+        (chat(logprobs=True), "logprobs"),
+        (chat(tools=[{"type": "function"}]), "tools"),
+        (text(echo=True), "echo"),
+    ],
+)
+def test_unsupported_is_refused_by_name(req: Any, param: str | None) -> None:
+    err = core.unsupported(req)
+    if param is None:
+        assert err is None
+    else:
+        assert err is not None
+        assert (err.status, err.code, err.param) == (400, "unsupported_parameter", param)
+
+
+@pytest.mark.parametrize(
+    ("reason", "words"),
+    [("queue_full", "queue is full"), ("timeout", "no slot freed in time"), ("draining", "")],
+)
+def test_busy_is_the_one_503(reason: Any, words: str) -> None:
+    err = core.busy("m", Busy(reason, 7))
+    assert (err.status, err.type, err.code, err.param, err.retry_after_s) == (
+        503,
+        "service_unavailable_error",
+        "rate_limit_exceeded",
+        None,
+        7,
+    )
+    assert words in err.message
+    assert "worker is at capacity" in err.message
+
+
+def test_not_served_names_what_is() -> None:
+    err = core.not_served("x", ["b", "a"])
+    assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
+    assert "(serving: a, b)" in err.message
