@@ -1,4 +1,4 @@
-"""Router fleet view and replica choice. Pure, no I/O.
+"""Router fleet view, replica choice and the table of its own refusals. Pure, no I/O.
 
 Policy (documented in docs/router.md):
 - Eligible: Ready workers serving the model, not in a Retry-After cooldown, not suspect (a
@@ -19,6 +19,7 @@ from schemas.capacity import CapacityView
 from schemas.dashboard import DashboardWorker, FleetSnapshot, GatewayLoad
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
+from services.common.errors import ApiError, at_capacity
 from services.common.seq import is_newer
 
 TTL_INTERVALS = 3.0
@@ -43,7 +44,7 @@ class NoReplica(msgspec.Struct, frozen=True):
     reason: str
 
 
-Decision = Choice | UnknownModel | NoReplica
+NoChoice = UnknownModel | NoReplica  # why choose() found no replica: a refusal for the client
 
 
 class Beat(msgspec.Struct):
@@ -124,6 +125,10 @@ class FleetView:
             return False
         return self.score(worker_id, model) < load.max_in_flight + load.max_queue_depth
 
+    def serves(self, model: str) -> bool:
+        """Some registered worker, in any status, lists the model (else it is unknown: 404)."""
+        return any(model in r.models for r in self.records.values())
+
     def models(self) -> list[str]:
         """Models served by at least one Ready worker."""
         return sorted(
@@ -132,7 +137,7 @@ class FleetView:
 
     def choose(
         self, model: str, now: float, exclude: frozenset[str] = frozenset(), need_room: bool = False
-    ) -> Decision:
+    ) -> Choice | NoChoice:
         serving = [r for r in self.records.values() if model in r.models]
         if not serving:
             return UnknownModel(model)
@@ -192,53 +197,42 @@ class FleetView:
 
 # ---- refusals the router itself makes: the one table from outcome to HTTP ----
 
-
-class Refusal(msgspec.Struct, frozen=True, kw_only=True):
-    status: int
-    message: str
-    type: str
-    code: str
-    param: str | None = None
-    retry_after_s: int | None = None
-
-
 PENDING_RETRY_AFTER_S = 2  # a replica is starting (rolling update): soon worth another try
 NO_REPLICA_RETRY_AFTER_S = 5
 
 
-def refusal(decision: UnknownModel | NoReplica) -> Refusal:
-    if isinstance(decision, UnknownModel):
-        return Refusal(
+def no_choice_error(why: NoChoice) -> ApiError:
+    if isinstance(why, UnknownModel):
+        return ApiError(
             status=404,
-            message=f"model {decision.model!r} is not served by any worker",
+            message=f"model {why.model!r} is not served by any worker",
             type="invalid_request_error",
             code="model_not_found",
             param="model",
         )
-    wait = PENDING_RETRY_AFTER_S if decision.pending else NO_REPLICA_RETRY_AFTER_S
-    suffix = " (a replica is starting)" if decision.pending else ""
-    return Refusal(
+    wait = PENDING_RETRY_AFTER_S if why.pending else NO_REPLICA_RETRY_AFTER_S
+    suffix = " (a replica is starting)" if why.pending else ""
+    return ApiError(
         status=503,
-        message=f"no replica can take model {decision.model!r} now: {decision.reason}{suffix}",
+        message=f"no replica can take model {why.model!r} now: {why.reason}{suffix}",
         type="service_unavailable_error",
         code="no_replica_available",
         retry_after_s=wait,
     )
 
 
-def gateway_busy(model: str, reason: str, retry_after_s: int) -> Refusal:
-    why = {
-        "queue_full": "its queue is full",
-        "timeout": "no slot freed in time",
-        "draining": "the router is shutting down",
-    }.get(reason, reason)
-    return Refusal(
-        status=503,
-        message=f"the fleet is at capacity for model {model!r} ({why}); "
-        f"retry after {retry_after_s}s",
-        type="service_unavailable_error",  # 503, not 429: docs/worker.md, "Backpressure"
-        code="rate_limit_exceeded",
-        retry_after_s=retry_after_s,
+def gateway_busy(model: str, reason: str, retry_after_s: int) -> ApiError:
+    """This router's gateway has no room for the model (its share of the fleet's capacity)."""
+    return at_capacity("the fleet", model, reason, retry_after_s)
+
+
+def upstream_unreachable(detail: str) -> ApiError:
+    """The last attempt could not connect to its worker (before any byte of an answer)."""
+    return ApiError(
+        status=502,
+        message=f"upstream worker unreachable: {detail}",
+        type="server_error",
+        code="upstream_unreachable",
     )
 
 

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from schemas import codec
 from schemas.dashboard import FleetSnapshot
 from services.common.http import GuardedStream
-from services.router.shell import RouterState
+from services.router.shell import RouterShell
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ TICK_S = 1.0  # heartbeat ages move even when nothing else does
 
 
 def dashboard_routes(
-    state: RouterState,
+    shell: RouterShell,
     authorized: Callable[[Request], bool],
     refuse: Callable[[], Response],
     *,
@@ -51,10 +51,10 @@ def dashboard_routes(
     async def events(request: Request) -> Response:
         if not authorized(request):
             return refuse()
-        state.metrics.dashboard_viewers.inc()
+        shell.metrics.dashboard_viewers.inc()
 
         async def done() -> None:
-            state.metrics.dashboard_viewers.dec()
+            shell.metrics.dashboard_viewers.dec()
 
         return GuardedStream(feed(), done)
 
@@ -64,9 +64,9 @@ def dashboard_routes(
         yield b"retry: 1000\n\n"  # EventSource reconnects after 1 s if the router restarts
         last: FleetSnapshot | None = None
         sent_at = 0.0
-        while not state.draining:
-            seen = state.changes.version
-            snapshot = state.snapshot()
+        while not shell.draining:
+            seen = shell.changes.version
+            snapshot = shell.snapshot()
             now = time.monotonic()
             same = (
                 last is not None
@@ -80,6 +80,6 @@ def dashboard_routes(
                 sent_at = now
             # A change is shown at once; a burst of them, at most once per interval_s.
             await asyncio.sleep(interval_s)
-            await state.changes.wait(TICK_S, since=seen)
+            await shell.changes.wait(TICK_S, since=seen)
 
     return [Route("/dashboard", page), Route("/dashboard/events", events)]

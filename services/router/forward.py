@@ -1,8 +1,16 @@
-"""Upstream forwarding: pick a replica, send, retry before the first byte, relay the rest intact."""
+"""The request path past the edge: gateway slot, replica choice, send, retry, relay, one record.
+
+Reads top to bottom in `Forwarder.handle`: an unknown model is refused before it queues; a known
+one waits for a gateway slot; then each attempt chooses a replica (once) and sends; a refusal or a
+connection error before the first byte is retried elsewhere; the answer is relayed intact. The
+request is counted and logged once, in `_finish`: a refusal as it is returned, a relayed answer
+when its last byte is sent (the slot is held until then).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,19 +19,26 @@ import aiohttp
 from starlette.responses import Response
 
 from schemas.codec import error_event
+from services.admission.gate import Abandoned, Rejected
 from services.common.errors import ApiError
 from services.common.http import GuardedStream, error_response
+from services.common.metrics import UNKNOWN
 from services.common.request_id import HEADER as REQUEST_ID
 from services.common.request_id import current_request_id
+from services.common.sampled_log import SampledLog
 from services.router.core import (
     Choice,
+    FleetView,
     NoReplica,
-    Refusal,
+    RetryBudget,
     UnknownModel,
+    gateway_busy,
+    no_choice_error,
     parse_retry_after,
-    refusal,
+    upstream_unreachable,
 )
-from services.router.shell import RouterState
+from services.router.gateway import Gateway
+from services.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 ORIGIN = "x-switchboard-origin"
@@ -32,15 +47,8 @@ RELAYED = ("retry-after", "content-type")
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
 
-def router_refusal(r: Refusal) -> Response:
-    err = ApiError(
-        status=r.status,
-        message=r.message,
-        type=r.type,
-        code=r.code,
-        param=r.param,
-        retry_after_s=r.retry_after_s,
-    )
+def router_error(err: ApiError) -> Response:
+    """A refusal the router itself makes, marked as its own."""
     return error_response(err, {ORIGIN: "router"})
 
 
@@ -53,33 +61,37 @@ def upstream_headers() -> dict[str, str]:
     return headers
 
 
-class Outcome:
-    """What happened to one request, for the canonical log line and metrics."""
+class Tally:
+    """What happened to one request so far, for its one `request` log line and the metrics."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, began: float) -> None:
         self.model = model
         self.label = model  # its metrics label: UNKNOWN when no worker serves the model
+        self.began = began
         self.worker = ""
         self.attempts = 0
-        self.status = 0
-        self.origin = "worker"
         self.ttfb_s: float | None = None
 
 
-class Proxy:
+class Forwarder:
     def __init__(
         self,
-        state: RouterState,
+        view: FleetView,
+        gateway: Gateway,
+        metrics: RouterMetrics,
         session: aiohttp.ClientSession,
         *,
+        clock: Callable[[], float],
         max_attempts: int,
+        retry_budget_ratio: float,
         header_timeout_s: float,
         body_read_timeout_s: float,
         connect_timeout_s: float,
     ) -> None:
-        self.state = state
+        self.view, self.gateway, self.metrics, self.clock = view, gateway, metrics, clock
         self.session = session
         self.max_attempts = max_attempts
+        self.budget = RetryBudget(ratio=retry_budget_ratio)
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=connect_timeout_s,
@@ -87,89 +99,101 @@ class Proxy:
             sock_read=header_timeout_s,
         )
         self.body_read_timeout_s = body_read_timeout_s
+        self.busy_log = SampledLog(log)
 
-    async def forward(
+    async def handle(
         self,
         path: str,
         body: bytes,
         model: str,
-        outcome: Outcome,
-        release: Callable[[], Awaitable[None]],
+        *,
+        priority: int,
+        gone: Callable[[], Awaitable[object]],
+        began: float,
     ) -> Response:
-        """Returns the response; `release` runs when the response is completely sent."""
-        view, metrics = self.state.view, self.state.metrics
-        self.state.budget.request()
+        """The response to one request whose body the edge has read and checked."""
+        tally = Tally(model, began)
+        if not self.view.serves(model):
+            tally.label = UNKNOWN  # a made-up name must not mint a metrics series
+            return self._refuse(tally, no_choice_error(UnknownModel(model)))
+        slot = contextlib.AsyncExitStack()
+        try:
+            await slot.enter_async_context(self.gateway.gate(model).slot(priority, gone))
+        except Rejected as rejected:
+            busy = rejected.busy
+            return self._refuse(tally, gateway_busy(model, busy.reason, busy.retry_after_s))
+        except Abandoned:  # left while queued: its place is free and no worker sees it
+            self._finish(tally, 499, "router")
+            return Response(status_code=499)
+        try:
+            answer = await self._send(path, body, tally)
+        except BaseException as exc:  # an unexpected error must not keep the slot
+            await slot.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        if isinstance(answer, Response):  # nobody took it: a worker's refusal or the router's
+            await slot.aclose()
+            self._finish(tally, answer.status_code, answer.headers[ORIGIN])
+            return answer
+        return self._relay(answer, tally, slot)
+
+    async def _send(
+        self, path: str, body: bytes, tally: Tally
+    ) -> Response | aiohttp.ClientResponse:
+        """The first worker answer that is not a refusal (to relay), else the response to send
+        instead: the last worker refusal, or the router's own. One choice per attempt."""
+        self.budget.request()
         tried: set[str] = set()
-        relay: Response | None = None  # the last worker refusal, relayed if nobody else has room
+        refused: Response | None = None  # the last worker refusal, relayed if nobody has room
         started = time.perf_counter()
-
-        async def finish(response: Response, origin: str) -> Response:
-            # Record what the client gets before release() logs and counts the request.
-            outcome.status, outcome.origin = response.status_code, origin
-            await release()
-            return response
-
         while True:
-            decision = view.choose(
-                model, self.state.clock(), frozenset(tried), need_room=bool(tried)
+            choice = self.view.choose(
+                tally.model, self.clock(), frozenset(tried), need_room=bool(tried)
             )
-            if not isinstance(decision, Choice):
-                if relay is not None:
-                    return await finish(relay, "worker")
-                assert isinstance(decision, UnknownModel | NoReplica)
-                return await finish(router_refusal(refusal(decision)), "router")
-            if tried and not self.state.budget.try_retry():
-                if relay is not None:
-                    return await finish(relay, "worker")
-                spent = NoReplica(model, False, "retry budget spent")
-                return await finish(router_refusal(refusal(spent)), "router")
-            tried.add(decision.worker_id)
-            view.dispatched_to(decision.worker_id)
-            outcome.worker, outcome.attempts = decision.worker_id, outcome.attempts + 1
+            if not isinstance(choice, Choice):
+                return refused if refused is not None else router_error(no_choice_error(choice))
+            if tried and not self.budget.try_retry():
+                spent = NoReplica(tally.model, False, "retry budget spent")
+                return refused if refused is not None else router_error(no_choice_error(spent))
+            tried.add(choice.worker_id)
+            self.view.dispatched_to(choice.worker_id)
+            tally.worker, tally.attempts = choice.worker_id, tally.attempts + 1
+            last = tally.attempts >= self.max_attempts
             try:
                 resp = await self.session.post(
-                    decision.url + path,
-                    data=body,
-                    timeout=self.timeout,
-                    headers=upstream_headers(),
+                    choice.url + path, data=body, timeout=self.timeout, headers=upstream_headers()
                 )
             except CONNECTION_ERRORS as exc:
-                log.warning("upstream %s unreachable: %r", decision.worker_id, exc)
-                view.connection_failed(decision.worker_id, self.state.clock())
-                if outcome.attempts < self.max_attempts:
-                    metrics.retries.labels("connect").inc()
-                    continue
-                unreachable = Refusal(
-                    status=502,
-                    message=f"upstream worker unreachable: {exc!r}",
-                    type="server_error",
-                    code="upstream_unreachable",
-                )
-                return await finish(router_refusal(unreachable), "router")
-            if resp.status in (429, 503):
-                data = await resp.read()
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                view.busy(decision.worker_id, retry_after, self.state.clock())
-                headers = {k: v for k, v in resp.headers.items() if k.lower() in RELAYED}
-                relay = Response(
-                    data, status_code=resp.status, headers={**headers, ORIGIN: "worker"}
-                )
-                resp.release()
-                if outcome.attempts < self.max_attempts:
-                    metrics.retries.labels("busy").inc()
-                    continue
-                return await finish(relay, "worker")
-            outcome.ttfb_s = time.perf_counter() - started
-            return self._relay(resp, outcome, release)
+                log.warning("upstream %s unreachable: %r", choice.worker_id, exc)
+                self.view.connection_failed(choice.worker_id, self.clock())
+                if last:
+                    return router_error(upstream_unreachable(repr(exc)))
+                self.metrics.retries.labels("connect").inc()
+                continue
+            if resp.status not in (429, 503):
+                tally.ttfb_s = time.perf_counter() - started
+                return resp
+            refused = await self._refusal(resp, choice.worker_id)
+            if last:
+                return refused
+            self.metrics.retries.labels("busy").inc()
+
+    async def _refusal(self, resp: aiohttp.ClientResponse, worker_id: str) -> Response:
+        """A worker's 429/503, kept to relay intact; the worker cools down for its Retry-After."""
+        data = await resp.read()
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        self.view.busy(worker_id, retry_after, self.clock())
+        headers = {k: v for k, v in resp.headers.items() if k.lower() in RELAYED}
+        resp.release()
+        return Response(data, status_code=resp.status, headers={**headers, ORIGIN: "worker"})
 
     def _relay(
-        self, resp: aiohttp.ClientResponse, outcome: Outcome, release: Callable[[], Awaitable[None]]
+        self, resp: aiohttp.ClientResponse, tally: Tally, slot: contextlib.AsyncExitStack
     ) -> Response:
-        outcome.status = resp.status
+        status = resp.status  # what the log line says: 502 when the worker fails mid-response
         content_type = resp.headers.get("Content-Type", "application/json")
-        headers = {ORIGIN: "worker"}
 
         async def chunks() -> AsyncIterator[bytes]:
+            nonlocal status
             try:
                 while True:
                     async with asyncio.timeout(self.body_read_timeout_s):
@@ -179,9 +203,9 @@ class Proxy:
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # After the first byte we cannot retry: end with an explicit error, never a hang.
-                log.warning("upstream %s failed mid-response: %r", outcome.worker, exc)
-                self.state.view.connection_failed(outcome.worker, self.state.clock())
-                outcome.status = 502
+                log.warning("upstream %s failed mid-response: %r", tally.worker, exc)
+                self.view.connection_failed(tally.worker, self.clock())
+                status = 502
                 if content_type.startswith("text/event-stream"):
                     yield error_event(
                         f"the worker serving this stream failed: {exc!r}",
@@ -189,10 +213,45 @@ class Proxy:
                         "upstream_failed",
                     )
 
-        async def cleanup() -> None:
+        async def sent() -> None:
             resp.release()
-            await release()
+            await slot.aclose()
+            self._finish(tally, status, "worker")
 
         return GuardedStream(
-            chunks(), cleanup, status_code=resp.status, headers=headers, media_type=content_type
+            chunks(),
+            sent,
+            status_code=resp.status,
+            headers={ORIGIN: "worker"},
+            media_type=content_type,
         )
+
+    def _refuse(self, tally: Tally, err: ApiError) -> Response:
+        """A refusal of the router's own, recorded before it is sent (it is small)."""
+        self._finish(tally, err.status, "router")
+        return router_error(err)
+
+    def _finish(self, tally: Tally, status: int, origin: str) -> None:
+        """The request's one record: the metrics and its canonical `request` log line."""
+        busy = status in (429, 503)
+        outcome = "ok" if status < 400 else ("busy" if busy else f"http_{status}")
+        m = self.metrics
+        m.requests.labels(tally.label, outcome).inc()
+        if busy:
+            m.backpressure.labels(origin).inc()
+        duration = time.perf_counter() - tally.began
+        m.duration.labels(tally.label).observe(duration)
+        if tally.ttfb_s is not None:
+            m.ttfb.labels(tally.label).observe(tally.ttfb_s)
+        extra: dict[str, object] = {
+            "model": tally.model,
+            "status": status,
+            "origin": origin,
+            "worker_id": tally.worker,
+            "attempts": tally.attempts,
+            "duration_ms": round(duration * 1000, 2),
+        }
+        if busy:  # they come by the hundred when the fleet is full
+            self.busy_log.info("request", extra)
+        else:
+            log.info("request", extra=extra)

@@ -13,27 +13,21 @@ from services.common.http import HttpServer
 from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
 from services.common.ports import serving_socket
-from services.common.run import cancel_and_wait
+from services.common.run import Running, Tasks, run_until_stopped
 from services.router.config import RouterConfig
 from services.router.core import PriorityCaps
-from services.router.forward import Proxy
+from services.router.forward import Forwarder
 from services.router.http import create_app
-from services.router.shell import RouterMetrics, RouterState
+from services.router.metrics import RouterMetrics
+from services.router.shell import RouterShell
 
 log = logging.getLogger(__name__)
 
 
-class RunningRouter:
-    def __init__(self, state: RouterState, http: HttpServer) -> None:
-        self.state, self.http = state, http
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http.port}"
-
-
 async def serve(
-    cfg: RouterConfig, stop: asyncio.Event, started: asyncio.Future[RunningRouter] | None = None
+    cfg: RouterConfig,
+    stop: asyncio.Event,
+    started: asyncio.Future[Running[RouterShell]] | None = None,
 ) -> None:
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     registry = new_registry()
@@ -46,21 +40,25 @@ async def serve(
     )
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     try:
-        state = RouterState(
+        metrics = RouterMetrics(registry)
+        shell = RouterShell(
             bus,
             subjects,
-            RouterMetrics(registry),
+            metrics,
             queue_depth=cfg.gateway_queue_depth,
             max_wait_s=cfg.gateway_max_wait_s,
             capacity_share=cfg.capacity_share,
-            retry_budget_ratio=cfg.retry_budget_ratio,
             checkpoint_interval_s=cfg.checkpoint_interval_s,
         )
-        await state.start()
-        proxy = Proxy(
-            state,
+        await shell.start()
+        forwarder = Forwarder(
+            shell.view,
+            shell.gateway,
+            metrics,
             session,
+            clock=shell.clock,
             max_attempts=cfg.max_attempts,
+            retry_budget_ratio=cfg.retry_budget_ratio,
             header_timeout_s=cfg.header_timeout_s,
             body_read_timeout_s=cfg.body_read_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s,
@@ -70,14 +68,14 @@ async def serve(
             return {
                 "ok": bus.connected,
                 "instance": cfg.instance,
-                "registry_synced": state.follower.synced.is_set(),
-                "capacity_known": state.capacity is not None,
-                "workers": len(state.view.records),
+                "registry_synced": shell.synced,
+                "capacity_known": shell.gateway.capacity is not None,
+                "workers": len(shell.view.records),
             }
 
         app = create_app(
-            state,
-            proxy,
+            shell,
+            forwarder,
             api_keys=cfg.api_keys,
             body_limit=cfg.request_body_limit,
             metrics_registry=registry,
@@ -89,19 +87,19 @@ async def serve(
             cfg.listen_fd, cfg.http_host, cfg.http_port, reuse_port=cfg.reuse_port
         )
         http = HttpServer(app, sock, limits=HttpLimits.of(cfg))
-        async with asyncio.TaskGroup() as tg:
-            follower = tg.create_task(state.follower.run())
-            capacity = tg.create_task(state.fetch_capacity())
-            http_task = tg.create_task(http.serve())
-            await state.follower.synced.wait()
+
+        async def start(tasks: Tasks) -> None:
+            tasks.spawn(shell.follower.run())
+            tasks.spawn(shell.gateway.fetch_capacity())
+            await shell.follower.synced.wait()
             log.info("router serving", extra={"port": http.port})
             if started is not None:
-                started.set_result(RunningRouter(state, http))
-            await stop.wait()
-            state.drain()  # new requests: 503; in-flight ones finish (uvicorn's graceful shutdown)
-            http.stop()
-            await http_task
-            await cancel_and_wait(follower, capacity)
+                started.set_result(Running(shell, http))
+
+        async def drain() -> None:
+            shell.drain()  # new requests: 503; in-flight ones finish (uvicorn's graceful shutdown)
+
+        await run_until_stopped(http, stop, start, drain)
     finally:
         await session.close()
         await bus.close()

@@ -15,16 +15,17 @@ from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from schemas.subjects import Subjects
 from services.capacity.config import CapacityConfig
-from services.capacity.main import RunningCapacity, serve
+from services.capacity.main import serve
+from services.capacity.shell import CapacityService
 from services.common.bus import Bus, Message
-from services.common.run import in_process
+from services.common.run import Running, in_process
 from services.common.seq import Sequencer
 
 
 @contextlib.asynccontextmanager
 async def running_capacity(
     nats_url: str, prefix: str, **overrides: Any
-) -> AsyncIterator[RunningCapacity]:
+) -> AsyncIterator[Running[CapacityService]]:
     cfg = CapacityConfig(nats_url=nats_url, subject_prefix=prefix, http_port=0, **overrides)
     async with in_process(serve, cfg) as cap:
         yield cap
@@ -99,7 +100,7 @@ async def record_views(bus: Bus, prefix: str) -> ViewLog:
 
 @contextlib.asynccontextmanager
 async def running_worker(nats_url: str, prefix: str, **overrides: Any) -> AsyncIterator[Any]:
-    """A worker in-process (sim engine unless overridden); yields a RunningWorker."""
+    """A worker in-process (sim engine unless overridden); yields a Running[WorkerService]."""
     from services.worker.config import WorkerConfig
     from services.worker.main import serve as serve_worker
 
@@ -111,7 +112,7 @@ async def running_worker(nats_url: str, prefix: str, **overrides: Any) -> AsyncI
 
 @contextlib.asynccontextmanager
 async def running_router(nats_url: str, prefix: str, **overrides: Any) -> AsyncIterator[Any]:
-    """A router in-process on a free port; yields services.router.main.RunningRouter."""
+    """A router in-process on a free port; yields a Running[RouterShell] (services.router.main)."""
     from services.router.config import RouterConfig
     from services.router.main import serve as serve_router
 
@@ -170,9 +171,9 @@ async def fleet(
         r = await stack.enter_async_context(running_router(nats_url, prefix, **router))
         await eventually(
             lambda: all(
-                r.state.view.is_fresh(w.worker_id, r.state.clock())
-                and r.state.view.records.get(w.worker_id) is not None
-                and r.state.view.records[w.worker_id].status == WorkerStatus.READY
+                r.service.view.is_fresh(w.service.worker_id, r.service.clock())
+                and r.service.view.records.get(w.service.worker_id) is not None
+                and r.service.view.records[w.service.worker_id].status == WorkerStatus.READY
                 for w in ws
             ),
             timeout_s=10,

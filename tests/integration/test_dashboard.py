@@ -80,7 +80,7 @@ async def test_feed_streams_the_fleet_and_follows_a_status_change(
         def ready_with_capacity() -> bool:
             last = feed.last
             return (
-                feed.status_of(worker.worker_id) == WorkerStatus.READY
+                feed.status_of(worker.service.worker_id) == WorkerStatus.READY
                 and last is not None
                 and last.capacity is not None
                 and last.capacity.models.get("sim-model") is not None
@@ -110,10 +110,12 @@ async def test_feed_streams_the_fleet_and_follows_a_status_change(
         assert feed.last.gateway["sim-model"].limit == 3
 
         done = await RegistryClient(bus, Subjects.for_prefix(prefix)).call(
-            SetStatusRequest(id=worker.worker_id, status=WorkerStatus.DRAINING, reason="test")
+            SetStatusRequest(
+                id=worker.service.worker_id, status=WorkerStatus.DRAINING, reason="test"
+            )
         )
         assert isinstance(done, CommandOk), done
-        await eventually(lambda: feed.status_of(worker.worker_id) == WorkerStatus.DRAINING)
+        await eventually(lambda: feed.status_of(worker.service.worker_id) == WorkerStatus.DRAINING)
         feed.task.cancel()
 
 
@@ -183,11 +185,11 @@ async def test_page_renders_in_chromium_and_shows_a_dead_worker_within_2s(
             await eventually(
                 lambda: any(
                     r.url == url and r.status == WorkerStatus.READY
-                    for r in router.state.view.records.values()
+                    for r in router.service.view.records.values()
                 ),
                 timeout_s=20,
             )
-            victim = next(r.id for r in router.state.view.records.values() if r.url == url)
+            victim = next(r.id for r in router.service.view.records.values() if r.url == url)
             async with chromium_page(binary, tmp_path / "profile") as page:
                 await page.goto(router.url + "/dashboard")
 
@@ -200,7 +202,7 @@ async def test_page_renders_in_chromium_and_shows_a_dead_worker_within_2s(
 
                 async def rendered() -> bool:
                     return (
-                        await row_status(worker.worker_id) == "ready"
+                        await row_status(worker.service.worker_id) == "ready"
                         and await row_status(victim) == "ready"
                         and await page.evaluate("document.getElementById('conn').textContent")
                         == "live"
@@ -234,7 +236,7 @@ async def test_page_renders_in_chromium_and_shows_a_dead_worker_within_2s(
                     return await row_status(victim) == "not_ready"
 
                 await eventually(shows_not_ready, timeout_s=2.0)
-                assert await row_status(worker.worker_id) == "ready"
+                assert await row_status(worker.service.worker_id) == "ready"
                 assert page.exceptions == []
         finally:
             if proc is not None and proc.returncode is None:

@@ -61,7 +61,7 @@ def lines() -> Iterator[Lines]:
         root.setLevel(level)
 
 
-ROUTER, WORKER = "services.router.http", "services.worker.http"
+ROUTER, WORKER = "services.router.forward", "services.worker.http"
 
 
 def rid_of(headers: dict[str, str]) -> str:

@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
 from schemas import codec
 from schemas.load import ModelLoad, WorkerLoad
@@ -32,6 +33,7 @@ from tests.integration.registry_fixtures import running_registry
 
 pytestmark = pytest.mark.integration
 CHAT = "/v1/chat/completions"
+WORKER_DONE = 'switchboard_worker_request_duration_seconds_count{model="sim-model"}'
 
 
 def body(max_tokens: int = 4, stream: bool = False, model: str = "sim-model") -> dict[str, Any]:
@@ -43,6 +45,21 @@ def body(max_tokens: int = 4, stream: bool = False, model: str = "sim-model") ->
     }
 
 
+async def served(s: aiohttp.ClientSession, worker: Any) -> float:
+    """Requests the worker has finished (its own count: a non-streamed one is counted before
+    its response is sent)."""
+    async with s.get(worker.url + "/metrics") as resp:
+        text = await resp.text()
+    found = [line for line in text.splitlines() if line.startswith(WORKER_DONE + " ")]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def router_sample(router: Any, name: str, **labels: str) -> float | None:
+    """A value from the router's own Prometheus registry."""
+    registry: CollectorRegistry = router.service.metrics.registry
+    return registry.get_sample_value(name, labels)
+
+
 async def test_routes_to_the_idle_replica_and_follows_load(
     bus: Bus, nats_url: str, prefix: str
 ) -> None:
@@ -51,28 +68,30 @@ async def test_routes_to_the_idle_replica_and_follows_load(
         fleet(nats_url, prefix, [slow, slow]) as (router, (a, b)),
         aiohttp.ClientSession() as s,
     ):
+        view = router.service.view
         hogs = [asyncio.create_task(post(s, a.url + CHAT, body(max_tokens=40))) for _ in range(3)]
-        await eventually(lambda: router.state.view.score(a.worker_id, "sim-model") == 3)
+        await eventually(lambda: view.score(a.service.worker_id, "sim-model") == 3)
         for _ in range(2):  # each goes to b: a is visibly busier
             status, _data, headers = await post(s, router.url + CHAT, body())
             assert status == 200
             assert headers["x-switchboard-origin"] == "worker"
-        assert (
-            router.state.view.dispatched.get(b.worker_id, 0)
-            + router.state.view.score(b.worker_id, "sim-model")
-            >= 0
-        )
-        b_gate, a_gate = b.models["sim-model"].gate, a.models["sim-model"].gate
-        hogs += [asyncio.create_task(post(s, b.url + CHAT, body(max_tokens=60))) for _ in range(4)]
-        await eventually(lambda: router.state.view.score(b.worker_id, "sim-model") >= 4)
+        assert await served(s, b) == 2  # b had nothing else to do
+        a_gate = a.service.models["sim-model"].gate
+        # b busier than a will be: long enough to still run when the next request is chosen
+        b_hogs = [
+            asyncio.create_task(post(s, b.url + CHAT, body(max_tokens=200))) for _ in range(4)
+        ]
+        await eventually(lambda: view.score(b.service.worker_id, "sim-model") >= 4)
         await eventually(lambda: a_gate.core.in_flight == 0, timeout_s=5)  # a's hogs finished
-        await eventually(lambda: router.state.view.score(a.worker_id, "sim-model") == 0)
-        served_before = a.models["sim-model"].engine.peak_running
+        await eventually(lambda: view.score(a.service.worker_id, "sim-model") == 0)
+        before = (await served(s, a), await served(s, b))
         status, _, _ = await post(s, router.url + CHAT, body())
         assert status == 200
-        assert b_gate.core.in_flight == 4  # the flip: this one went to a
-        assert served_before >= 1
+        assert (await served(s, a), await served(s, b)) == (before[0] + 1, before[1])  # the flip
         await asyncio.gather(*hogs)
+        for hog in b_hogs:
+            hog.cancel()
+        await asyncio.gather(*b_hogs, return_exceptions=True)
 
 
 async def test_saturated_worker_backpressure_reaches_the_client_intact(
@@ -81,7 +100,7 @@ async def test_saturated_worker_backpressure_reaches_the_client_intact(
     tight = {"sim_tokens_per_s": 10.0, "max_in_flight": 1, "max_queue_depth": 0}
     async with fleet(nats_url, prefix, [tight]) as (router, (w,)), aiohttp.ClientSession() as s:
         hog = asyncio.create_task(post(s, w.url + CHAT, body(max_tokens=30)))
-        await eventually(lambda: w.models["sim-model"].gate.core.in_flight == 1)
+        await eventually(lambda: w.service.models["sim-model"].gate.core.in_flight == 1)
         direct = await post(s, w.url + CHAT, body())
         relayed = await post(s, router.url + CHAT, body())
         assert relayed[0] == direct[0] == 503
@@ -90,9 +109,9 @@ async def test_saturated_worker_backpressure_reaches_the_client_intact(
         assert relayed[1]["error"]["type"] == "service_unavailable_error"
         assert relayed[1]["error"]["code"] == "rate_limit_exceeded"
         assert relayed[1]["error"]["message"] == direct[1]["error"]["message"]
-        metrics = router.state.metrics
-        assert metrics.backpressure.labels("worker")._value.get() == 1
-        assert metrics.requests.labels("sim-model", "busy")._value.get() == 1
+        assert router_sample(router, "switchboard_router_backpressure_total", origin="worker") == 1
+        requests = "switchboard_router_requests_total"
+        assert router_sample(router, requests, model="sim-model", outcome="busy") == 1
         await hog
 
 
@@ -104,13 +123,13 @@ async def test_refused_request_is_retried_on_a_replica_with_room(
         fleet(nats_url, prefix, [tight, tight]) as (router, ws),
         aiohttp.ClientSession() as s,
     ):
-        first = min(ws, key=lambda w: w.worker_id)  # the tie-break favourite
-        other = max(ws, key=lambda w: w.worker_id)
+        first = min(ws, key=lambda w: w.service.worker_id)  # the tie-break favourite
+        other = max(ws, key=lambda w: w.service.worker_id)
         hog = asyncio.create_task(post(s, first.url + CHAT, body(max_tokens=30)))
-        await eventually(lambda: first.models["sim-model"].gate.core.in_flight == 1)
+        await eventually(lambda: first.service.models["sim-model"].gate.core.in_flight == 1)
         # Heartbeat lag, made explicit: the router is told `first` is idle while it is not.
         lie = WorkerLoad(
-            worker_id=first.worker_id,
+            worker_id=first.service.worker_id,
             url=first.url,
             status=WorkerStatus.READY,
             models=(
@@ -120,14 +139,17 @@ async def test_refused_request_is_retried_on_a_replica_with_room(
             ),
             heartbeat_interval_s=5.0,
         )
-        env = Sequencer(first.worker_id, epoch=time.time_ns()).stamp(lie, time.time())
-        subject = Subjects.for_prefix(prefix).load(DEFAULT_PRINCIPAL, first.worker_id)
+        env = Sequencer(first.service.worker_id, epoch=time.time_ns()).stamp(lie, time.time())
+        subject = Subjects.for_prefix(prefix).load(DEFAULT_PRINCIPAL, first.service.worker_id)
         await bus.publish(subject, codec.encode(env))
-        await eventually(lambda: router.state.view.score(first.worker_id, "sim-model") == 0)
+        first_id = first.service.worker_id
+        await eventually(lambda: router.service.view.score(first_id, "sim-model") == 0)
         status, _data, _headers = await post(s, router.url + CHAT, body())
         assert status == 200
-        assert other.models["sim-model"].engine.peak_running == 1
-        assert router.state.metrics.retries.labels("busy")._value.get() == 1
+        assert other.service.models["sim-model"].engine.peak_running == 1
+        assert (
+            router_sample(router, "switchboard_router_upstream_retries_total", reason="busy") == 1
+        )
         await hog
 
 
@@ -191,9 +213,9 @@ async def test_gateway_queue_and_its_503_when_capacity_is_exhausted(
         ) as (router, _),
         aiohttp.ClientSession() as s,
     ):
-        await eventually(lambda: router.state.limit_for("sim-model") == 1)
+        await eventually(lambda: router.service.gateway.limit_for("sim-model") == 1)
         running = asyncio.create_task(post(s, router.url + CHAT, body(max_tokens=20)))
-        gate = router.state.gate("sim-model")
+        gate = router.service.gateway.gate("sim-model")
         await eventually(lambda: gate.core.in_flight == 1)
         queued = asyncio.create_task(post(s, router.url + CHAT, body()))
         await eventually(lambda: gate.core.queue_depth == 1)
@@ -207,7 +229,7 @@ async def test_gateway_queue_and_its_503_when_capacity_is_exhausted(
         assert "no slot freed in time" in timed_out[1]["error"]["message"]
         assert int(timed_out[2]["Retry-After"]) >= 1
         assert (await running)[0] == 200
-        assert router.state.metrics.backpressure.labels("router")._value.get() == 2
+        assert router_sample(router, "switchboard_router_backpressure_total", origin="router") == 2
 
 
 async def test_no_replica_pending_is_503_and_models_lists_only_ready(
@@ -220,8 +242,8 @@ async def test_no_replica_pending_is_503_and_models_lists_only_ready(
         async with s.get(router.url + "/v1/models") as resp:
             assert [m["id"] for m in (await resp.json())["data"]] == ["a", "b"]
         # a rolling update: the only replica is starting again
-        record = router.state.view.records[w.worker_id]
-        router.state.view.records[w.worker_id] = msgspec.structs.replace(
+        record = router.service.view.records[w.service.worker_id]
+        router.service.view.records[w.service.worker_id] = msgspec.structs.replace(
             record, status=WorkerStatus.PENDING
         )
         status, data, headers = await post(s, router.url + CHAT, body(model="a"))
@@ -254,13 +276,16 @@ async def test_worker_killed_mid_stream(bus: Bus, nats_url: str, prefix: str) ->
             router = await stack.enter_async_context(running_router(nats_url, prefix))
             await eventually(
                 lambda: (
-                    sum(r.status == WorkerStatus.READY for r in router.state.view.records.values())
+                    sum(
+                        r.status == WorkerStatus.READY for r in router.service.view.records.values()
+                    )
                     == 2
-                    and router.state.view.stale_count(router.state.clock()) == 0
+                    and router.service.view.stale_count(router.service.clock()) == 0
                 ),
                 timeout_s=20,
             )
             async with aiohttp.ClientSession() as s:
+                begun: list[bytes] = []
 
                 async def stream() -> tuple[str, float]:
                     async with s.post(
@@ -270,11 +295,14 @@ async def test_worker_killed_mid_stream(bus: Bus, nats_url: str, prefix: str) ->
                         last = b""
                         async for line in resp.content:
                             if line.strip():
+                                if not last:
+                                    begun.append(line)
                                 last = line.strip()
                         return last.decode(), time.monotonic()
 
                 streams = [asyncio.create_task(stream()) for _ in range(4)]
-                await asyncio.sleep(0.6)
+                # every stream under way (a first chunk seen) before one worker dies
+                await eventually(lambda: len(begun) == 4)
                 killed_at = time.monotonic()
                 procs[0].send_signal(signal.SIGKILL)
                 results = await asyncio.wait_for(asyncio.gather(*streams), 10)
@@ -303,7 +331,7 @@ async def test_health_is_200_once_the_fleet_is_known_and_503_when_draining(
         async with s.get(router.url + "/health") as resp:  # probes carry no API key
             assert resp.status == 200
             assert await resp.json() == {"status": "ok", "workers": 1}
-        router.state.drain()
+        router.service.drain()
         async with s.get(router.url + "/health") as resp:
             assert resp.status == 503
             assert (await resp.json())["status"] == "draining"

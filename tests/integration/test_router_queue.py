@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
 from services.admission.gate import Gate
 from tests.helpers import eventually, post, queue_and_leave
@@ -40,7 +41,7 @@ async def one_slot_fleet(nats_url: str, prefix: str, **router: Any) -> AsyncIter
         gateway_max_wait_s=60.0,
         **router,
     ) as (r, ws):
-        await eventually(lambda: r.state.limit_for("sim-model") == 1)
+        await eventually(lambda: r.service.gateway.limit_for("sim-model") == 1)
         yield r, ws
 
 
@@ -65,17 +66,18 @@ async def test_clients_leaving_the_queue_free_it_at_once_and_never_reach_a_worke
     nats_url: str, prefix: str
 ) -> None:
     async with one_slot_fleet(nats_url, prefix) as (router, (w,)), aiohttp.ClientSession() as s:
-        gate = router.state.gate("sim-model")
+        gate = router.service.gateway.gate("sim-model")
         async with hog(router.url, gate):
             await queue_and_leave(router.url + CHAT, body(), 20, lambda: gate.core.queue_depth)
             # well inside the 60 s queue wait: only the disconnects can have freed the places
             await eventually(lambda: gate.core.queue_depth == 0, timeout_s=2)
             assert gate.core.in_flight == 1  # the hog; nobody was admitted in the leavers' place
-            gone = router.state.metrics.requests.labels("sim-model", "http_499")
-            assert gone._value.get() == 20
+            registry: CollectorRegistry = router.service.metrics.registry
+            gone = {"model": "sim-model", "outcome": "http_499"}
+            assert registry.get_sample_value("switchboard_router_requests_total", gone) == 20
         status, _, _ = await post(s, router.url + CHAT, body())
         assert status == 200
-        await eventually(lambda: w.models["sim-model"].gate.idle.is_set())
+        await eventually(lambda: w.service.models["sim-model"].gate.idle.is_set())
         # the worker ran the hog and the later request, none of the 20 that left
         assert await worker_done(s, w.url) == f"{WORKER_DONE} 2.0"
         assert (gate.core.in_flight, gate.core.queue_depth) == (0, 0)
@@ -87,7 +89,7 @@ async def test_priority_is_capped_per_api_key(nats_url: str, prefix: str) -> Non
         one_slot_fleet(nats_url, prefix, **caps) as (router, _),
         aiohttp.ClientSession() as s,
     ):
-        gate = router.state.gate("sim-model")
+        gate = router.service.gateway.gate("sim-model")
         asks = [("k-plain", "9"), ("k-vip", "9"), ("k-vip", "5"), ("k-plain", "-3")]
         async with hog(router.url, gate, headers={"Authorization": "Bearer k-plain"}):
             waiting = [

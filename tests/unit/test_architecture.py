@@ -104,7 +104,7 @@ def test_pure_modules_import_no_io(root: Path) -> None:
 def test_closure_follows_imports_to_an_impure_module(tmp_path: Path) -> None:
     """The rule sees I/O one import away: services/router/core.py -> shell.py (asyncio)."""
     bad = tmp_path / "core.py"
-    bad.write_text("from services.router.shell import RouterState\n")
+    bad.write_text("from services.router.shell import RouterShell\n")
     reached = {p.relative_to(ROOT).as_posix() for p in project_imports(bad)}
     assert reached == {"services/router/shell.py"}
     assert "asyncio" in imported_roots(ROOT / "services/router/shell.py")

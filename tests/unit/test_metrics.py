@@ -10,7 +10,7 @@ from prometheus_client.exposition import generate_latest
 from services.capacity.shell import CapacityMetrics
 from services.common.metrics import PREFIX, new_registry
 from services.registry.shell import RegistryMetrics
-from services.router.shell import RouterMetrics
+from services.router.metrics import RouterMetrics
 from services.worker.metrics import WorkerMetrics
 
 STANDARD = ("process_", "python_")  # the standard collectors keep their well-known names

@@ -1,4 +1,5 @@
-"""Router choice (least busy, ties by id, stale heartbeats, cooldown, suspects), priority caps."""
+"""Router choice (least busy, ties by id, stale heartbeats, cooldown, suspects), which models it
+serves, the table of its refusals, priority caps."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.common.errors import ConfigError
 from services.router import config
-from services.router.core import Choice, FleetView, NoReplica, PriorityCaps, UnknownModel
+from services.router.core import (
+    Choice,
+    FleetView,
+    NoChoice,
+    NoReplica,
+    PriorityCaps,
+    UnknownModel,
+    gateway_busy,
+    no_choice_error,
+    upstream_unreachable,
+)
 
 S = WorkerStatus
 
@@ -63,6 +74,62 @@ def test_unknown_model_and_no_ready_replica() -> None:
     assert v.choose("m", 100.0) == NoReplica("m", True, "no ready replica")
     v.set_records({"a": rec("a", S.NOT_READY)})
     assert v.choose("m", 100.0) == NoReplica("m", False, "no ready replica")
+
+
+@pytest.mark.parametrize(
+    ("records", "model", "serves"),
+    [
+        ((), "m", False),  # nobody registered
+        ((rec("a"),), "m", True),
+        ((rec("a"),), "other", False),
+        ((rec("a", models=("x", "m")),), "m", True),  # any of a worker's models
+        ((rec("a", S.PENDING),), "m", True),  # starting: known, so 503 + Retry-After, not 404
+        ((rec("a", S.NOT_READY),), "m", True),
+        ((rec("a", models=()), rec("b", models=("m",))), "m", True),
+        ((rec("a"),), "M", False),  # names are exact
+    ],
+)
+def test_serves_is_any_record_listing_the_model_and_agrees_with_choose(
+    records: tuple[WorkerRecord, ...], model: str, serves: bool
+) -> None:
+    v = view(*records)
+    assert v.serves(model) is serves
+    assert isinstance(v.choose(model, 100.0), UnknownModel) is not serves
+
+
+@pytest.mark.parametrize(
+    ("why", "status", "code", "retry_after_s", "param"),
+    [
+        (UnknownModel("m"), 404, "model_not_found", None, "model"),
+        (NoReplica("m", True, "no ready replica"), 503, "no_replica_available", 2, None),
+        (NoReplica("m", False, "no ready replica"), 503, "no_replica_available", 5, None),
+    ],
+)
+def test_each_no_choice_is_one_refusal(
+    why: NoChoice, status: int, code: str, retry_after_s: int | None, param: str | None
+) -> None:
+    err = no_choice_error(why)
+    assert (err.status, err.code, err.retry_after_s, err.param) == (
+        status,
+        code,
+        retry_after_s,
+        param,
+    )
+    assert "'m'" in err.message
+
+
+def test_gateway_busy_and_unreachable_refusals() -> None:
+    busy = gateway_busy("m", "queue_full", 3)
+    assert (busy.status, busy.type, busy.code, busy.retry_after_s) == (
+        503,
+        "service_unavailable_error",
+        "rate_limit_exceeded",
+        3,
+    )
+    assert busy.message.startswith("the fleet is at capacity for model 'm' (its queue is full)")
+    gone = upstream_unreachable("ConnectionRefusedError()")
+    assert (gone.status, gone.type, gone.code) == (502, "server_error", "upstream_unreachable")
+    assert gone.message.endswith("ConnectionRefusedError()")
 
 
 def test_stale_heartbeat_is_unknown_not_idle() -> None:

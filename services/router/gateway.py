@@ -1,0 +1,118 @@
+"""The router's gateway admission: one gate per model, limited to this router's capacity share."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from schemas import codec
+from schemas.capacity import MAX_CAPACITY, CapacityView
+from schemas.dashboard import GatewayLoad
+from schemas.subjects import Subjects
+from services.admission.core import AdmissionLimits
+from services.admission.gate import Gate
+from services.common.backoff import Backoff
+from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout, decode_or_reject
+from services.common.seq import is_newer
+from services.router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Per-model gates whose limits follow the capacity service's views.
+
+    on_change runs after every change a viewer of the fleet page would see (a gate moved, a new
+    capacity view, draining)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: Subjects,
+        metrics: RouterMetrics,
+        on_change: Callable[[], None],
+        *,
+        queue_depth: int,
+        max_wait_s: float,
+        capacity_share: float = 1.0,
+    ) -> None:
+        self.bus, self.subjects, self.metrics, self.on_change = bus, subjects, metrics, on_change
+        self.queue_depth, self.max_wait_s = queue_depth, max_wait_s
+        self.capacity_share = capacity_share
+        self.capacity: CapacityView | None = None
+        self._capacity_pos: tuple[int, int] | None = None
+        self.gates: dict[str, Gate] = {}
+        self.draining = False
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.subjects.capacity_view, cb=self._on_capacity)
+
+    async def _on_capacity(self, msg: Message) -> None:
+        env = decode_or_reject(
+            codec.capacity_view_decoder, msg.data, self.metrics.bus, "capacity.view"
+        )
+        if env is not None and is_newer(self._capacity_pos, env.epoch, env.seq):
+            self._capacity_pos = (env.epoch, env.seq)
+            self.apply_capacity(env.body)
+
+    async def fetch_capacity(self) -> None:
+        """The latest view at start (a late reader must not run on a stale default)."""
+        pace = Backoff(first_s=0.1, max_s=5.0)
+        while self.capacity is None:
+            try:
+                data = await self.bus.request(self.subjects.capacity_snapshot, b"", 2.0)
+                if self.capacity is None:  # a published view may have arrived meanwhile
+                    self.apply_capacity(codec.capacity_decoder.decode(data))
+                return
+            except (NoRespondersError, RequestTimeout):
+                log.info("capacity service not answering yet; gateway admission open until it does")
+            await pace.wait()
+
+    def apply_capacity(self, view: CapacityView) -> None:
+        self.capacity = view
+        for model, gate in self.gates.items():
+            gate.set_limit(self.limit_for(model))
+        self.on_change()
+
+    def limit_for(self, model: str) -> int:
+        if self.capacity is None:
+            return MAX_CAPACITY  # unknown: workers' own admission still protects them
+        entry = self.capacity.models.get(model, self.capacity.fleet)
+        return max(int(entry.capacity * self.capacity_share), 1)
+
+    def gate(self, model: str) -> Gate:
+        """The model's gate, made on first use (only for models some worker serves)."""
+        gate = self.gates.get(model)
+        if gate is None:
+            limits = AdmissionLimits(
+                max_in_flight=self.limit_for(model),
+                max_queue_depth=self.queue_depth,
+                max_wait_s=self.max_wait_s,
+            )
+            gate = self.gates[model] = Gate(limits, on_change=lambda: self._gate_moved(model))
+            if self.draining:
+                gate.drain()
+        return gate
+
+    def _gate_moved(self, model: str) -> None:
+        core = self.gates[model].core
+        self.metrics.queue_depth.labels(model).set(core.queue_depth)
+        self.metrics.in_flight.labels(model).set(core.in_flight)
+        self.on_change()
+
+    def drain(self) -> None:
+        """Refuse newcomers from now on; running and queued requests still complete."""
+        self.draining = True
+        for gate in self.gates.values():
+            gate.drain()
+        self.on_change()  # live feeds end so the HTTP server can shut down
+
+    def loads(self) -> dict[str, GatewayLoad]:
+        return {
+            model: GatewayLoad(
+                in_flight=gate.core.in_flight,
+                queue_depth=gate.core.queue_depth,
+                limit=gate.core.limits.max_in_flight,
+            )
+            for model, gate in self.gates.items()
+        }
