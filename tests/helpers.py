@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from schemas import codec
+from services.common.bus import Bus
 
 
 async def eventually(
@@ -55,14 +56,32 @@ def free_port_range(count: int) -> int:
                 s.close()
 
 
+async def delivered(publisher: Bus, subscriber: Bus) -> None:
+    """Barrier: what `publisher` sent before this call has reached `subscriber`'s callbacks.
+
+    The publisher's round trip (PING/PONG) returns once the server has routed every earlier
+    message; the server then queues them to the subscriber's connection ahead of the PONG that
+    answers the subscriber's round trip, and nats-py hands each to its subscription's callback
+    task before it sees that PONG. So a callback that does not await (one that counts a bad
+    message) has run when this returns; one that awaits may still be at it.
+    """
+    await publisher.flush()
+    await subscriber.flush()
+
+
 async def until_counted(
-    publish: Callable[[], Awaitable[None]], count: Callable[[], float], settle_s: float = 0.1
+    publish: Callable[[], Awaitable[None]],
+    count: Callable[[], float],
+    barrier: Callable[[], Awaitable[None]] | None = None,
+    settle_s: float = 0.1,
 ) -> float:
-    """Publish probes until count() moves; return its value once in-flight probes settled.
+    """Publish probes until count() moves; return its value once every probe sent is counted.
 
     nats-server may take a moment to route to a subscription another connection just made, so a
     message published right after a service starts can go nowhere; tests that count messages
-    first wait for the subscription this way.
+    first wait for the subscription this way. `barrier` (usually `delivered(test bus, service
+    bus)`) returns once the probes still in flight are counted. Without one they get settle_s,
+    a guess: tests/integration/test_registry.py still calls it so; give it a barrier.
     """
     start = count()
 
@@ -71,7 +90,10 @@ async def until_counted(
         return count() > start
 
     await eventually(moved)
-    await asyncio.sleep(settle_s)
+    if barrier is not None:
+        await barrier()
+    else:
+        await asyncio.sleep(settle_s)
     return count()
 
 

@@ -14,7 +14,7 @@ from services.common.http import HttpServer, ops_app
 from services.common.http_limits import HttpLimits
 from services.common.metrics import new_registry
 from services.common.ports import serving_socket
-from services.common.run import cancel_and_wait
+from services.common.run import Running, Tasks, run_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,10 @@ def settings_from(cfg: CapacityConfig) -> CapacitySettings:
     )
 
 
-class RunningCapacity:
-    def __init__(self, service: CapacityService, http: HttpServer) -> None:
-        self.service = service
-        self.http = http
-
-
 async def serve(
     cfg: CapacityConfig,
     stop: asyncio.Event,
-    started: asyncio.Future[RunningCapacity] | None = None,
+    started: asyncio.Future[Running[CapacityService]] | None = None,
 ) -> None:
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     registry = new_registry()
@@ -53,11 +47,7 @@ async def serve(
             checkpoint_interval_s=cfg.checkpoint_interval_s,
             snapshot_timeout_s=cfg.snapshot_timeout_s,
         )
-        await service.follower.start()
-        await bus.subscribe(
-            subjects.capacity_snapshot, queue="capacity", cb=service.on_snapshot_request
-        )
-        await bus.flush()
+        await service.start()
 
         def health() -> dict[str, object]:
             view = service.view
@@ -70,14 +60,13 @@ async def serve(
 
         sock = serving_socket(cfg.listen_fd, cfg.http_host, cfg.http_port)
         http = HttpServer(ops_app(registry, health), sock, limits=HttpLimits.of(cfg))
-        async with asyncio.TaskGroup() as tg:
-            follower = tg.create_task(service.supervise())
-            http_task = tg.create_task(http.serve())
+
+        async def start(tasks: Tasks) -> None:
+            # Ready without a registry: until one answers, the follower retries and readers wait.
+            tasks.spawn(service.supervise())
             if started is not None:
-                started.set_result(RunningCapacity(service, http))
-            await stop.wait()
-            await cancel_and_wait(follower)
-            http.stop()
-            await http_task
+                started.set_result(Running(service, http))
+
+        await run_until_stopped(http, stop, start)
     finally:
         await bus.close()

@@ -2,7 +2,7 @@
 
 The latest view is kept three ways so nobody reads a stale default: published on
 <p>.capacity.view on every change, stored in JetStream KV (<p>_capacity / "view"), and answered on
-<p>.capacity.snapshot.
+<p>.capacity.snapshot. The store is a protocol so shell tests can hand it an in-memory one.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -18,7 +19,8 @@ from schemas import codec
 from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
 from schemas.subjects import Subjects
 from services.capacity.core import CapacitySettings, changed, compute_view
-from services.common.bus import KV, Bus, Message, reply
+from services.common.backoff import Backoff
+from services.common.bus import Bus, Message, reply
 from services.common.metrics import BusMetrics
 from services.common.seq import Sequencer
 from services.registry.follower import RegistryFollower
@@ -28,8 +30,15 @@ FLEET = "*"
 VIEW_KEY = "view"
 
 
+class ViewStore(Protocol):
+    """Where late readers find the latest view: the JetStream KV bucket (main.py) in production."""
+
+    async def put(self, key: str, value: bytes) -> int: ...
+
+
 class CapacityMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.prometheus = registry  # what /metrics serves (tests read samples from it)
         self.current = Gauge(
             "switchboard_capacity_current",
             "Capacity (model=* is the fleet).",
@@ -88,13 +97,14 @@ class CapacityService:
     def __init__(
         self,
         bus: Bus,
-        kv: KV,
+        kv: ViewStore,
         subjects: Subjects,
         settings: CapacitySettings,
         metrics: CapacityMetrics,
         *,
         checkpoint_interval_s: float = 5.0,
         snapshot_timeout_s: float = 2.0,
+        restart_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
@@ -103,6 +113,7 @@ class CapacityService:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.restart_s = restart_s
         self.sequencer = Sequencer("capacity", epoch=time.time_ns())
         self.view: CapacityView | None = None
         self.follower = RegistryFollower(
@@ -110,10 +121,18 @@ class CapacityService:
             subjects,
             self.recompute,
             on_resync=self._on_resync,
-            on_bad_message=lambda: metrics.bus.rejected.labels("registry.events").inc(),
+            bus_metrics=metrics.bus,  # counts an undecodable event under "registry.events"
             checkpoint_interval_s=checkpoint_interval_s,
             snapshot_timeout_s=snapshot_timeout_s,
         )
+
+    async def start(self) -> None:
+        """Follow the registry and answer snapshot requests; call once, before supervise()."""
+        await self.follower.start()
+        await self.bus.subscribe(
+            self.subjects.capacity_snapshot, queue="capacity", cb=self.on_snapshot_request
+        )
+        await self.bus.flush()
 
     def _on_resync(self, reason: str) -> None:
         self.metrics.resnapshots.labels(reason).inc()
@@ -152,13 +171,15 @@ class CapacityService:
         await reply(msg, codec.encode(self.view))
 
     async def supervise(self) -> None:
-        """Run the follower forever; an unexpected exception is logged and it restarts after 1 s."""
+        """Run the follower forever; an unexpected exception is logged and it restarts after
+        restart_s (a steady pace, not a growing one: each restart begins from a fresh snapshot)."""
+        pace = Backoff(first_s=self.restart_s, max_s=self.restart_s)
         while True:
             try:
                 await self.follower.run()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("capacity follower crashed; restarting in 1s")
+                log.exception("capacity follower crashed; restarting in %gs", pace.delay)
                 self.follower.enqueue("restart")  # whatever it was doing, start from a snapshot
-                await asyncio.sleep(1.0)
+                await pace.wait()

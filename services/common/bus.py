@@ -264,13 +264,17 @@ class Bus:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                msg = await self.nc.request(subject, data, timeout=max(remaining, 0.01))
-                return bytes(msg.data)
+                return await self._request_once(subject, data, max(remaining, 0.01))
             except NoRespondersError:
                 if remaining <= delay:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    async def _request_once(self, subject: str, data: bytes, timeout_s: float) -> bytes:
+        """One try of request(); the seam an in-memory bus (tests/memory_bus.py) replaces."""
+        msg = await self.nc.request(subject, data, timeout=timeout_s)
+        return bytes(msg.data)
 
     async def subscribe(
         self,

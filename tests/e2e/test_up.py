@@ -170,8 +170,20 @@ async def test_fleet_survives_a_dead_worker_and_a_nats_restart(stack: Stack) -> 
         )
 
         # restart NATS while idle: every service reconnects and the fleet view converges
+        before = len(stack.lines)
         stack.nats.stop()
-        await asyncio.sleep(1.0)
+
+        def every_service_saw_nats_go() -> bool:
+            saw = {
+                line.split("|")[0].strip()
+                for line in stack.lines[before:]
+                if "nats disconnected" in line
+            }
+            workers = {name for name in saw if name.startswith("worker")}
+            return {"registry", "capacity", "router"} <= saw and len(workers) == 2
+
+        # back once every live service noticed it was gone (the killed worker cannot)
+        await eventually(every_service_saw_nats_go, timeout_s=10)
         stack.nats.start()
 
         async def converged() -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 from typing import Any
 
@@ -22,13 +22,21 @@ from schemas.registry import (
     WorkerStatus,
 )
 from schemas.subjects import Subjects
+from services.capacity.shell import CapacityService
 from services.common.bus import Bus
+from services.common.run import Running
 from services.registry.client import RegistryClient
-from tests.helpers import eventually, until_counted
+from tests.helpers import delivered, eventually, until_counted
 from tests.integration.fleet_fixtures import FAKE_WORKER, Heartbeats, record_views, running_capacity
 from tests.integration.registry_fixtures import running_registry
 
 pytestmark = pytest.mark.integration
+
+
+def sample(cap: Running[CapacityService], name: str, **labels: str) -> float:
+    """A capacity metric as /metrics shows it (0 for a labelled one never counted)."""
+    value = cap.service.metrics.prometheus.get_sample_value(f"switchboard_capacity_{name}", labels)
+    return value or 0.0
 
 
 async def register(
@@ -66,9 +74,8 @@ async def test_tiers_follow_the_fleet(bus: Bus, prefix: str, nats_url: str) -> N
         for record in (a, b):
             await client.call(RemoveRequest(id=record.id))
         await eventually(lambda: views.last is not None and views.last.models == {})
-        metrics = cap.service.metrics
-        assert metrics.current.labels("*")._value.get() == 1024
-        assert metrics.source.labels("*", "legacy_fallback")._value.get() == 1
+        assert sample(cap, "current", model="*") == 1024
+        assert sample(cap, "source", model="*", source="legacy_fallback") == 1
 
 
 async def test_source_only_change_is_published(bus: Bus, prefix: str, nats_url: str) -> None:
@@ -123,13 +130,12 @@ async def test_gap_from_a_skipped_seq_resnapshots_and_converges(
                     )
                 ),
             )
-            resnaps = cap.service.metrics.resnapshots.labels("gap")
-            await eventually(lambda: resnaps._value.get() == 1)
+            await eventually(lambda: sample(cap, "resnapshots_total", reason="gap") == 1)
             converged = time.perf_counter() - started
             print(f"\nconvergence after a skipped seq: {converged * 1000:.1f} ms")
             assert "ghost" not in cap.service.follower.mirror.records
             assert views.fleet() == (100, "worker_reported")
-            assert cap.service.metrics.gaps._value.get() == 1
+            assert sample(cap, "sequence_gaps_total") == 1
         finally:
             hb.stop()
 
@@ -163,7 +169,7 @@ async def test_event_dropped_on_the_wire_is_noticed_by_beacon(
         )
         elapsed_ms = (time.perf_counter() - started) * 1000
         print(f"\nconvergence after a lost last event: {elapsed_ms:.1f} ms")
-        assert cap.service.metrics.resnapshots.labels("beacon")._value.get() == 1
+        assert sample(cap, "resnapshots_total", reason="beacon") == 1
 
 
 async def test_late_reader_gets_current_view_at_once(bus: Bus, prefix: str, nats_url: str) -> None:
@@ -211,15 +217,22 @@ async def test_malformed_events_are_counted_and_survived(
     events = Subjects.for_prefix(prefix).registry_events
     async with running_registry(nats_url, prefix), running_capacity(nats_url, prefix) as cap:
         await eventually(lambda: cap.service.follower.synced.is_set())
-        rejected = cap.service.metrics.bus.rejected.labels("registry.events")
-        base = await until_counted(lambda: bus.publish(events, b"probe"), rejected._value.get)
+
+        def rejected() -> float:
+            return sample(cap, "messages_rejected_total", subject="registry.events")
+
+        base = await until_counted(
+            lambda: bus.publish(events, b"probe"),
+            rejected,
+            barrier=lambda: delivered(bus, cap.service.bus),
+        )
         for bad in (
             b"nonsense",
             b"{}",
             b'{"source":"registry","epoch":1,"seq":1,"sent_at":0,"body":{"type":"x"}}',
         ):
             await bus.publish(events, bad)
-        await eventually(lambda: rejected._value.get() == base + 3)
+        await eventually(lambda: rejected() == base + 3)
         a = await register(client, "http://a:1", 5)
         hb = Heartbeats(bus, prefix, a).start()
         try:
@@ -229,12 +242,16 @@ async def test_malformed_events_are_counted_and_survived(
 
 
 async def test_snapshot_retries_until_the_registry_appears(
-    bus: Bus, prefix: str, nats_url: str
+    bus: Bus, prefix: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     views = await record_views(bus, prefix)
-    async with running_capacity(nats_url, prefix) as cap:
-        await asyncio.sleep(0.5)
-        assert not cap.service.follower.synced.is_set()  # no registry yet: no made-up view
+    caplog.set_level(logging.WARNING, "services.registry.follower")
+    async with running_capacity(nats_url, prefix, snapshot_timeout_s=0.2) as cap:
+        # a whole snapshot attempt has failed (nobody answered within its timeout) ...
+        await eventually(lambda: "registry snapshot failed" in caplog.text)
+        # ... and no view was made up meanwhile (the view log sees what was published before)
+        await delivered(cap.service.bus, bus)
+        assert not cap.service.follower.synced.is_set()
         assert views.last is None
         async with running_registry(nats_url, prefix):
             await eventually(lambda: views.fleet() == (1024, "legacy_fallback"), timeout_s=5)

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from services.cli.child import MAX_LINE_BYTES
-from services.cli.supervisor import Liveness, RestartBudget, ServiceSpec, supervise
+from services.cli.child import MAX_LINE_BYTES, ServiceSpec
+from services.cli.supervisor import supervise
+from services.cli.watch import Liveness, RestartBudget
 from services.common.http import bind
 from tests.helpers import eventually, free_port
 
@@ -41,6 +42,8 @@ async def run(
     async def stopper() -> None:
         if stop_after_s is not None:
             await eventually(lambda: any("exited" in line for line in lines), timeout_s=20)
+            # a window, not a wait for an outcome: what must NOT happen after the exit (a
+            # restart, a second report) would show within it
             await asyncio.sleep(stop_after_s)
             stop.set()
 
