@@ -41,17 +41,17 @@ async def test_status_and_drain(nats_url: str, prefix: str) -> None:
         running_worker(nats_url, prefix, sim_max_batch=4) as w,
     ):
         await eventually(
-            lambda: reg.service.state.records[w.worker_id].status == WorkerStatus.READY
+            lambda: reg.service.state.records[w.service.worker_id].status == WorkerStatus.READY
         )
         text = await cli(nats_url, prefix, "status")
-        row = next(line for line in text.splitlines() if line.startswith(w.worker_id))
-        assert row.split()[:6] == [w.worker_id, "ready", w.url, "sim-model", "0/4", "0/64"]
+        row = next(line for line in text.splitlines() if line.startswith(w.service.worker_id))
+        assert row.split()[:6] == [w.service.worker_id, "ready", w.url, "sim-model", "0/4", "0/64"]
         assert "capacity: fleet 4 (worker_reported, 1 healthy)" in text
-        drained = await cli(nats_url, prefix, "drain", w.worker_id)
-        assert drained.startswith(f"{w.worker_id}: draining")
+        drained = await cli(nats_url, prefix, "drain", w.service.worker_id)
+        assert drained.startswith(f"{w.service.worker_id}: draining")
         await eventually(
-            lambda: reg.service.state.records[w.worker_id].status == WorkerStatus.DRAINING
+            lambda: reg.service.state.records[w.service.worker_id].status == WorkerStatus.DRAINING
         )
-        assert (await cli(nats_url, prefix, "drain", w.worker_id, "--undo")).startswith(
-            f"{w.worker_id}: ready"
+        assert (await cli(nats_url, prefix, "drain", w.service.worker_id, "--undo")).startswith(
+            f"{w.service.worker_id}: ready"
         )
