@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from schemas.registry import RegisterRequest, SetStatusRequest, WorkerSpec, WorkerStatus
+from schemas.registry import Command, RegisterRequest, SetStatusRequest, WorkerSpec, WorkerStatus
 from schemas.subjects import Subjects
 from services.cli.natsd import NatsServer
 from services.common.bus import Bus
@@ -26,7 +26,7 @@ def bench_url(n: int) -> str:
     return f"http://10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}:8000"
 
 
-async def run_ops(client: RegistryClient, requests: list[object], concurrency: int) -> float:
+async def run_ops(client: RegistryClient, requests: list[Command], concurrency: int) -> float:
     queue = list(reversed(requests))
 
     async def worker() -> None:
@@ -52,7 +52,7 @@ async def main(ops: int, levels: list[int]) -> None:
             print(f"{'operation':<12} {'concurrency':>11} {'ops':>6} {'ops/s':>9}")
             base = 0
             for level in levels:
-                regs: list[object] = [
+                regs: list[Command] = [
                     RegisterRequest(worker=WorkerSpec(url=bench_url(base + i), models=("m",)))
                     for i in range(ops)
                 ]
@@ -60,7 +60,7 @@ async def main(ops: int, levels: list[int]) -> None:
                 rate = await run_ops(client, regs, level)
                 print(f"{'register':<12} {level:>11} {ops:>6} {rate:>9.0f}")
                 ids = [r.id for r in (await client.snapshot()).workers]
-                flips: list[object] = [
+                flips: list[Command] = [
                     SetStatusRequest(
                         id=ids[i % len(ids)],
                         status=WorkerStatus.READY if i % 2 == 0 else WorkerStatus.NOT_READY,

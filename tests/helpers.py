@@ -72,16 +72,14 @@ async def delivered(publisher: Bus, subscriber: Bus) -> None:
 async def until_counted(
     publish: Callable[[], Awaitable[None]],
     count: Callable[[], float],
-    barrier: Callable[[], Awaitable[None]] | None = None,
-    settle_s: float = 0.1,
+    barrier: Callable[[], Awaitable[None]],
 ) -> float:
     """Publish probes until count() moves; return its value once every probe sent is counted.
 
     nats-server may take a moment to route to a subscription another connection just made, so a
     message published right after a service starts can go nowhere; tests that count messages
     first wait for the subscription this way. `barrier` (usually `delivered(test bus, service
-    bus)`) returns once the probes still in flight are counted. Without one they get settle_s,
-    a guess: tests/integration/test_registry.py still calls it so; give it a barrier.
+    bus)`) returns once the probes still in flight are counted.
     """
     start = count()
 
@@ -90,10 +88,7 @@ async def until_counted(
         return count() > start
 
     await eventually(moved)
-    if barrier is not None:
-        await barrier()
-    else:
-        await asyncio.sleep(settle_s)
+    await barrier()
     return count()
 
 

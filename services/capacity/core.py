@@ -93,7 +93,7 @@ def compute_view(
     )
 
 
-def changed(old: CapacityView | None, new: CapacityView) -> bool:
+def worth_publishing(old: CapacityView | None, new: CapacityView) -> bool:
     """Publish on any change of value or source (fleet or any model) or of the model set."""
     if old is None:
         return True

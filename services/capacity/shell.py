@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import codec
 from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
 from schemas.subjects import Subjects
-from services.capacity.core import CapacitySettings, changed, compute_view
+from services.capacity.core import CapacitySettings, compute_view, worth_publishing
 from services.common.backoff import Backoff
 from services.common.bus import Bus, Message, reply
 from services.common.metrics import BusMetrics
@@ -115,7 +115,9 @@ class CapacityService:
         self.clock = clock
         self.restart_s = restart_s
         self.sequencer = Sequencer("capacity", epoch=time.time_ns())
-        self.view: CapacityView | None = None
+        self.view: CapacityView | None = None  # the latest computed: what a snapshot answers
+        self.published: CapacityView | None = None  # the latest both published and stored
+        self.computed = asyncio.Event()  # set once self.view holds a view
         self.follower = RegistryFollower(
             bus,
             subjects,
@@ -146,15 +148,20 @@ class CapacityService:
         epoch, seq = mirror.position
         view = compute_view(self.settings, mirror.records.values(), epoch, seq)
         self.metrics.recomputes.inc()
-        if not changed(self.view, view):
+        # Compared with what readers were last given, not with the last computed view: a view
+        # whose publish or store failed is sent again after the follower's restart.
+        if not worth_publishing(self.published, view):
             self.view = view  # keep the newest registry position without publishing noise
+            self.computed.set()
             return
         self.view = view
+        self.computed.set()
         self.metrics.show(view)
         env = self.sequencer.stamp(view, self.clock())
         data = codec.encode(env)
         await self.bus.publish(self.subjects.capacity_view, data)
         await self.kv.put(VIEW_KEY, data)
+        self.published = view
         self.metrics.published.inc()
         fleet = view.fleet
         log.info(
@@ -166,8 +173,9 @@ class CapacityService:
         )
 
     async def on_snapshot_request(self, msg: Message) -> None:
-        if self.view is None:
-            await self.follower.synced.wait()
+        # Wait for a computed view, not just for the follower's sync: a reader must never be
+        # answered `null` or a made-up default.
+        await self.computed.wait()
         await reply(msg, codec.encode(self.view))
 
     async def supervise(self) -> None:

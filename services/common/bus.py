@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 
 from schemas import codec
 from schemas.subjects import DEFAULT_INBOX, SubjectError, inbox_prefix
+from services.common.backoff import Backoff
 from services.common.errors import ServiceError
 from services.common.logging import clip
 from services.common.metrics import BusMetrics
@@ -260,16 +261,15 @@ class Bus:
         (measured: ~1 request in 1000 right after a SUB + PING on the other connection).
         """
         deadline = time.monotonic() + timeout_s
-        delay = 0.01
+        pace = Backoff(first_s=0.01, max_s=0.5)
         while True:
             remaining = deadline - time.monotonic()
             try:
                 return await self._request_once(subject, data, max(remaining, 0.01))
             except NoRespondersError:
-                if remaining <= delay:
+                if remaining <= pace.delay:
                     raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            await pace.wait()
 
     async def _request_once(self, subject: str, data: bytes, timeout_s: float) -> bytes:
         """One try of request(); the seam an in-memory bus (tests/memory_bus.py) replaces."""
@@ -306,14 +306,17 @@ class Bus:
         all; that is waited out (up to ready_timeout_s) instead of failing the service's start.
         """
         deadline = time.monotonic() + ready_timeout_s
+        pace = Backoff(first_s=0.1, max_s=1.0)
         while True:
             try:
                 return await self._open_kv(bucket, history, create, replicas)
             except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise
-                log.warning("JetStream not ready for KV %s (%r); retrying", bucket, exc)
-                await asyncio.sleep(0.5)
+                log.warning(
+                    "JetStream not ready for KV %s (%r); retrying in %.1fs", bucket, exc, pace.delay
+                )
+                await pace.wait()
 
     async def _open_kv(self, bucket: str, history: int, create: bool, replicas: int) -> KeyValue:
         js = self.nc.jetstream()

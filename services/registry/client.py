@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from schemas import codec
 from schemas.registry import Command, CommandError, CommandReply, RegistrySnapshot
 from schemas.subjects import Subjects
@@ -27,11 +25,9 @@ class RegistryClient:
         self.timeout_s = timeout_s
         self.principal = principal
 
-    async def call(self, request: Any) -> CommandReply:
-        """Send one command (a schemas.registry.Command) on the subject of its op; after
-        timeout_s without an answer, NATS's error propagates."""
-        # Any, not Command: callers that queue mixed requests (bench/registry.py) hold `object`s.
-        command: Command = request
+    async def call(self, command: Command) -> CommandReply:
+        """Send one command on the subject of its op; after timeout_s without an answer, NATS's
+        error propagates."""
         subject = (
             self.subjects.registry_cmd(command.op)
             if self.principal is None

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from msgspec import DecodeError, ValidationError
-from prometheus_client import CollectorRegistry
 
 from schemas import codec
 from schemas.base import Envelope
@@ -37,8 +36,8 @@ Lost = str  # a queue item that is a reason string means "events may have been l
 
 
 class RegistryFollower:
-    """An event that does not decode is dropped and counted: in `bus_metrics` under
-    "registry.events" when given, and by calling `on_bad_message` (give one of the two)."""
+    """An event that does not decode is dropped and counted in the consumer's `bus_metrics`
+    under "registry.events"; the subscription goes on."""
 
     def __init__(
         self,
@@ -47,8 +46,7 @@ class RegistryFollower:
         on_change: OnChange,
         *,
         on_resync: Callable[[str], None] = lambda reason: None,
-        on_bad_message: Callable[[], None] = lambda: None,
-        bus_metrics: BusMetrics | None = None,
+        bus_metrics: BusMetrics,
         checkpoint_interval_s: float = 5.0,
         snapshot_timeout_s: float = 2.0,
         max_backoff_s: float = 2.0,
@@ -58,10 +56,7 @@ class RegistryFollower:
         self.subjects = subjects
         self.on_change = on_change
         self.on_resync = on_resync
-        self.on_bad_message = on_bad_message
-        # Without the caller's metrics, a registry nobody serves takes the count (on_bad_message
-        # is then what counts).
-        self.bus_metrics = bus_metrics or BusMetrics(CollectorRegistry(), "registry_follower")
+        self.bus_metrics = bus_metrics
         self.checkpoint_interval_s = checkpoint_interval_s
         self.snapshot_timeout_s = snapshot_timeout_s
         self.max_backoff_s = max_backoff_s
@@ -92,10 +87,8 @@ class RegistryFollower:
         env = decode_or_reject(
             codec.registry_event_decoder, msg.data, self.bus_metrics, "registry.events"
         )
-        if env is None:
-            self.on_bad_message()
-            return
-        self.enqueue(env)
+        if env is not None:
+            self.enqueue(env)
 
     async def _on_reconnect(self) -> None:
         self.enqueue("reconnect")
@@ -109,11 +102,11 @@ class RegistryFollower:
         checkpoint = asyncio.create_task(self._checkpoints())
         try:
             while True:
-                changed = await self._step(await self.queue.get())
+                applied = await self._step(await self.queue.get())
                 # Coalesce: apply whatever is already queued, then react once to the result.
                 while not self.queue.empty():
-                    changed = await self._step(self.queue.get_nowait()) or changed
-                if changed:
+                    applied = await self._step(self.queue.get_nowait()) or applied
+                if applied:
                     await self.on_change()
         finally:
             checkpoint.cancel()

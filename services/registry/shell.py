@@ -98,11 +98,6 @@ class Registry:
         self.refusals_logged_at = float("-inf")
         self.heard_at: dict[str, float] = {}
 
-    @property
-    def state(self) -> RegistryBook:
-        """Old name of `book`, kept while tests/integration/test_ops.py reads it."""
-        return self.book
-
     async def start(self) -> None:
         async with self.lock:
             await self._reload()

@@ -13,7 +13,7 @@ class RouterMetrics:
     """`model` labels are models the fleet serves (or "unknown"): clients cannot mint them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry  # tests read values through it (get_sample_value)
+        self.prometheus = registry  # tests read values through it (get_sample_value)
         self.requests = Counter(
             "switchboard_router_requests_total",
             "Requests by outcome.",

@@ -71,7 +71,7 @@ class RouterShell:
             bus,
             subjects,
             self._on_records,
-            on_bad_message=lambda: metrics.bus.rejected.labels("registry.events").inc(),
+            bus_metrics=metrics.bus,
             checkpoint_interval_s=checkpoint_interval_s,
         )
 

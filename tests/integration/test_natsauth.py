@@ -257,7 +257,7 @@ async def test_a_worker_cannot_heartbeat_for_another(secured: Secured) -> None:
                 reg.service.metrics.prometheus.get_sample_value(
                     "switchboard_registry_messages_rejected_total", not_owner
                 ),
-                router.service.metrics.registry.get_sample_value(
+                router.service.metrics.prometheus.get_sample_value(
                     "switchboard_router_messages_rejected_total", not_owner
                 ),
             ]

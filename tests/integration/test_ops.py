@@ -41,7 +41,7 @@ async def test_status_and_drain(nats_url: str, prefix: str) -> None:
         running_worker(nats_url, prefix, sim_max_batch=4) as w,
     ):
         await eventually(
-            lambda: reg.service.state.records[w.service.worker_id].status == WorkerStatus.READY
+            lambda: reg.service.book.records[w.service.worker_id].status == WorkerStatus.READY
         )
         text = await cli(nats_url, prefix, "status")
         row = next(line for line in text.splitlines() if line.startswith(w.service.worker_id))
@@ -50,7 +50,7 @@ async def test_status_and_drain(nats_url: str, prefix: str) -> None:
         drained = await cli(nats_url, prefix, "drain", w.service.worker_id)
         assert drained.startswith(f"{w.service.worker_id}: draining")
         await eventually(
-            lambda: reg.service.state.records[w.service.worker_id].status == WorkerStatus.DRAINING
+            lambda: reg.service.book.records[w.service.worker_id].status == WorkerStatus.DRAINING
         )
         assert (await cli(nats_url, prefix, "drain", w.service.worker_id, "--undo")).startswith(
             f"{w.service.worker_id}: ready"

@@ -28,7 +28,7 @@ from schemas.registry import (
 from schemas.subjects import Subjects
 from services.common.bus import Bus
 from services.registry.client import RegistryClient
-from tests.helpers import eventually, until_counted
+from tests.helpers import delivered, eventually, until_counted
 from tests.integration.fleet_fixtures import FAKE_WORKER, Heartbeats
 from tests.integration.registry_fixtures import record_events, running_registry
 
@@ -246,7 +246,9 @@ async def test_bad_heartbeat_is_counted_and_ignored(bus: Bus, prefix: str, nats_
             return value or 0.0
 
         base = await until_counted(
-            lambda: bus.publish(subjects.load("p", "w0"), b"probe"), rejected
+            lambda: bus.publish(subjects.load("p", "w0"), b"probe"),
+            rejected,
+            barrier=lambda: delivered(bus, reg.service.bus),
         )
         await bus.publish(subjects.load("p", "w1"), b"garbage")
         await bus.publish(

@@ -56,7 +56,7 @@ async def served(s: aiohttp.ClientSession, worker: Any) -> float:
 
 def router_sample(router: Any, name: str, **labels: str) -> float | None:
     """A value from the router's own Prometheus registry."""
-    registry: CollectorRegistry = router.service.metrics.registry
+    registry: CollectorRegistry = router.service.metrics.prometheus
     return registry.get_sample_value(name, labels)
 
 

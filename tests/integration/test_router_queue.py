@@ -72,7 +72,7 @@ async def test_clients_leaving_the_queue_free_it_at_once_and_never_reach_a_worke
             # well inside the 60 s queue wait: only the disconnects can have freed the places
             await eventually(lambda: gate.core.queue_depth == 0, timeout_s=2)
             assert gate.core.in_flight == 1  # the hog; nobody was admitted in the leavers' place
-            registry: CollectorRegistry = router.service.metrics.registry
+            registry: CollectorRegistry = router.service.metrics.prometheus
             gone = {"model": "sim-model", "outcome": "http_499"}
             assert registry.get_sample_value("switchboard_router_requests_total", gone) == 20
         status, _, _ = await post(s, router.url + CHAT, body())

@@ -6,7 +6,7 @@ import pytest
 
 from schemas.capacity import CapacitySource, CapacityView, ModelCapacity
 from schemas.registry import WorkerRecord, WorkerStatus
-from services.capacity.core import CapacitySettings, changed, compute, compute_view
+from services.capacity.core import CapacitySettings, compute, compute_view, worth_publishing
 
 S = WorkerStatus
 C = CapacitySource
@@ -155,14 +155,14 @@ def test_model_override_beats_fleet_override_and_derived() -> None:
 
 def test_changed_sees_value_source_and_model_set() -> None:
     base = compute_view(DEFAULT, [w("a", 64)])
-    assert changed(None, base)
+    assert worth_publishing(None, base)
     same_position_moved = CapacityView(fleet=base.fleet, models=base.models, registry_seq=99)
-    assert not changed(base, same_position_moved)
+    assert not worth_publishing(base, same_position_moved)
     # same number, different tier: Mixed with a non-reporter worth 64
     source_only = compute_view(DEFAULT, [w("a")])
     assert source_only.fleet.capacity == base.fleet.capacity
-    assert changed(base, source_only)
-    assert changed(base, compute_view(DEFAULT, [w("a", 64, ("m", "n"))]))
+    assert worth_publishing(base, source_only)
+    assert worth_publishing(base, compute_view(DEFAULT, [w("a", 64, ("m", "n"))]))
 
 
 @pytest.mark.parametrize(

@@ -228,11 +228,6 @@ async def test_a_crashed_follower_restarts_from_a_snapshot(
         await eventually(lambda: stored_fleet(kv) == 7)
 
 
-@pytest.mark.xfail(
-    reason="recompute() keeps a view whose publish or store failed as the current one, so the "
-    "restart finds nothing changed and late readers keep the old view until the next change",
-    strict=True,
-)
 async def test_a_view_whose_store_failed_is_stored_after_the_restart(
     bus: MemoryBus, registry: FakeRegistry
 ) -> None:
