@@ -7,6 +7,7 @@ import asyncio
 from schemas.inference import ChatMessage
 from services.worker.engines.base import Chunk, Job, SamplingParams
 from services.worker.engines.sim import SimEngine, SimSettings
+from tests.helpers import eventually
 
 FAST = SimSettings(ttft_s=0.0, tokens_per_s=5000.0, max_batch=4)
 
@@ -63,5 +64,4 @@ async def test_runs_a_batch_concurrently_and_cancels() -> None:
         if len(seen) == 3:
             job.cancel()
     assert seen[-1].finish_reason == "cancelled"
-    await asyncio.sleep(0.01)
-    assert engine.running == 0
+    await eventually(lambda: engine.running == 0)
