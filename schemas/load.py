@@ -18,6 +18,13 @@ class ModelLoad(WireStruct, frozen=True, kw_only=True):
     queue_depth: Count
     max_in_flight: Annotated[int, msgspec.Meta(ge=1)]
     max_queue_depth: Count
+    # What the router's cost estimate needs, measured by the worker (None until measured):
+    # seconds a request holds a slot (recent mean), prompt tokens prefilled per second (recent
+    # mean), and its prefix cache's lookups and hits (counters since start; 0/0: no cache).
+    service_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    prefill_tokens_per_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    prefix_lookups: Count = 0
+    prefix_hits: Count = 0
 
 
 class WorkerLoad(WireStruct, frozen=True, kw_only=True):

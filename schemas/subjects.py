@@ -117,6 +117,22 @@ class Subjects(WireStruct, frozen=True, kw_only=True):
         """(principal, worker id) of a heartbeat subject, else None."""
         return _two_tokens(subject, f"{self.prefix}.load")
 
+    def kv(self, principal: str, worker_id: str) -> str:
+        """Prefix-cache block events of worker_id (schemas/kv.py), published by its owner."""
+        return f"{self.kv_of(principal)[:-1]}{token(worker_id, what='worker id')}"
+
+    def kv_of(self, principal: str) -> str:
+        """Every block-event subject of one principal (what its NATS user may publish)."""
+        return f"{self.prefix}.kv.{token(principal, what='principal')}.*"
+
+    @property
+    def kv_all(self) -> str:
+        return f"{self.prefix}.kv.*.*"
+
+    def parse_kv(self, subject: str) -> tuple[str, str] | None:
+        """(principal, worker id) of a block-event subject, else None."""
+        return _two_tokens(subject, f"{self.prefix}.kv")
+
     @property
     def capacity_view(self) -> str:
         return f"{self.prefix}.capacity.view"

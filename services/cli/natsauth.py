@@ -62,10 +62,10 @@ def permissions(role: str, prefix: str, user: str = "") -> dict[str, object]:
             [s.capacity_view, s.registry_snapshot, *js_kv("capacity")],
             [s.registry_events, s.capacity_snapshot],
         ),
-        "worker": ([s.load_of(user), s.worker_cmd_of(user)], []),
+        "worker": ([s.load_of(user), s.kv_of(user), s.worker_cmd_of(user)], []),
         "router": (
             [s.registry_snapshot, s.capacity_snapshot],
-            [s.registry_events, s.load_all, s.capacity_view],
+            [s.registry_events, s.load_all, s.kv_all, s.capacity_view],
         ),
         "operator": (
             [s.registry_snapshot, s.capacity_snapshot, s.registry_cmd_all],

@@ -102,7 +102,8 @@ GOLDEN_OTHER: list[tuple[WireStruct, str, Any]] = [
             status=WorkerStatus.READY,
         ),
         '{"worker_id":"w1","url":"http://10.0.0.5:8000","models":[{"id":"m","in_flight":1,'
-        '"queue_depth":0,"max_in_flight":4,"max_queue_depth":8}],"status":"ready",'
+        '"queue_depth":0,"max_in_flight":4,"max_queue_depth":8,"service_s":null,'
+        '"prefill_tokens_per_s":null,"prefix_lookups":0,"prefix_hits":0}],"status":"ready",'
         '"tokens_per_s":null,"heartbeat_interval_s":1.0}',
         WorkerLoad,
     ),
