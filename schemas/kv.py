@@ -16,7 +16,8 @@ import msgspec
 from schemas.base import ModelId, WireStruct, WorkerId
 
 BlockHash = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-MAX_BLOCKS_PER_EVENT = 65_536
+# 32 768 hashes of up to 19 digits stay under NATS's default 1 MiB message (about 650 KB of JSON).
+MAX_BLOCKS_PER_EVENT = 32_768
 
 
 class KvBlocks(WireStruct, frozen=True, kw_only=True):

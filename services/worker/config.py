@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.base import ModelId
+from schemas.kv import MAX_BLOCKS_PER_EVENT
 from schemas.subjects import SubjectError, token
 from services.common.bus import user_of
 from services.common.config import Port, ServiceConfig, load_config
@@ -36,6 +37,9 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     default_max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=64 << 20)] = 1 << 20
     heartbeat_interval_s: Seconds = 1.0
+    # An engine with a prefix cache (the sim, when sim_prefix_cache_blocks > 0) publishes its
+    # changes on <p>.kv.<principal>.<worker_id> and all it holds (full) this often.
+    kv_snapshot_interval_s: Seconds = 5.0
     # How often the worker reads its registry record back and puts it right (re-registers a lost
     # one), and how long one registry request waits for its answer.
     registry_check_interval_s: Seconds = 2.0
@@ -56,6 +60,11 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     sim_max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 8
     sim_max_context: Annotated[int, msgspec.Meta(ge=16)] = 4096
     sim_slowdown_per_seq: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.05
+    # Prefill: ttft_s + uncached prompt tokens / this (0: ttft_s alone).
+    sim_prefill_tokens_per_s: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
+    # Prefix cache capacity in 256-byte prompt blocks (0: none). At most half an event's blocks:
+    # a full snapshot of it stays well under NATS's 1 MiB message as JSON (~20 bytes a block).
+    sim_prefix_cache_blocks: Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCKS_PER_EVENT // 2)] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()

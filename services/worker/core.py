@@ -1,4 +1,5 @@
-"""Worker decisions: its registry record, its heartbeat, how a request is shaped. Pure, no I/O.
+"""Worker decisions: its registry record, its heartbeat, its measured rates, its prefix-cache
+events, how a request is shaped. Pure, no I/O.
 
 The shell (shell.py, http.py) reads the engines and the admission cores, asks here, and acts.
 """
@@ -10,8 +11,9 @@ from typing import Literal
 
 import msgspec
 
-from schemas.inference import ChatCompletionRequest, SamplingFields
+from schemas.inference import ChatCompletionRequest, CompletionRequest, SamplingFields
 from schemas.load import ModelLoad, WorkerLoad
+from schemas.prefix import block_hashes, chat_text
 from schemas.registry import WorkerRecord, WorkerSpec, WorkerStatus
 from services.admission.core import Admission, Busy
 from services.common.errors import ApiError, at_capacity, invalid
@@ -63,7 +65,68 @@ def repair(record: WorkerRecord | None, spec: WorkerSpec, chosen: WorkerStatus) 
     return None
 
 
+# ---- what a model's finished requests measured ----
+
+EWMA_WEIGHT = 0.2  # the newest request's share: recent requests weigh most, one outlier little
+
+
+class Ewma:
+    """Exponentially weighted mean; None until the first sample."""
+
+    def __init__(self, weight: float = EWMA_WEIGHT) -> None:
+        if not 0 < weight <= 1:
+            raise ValueError(f"an EWMA weight is in (0, 1], not {weight}")
+        self.weight = weight
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        old = self.value
+        self.value = sample if old is None else old + self.weight * (sample - old)
+
+
+class Measured(msgspec.Struct, frozen=True, kw_only=True):
+    """One request, once its slot is given back (times from the shell's clock)."""
+
+    held_s: float | None  # how long it held its slot; None: it did not finish (client left)
+    ttft_s: float | None  # slot to first token; None: no token came
+    prompt_tokens: int
+    cached_tokens: int = 0  # of those, served from the prefix cache (not prefilled)
+    prefix_blocks: int = 0  # blocks looked up in the prefix cache (0: no lookup, no cache)
+    prefix_hits: int = 0
+
+
+class ModelStats:
+    """One model's rates and prefix-cache counters, as the heartbeat reports them."""
+
+    def __init__(self, weight: float = EWMA_WEIGHT) -> None:
+        self.service_s = Ewma(weight)
+        self.prefill_tokens_per_s = Ewma(weight)
+        self.prefix_lookups = 0  # in blocks, as vLLM counts its prefix-cache queries in tokens
+        self.prefix_hits = 0
+
+    def add(self, m: Measured) -> None:
+        if m.held_s is not None:
+            self.service_s.add(max(m.held_s, 0.0))
+        prefilled = m.prompt_tokens - m.cached_tokens
+        if m.ttft_s is not None and m.ttft_s > 0 and prefilled > 0:
+            # the tokens it had to prefill: the rate the router divides its uncached tokens by
+            self.prefill_tokens_per_s.add(prefilled / m.ttft_s)
+        self.prefix_lookups += m.prefix_blocks
+        self.prefix_hits += m.prefix_hits
+
+    def report(self, load: ModelLoad) -> ModelLoad:
+        return msgspec.structs.replace(
+            load,
+            service_s=self.service_s.value,
+            prefill_tokens_per_s=self.prefill_tokens_per_s.value,
+            prefix_lookups=self.prefix_lookups,
+            prefix_hits=self.prefix_hits,
+        )
+
+
 # ---- what the heartbeat and /health report ----
+
+Stats = Mapping[str, ModelStats]
 
 
 def slots(admissions: Mapping[str, Admission]) -> dict[str, int]:
@@ -76,8 +139,17 @@ def backlog(admissions: Mapping[str, Admission]) -> int:
     return sum(a.in_flight + a.queue_depth for a in admissions.values())
 
 
-def model_loads(admissions: Mapping[str, Admission]) -> tuple[ModelLoad, ...]:
-    return tuple(a.load(name) for name, a in admissions.items())
+def model_loads(
+    admissions: Mapping[str, Admission], stats: Stats | None = None
+) -> tuple[ModelLoad, ...]:
+    """Each model's admission state, with what its requests measured (when given)."""
+    stats = stats or {}
+    loads = []
+    for name, a in admissions.items():
+        load = a.load(name)
+        measured = stats.get(name)
+        loads.append(load if measured is None else measured.report(load))
+    return tuple(loads)
 
 
 def worker_load(
@@ -86,12 +158,13 @@ def worker_load(
     status: WorkerStatus,
     interval_s: float,
     admissions: Mapping[str, Admission],
+    stats: Stats | None = None,
 ) -> WorkerLoad:
-    """One heartbeat's body: the worker's status and every model's load."""
+    """One heartbeat's body: the worker's status and every model's load and rates."""
     return WorkerLoad(
         worker_id=worker_id,
         url=url,
-        models=model_loads(admissions),
+        models=model_loads(admissions, stats),
         status=status,
         heartbeat_interval_s=interval_s,
     )
@@ -102,11 +175,25 @@ class WorkerHealth(msgspec.Struct, frozen=True, kw_only=True):
     models: tuple[ModelLoad, ...]
 
 
-def health(admissions: Mapping[str, Admission]) -> tuple[int, WorkerHealth]:
+def health(
+    admissions: Mapping[str, Admission], stats: Stats | None = None
+) -> tuple[int, WorkerHealth]:
     """/health: the heartbeat's numbers; 503 once draining (peer routers then stop sending)."""
     draining = any(a.draining for a in admissions.values())
-    body = WorkerHealth(status="draining" if draining else "ready", models=model_loads(admissions))
+    body = WorkerHealth(
+        status="draining" if draining else "ready", models=model_loads(admissions, stats)
+    )
     return (503 if draining else 200), body
+
+
+# ---- the prefix cache's blocks ----
+
+
+def prompt_blocks(req: ChatCompletionRequest | CompletionRequest) -> tuple[int, ...]:
+    """The request's prompt blocks, named as the router names them (schemas/prefix.py)."""
+    if isinstance(req, ChatCompletionRequest):
+        return block_hashes(chat_text((m.role, m.text()) for m in req.messages))
+    return block_hashes(req.prompt_text().encode("utf-8", "surrogatepass"))
 
 
 # ---- shaping one OpenAI request ----

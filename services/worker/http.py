@@ -37,7 +37,7 @@ from services.worker import core
 from services.worker.engines.base import EngineError, Job
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Shape, usage
-from services.worker.served import ServedModel, admissions
+from services.worker.served import ServedModel, admissions, stats
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ def refuse(error: ApiError | None) -> None:
         raise Refused(error)
 
 
+class Run:
+    """One admitted request: its job, and when it got its slot and its first token."""
+
+    def __init__(self, job: Job, model: str, started: float) -> None:
+        self.job, self.model, self.started = job, model, started
+        self.ttft_s: float | None = None
+
+
 class WorkerApi:
     def __init__(
         self,
@@ -59,13 +67,15 @@ class WorkerApi:
         *,
         body_limit: int = 1 << 20,
         default_max_tokens: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """default_max_tokens: the most a request that names no max_tokens gets; 0: the rest of
-        the model's context, as OpenAI does."""
+        the model's context, as OpenAI does. clock: what request times are measured with."""
         self.models = models
         self.metrics = metrics
         self.body_limit = body_limit
         self.default_max_tokens = default_max_tokens
+        self.clock = clock
 
     def _model(self, name: str) -> ServedModel:
         served = self.models.get(name)
@@ -114,8 +124,10 @@ class WorkerApi:
             created=int(time.time()),
             model=req.model,
         )
+        # Only an engine with a prefix cache needs the blocks (hashing costs ~1 us per block).
+        blocks = core.prompt_blocks(req) if served.prefix_cache is not None else ()
         stack = contextlib.AsyncExitStack()
-        arrived = time.perf_counter()
+        arrived = self.clock()
         try:
             await stack.enter_async_context(served.gate.slot(gone=lambda: disconnected(request)))
         except Rejected as rejected:
@@ -124,15 +136,17 @@ class WorkerApi:
         except Abandoned:  # left while queued here: its place is free, no engine work started
             log.info("request", extra={"status": 499, "model": req.model, "finished": False})
             return Response(status_code=499)
-        started = time.perf_counter()
-        job = engine.start(prompt, params)
+        started = self.clock()
+        job = served.start(prompt, params, blocks)
+        run = Run(job, req.model, started)
 
         async def cleanup(status: int = 200) -> None:
             finished = job.finished  # False: stopped early (the client left)
             job.cancel()  # a no-op when it already finished; frees the engine slot when not
-            duration = time.perf_counter() - started
+            duration = self.clock() - started
             self.metrics.observe_done(req.model, duration, job.completion_tokens)
-            await stack.aclose()
+            self._measured(served, run, duration if finished else None)
+            await stack.aclose()  # after measuring: the heartbeat this sends carries it
             log.info(
                 "request",
                 extra={
@@ -149,28 +163,43 @@ class WorkerApi:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return GuardedStream(
-                self._stream(job, shape, include_usage, started, req.model), cleanup
-            )
+            return GuardedStream(self._stream(run, shape, include_usage), cleanup)
         response = Response(status_code=500)  # what the client gets if _collect itself fails
         try:
-            response = await self._collect(request, job, shape, started, req.model)
+            response = await self._collect(request, run, shape)
             return response
         finally:
             await cleanup(response.status_code)
 
-    async def _stream(
-        self, job: Job, shape: Shape, include_usage: bool, started: float, model: str
-    ) -> AsyncIterator[bytes]:
+    def _first_token(self, run: Run) -> None:
+        if run.ttft_s is None:
+            run.ttft_s = self.clock() - run.started
+            self.metrics.ttft.labels(run.model).observe(run.ttft_s)
+
+    def _measured(self, served: ServedModel, run: Run, held_s: float | None) -> None:
+        """What the request measured goes into its model's rates (the heartbeat's numbers)."""
+        job, prefix = run.job, run.job.prefix
+        served.stats.add(
+            core.Measured(
+                held_s=held_s,
+                ttft_s=run.ttft_s,
+                prompt_tokens=job.prompt_tokens,
+                cached_tokens=0 if prefix is None else prefix.cached_tokens,
+                prefix_blocks=0 if prefix is None else prefix.blocks,
+                prefix_hits=0 if prefix is None else prefix.hits,
+            )
+        )
+        if prefix is not None:
+            self.metrics.observe_prefix(run.model, prefix.blocks, prefix.hits)
+
+    async def _stream(self, run: Run, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
+        job = run.job
         first = shape.first()
         if first is not None:
             yield first
-        seen_first = False
         try:
             async for chunk in job:
-                if not seen_first:
-                    seen_first = True
-                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                self._first_token(run)
                 if chunk.text or chunk.finish_reason:
                     yield shape.piece(chunk.text, chunk.finish_reason)
         except EngineError as exc:
@@ -180,15 +209,14 @@ class WorkerApi:
             yield shape.usage_chunk(usage(job.prompt_tokens, job.completion_tokens))
         yield DONE
 
-    async def _collect(
-        self, request: Request, job: Job, shape: Shape, started: float, model: str
-    ) -> Response:
+    async def _collect(self, request: Request, run: Run, shape: Shape) -> Response:
+        job = run.job
+
         async def gather() -> tuple[str, str | None]:
             parts: list[str] = []
             reason = None
             async for chunk in job:
-                if not parts:
-                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                self._first_token(run)
                 parts.append(chunk.text)
                 reason = chunk.finish_reason
             return "".join(parts), reason
@@ -209,7 +237,7 @@ class WorkerApi:
     async def health(self, _: Request) -> Response:
         """Load per model, the numbers the heartbeat carries; 503 once draining. Peer routers
         (sglang-router, vllm-router) probe this and take a worker only while it answers 200."""
-        status, body = core.health(admissions(self.models))
+        status, body = core.health(admissions(self.models), stats(self.models))
         return Response(codec.encode(body), status_code=status, media_type="application/json")
 
     async def list_models(self, _: Request) -> Response:

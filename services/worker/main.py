@@ -21,20 +21,25 @@ from services.worker.engines.base import Engine
 from services.worker.engines.select import build_engines
 from services.worker.http import WorkerApi, create_app
 from services.worker.metrics import WorkerMetrics
-from services.worker.served import ServedModel
-from services.worker.shell import Lifecycle
+from services.worker.served import ServedModel, prefix_caches
+from services.worker.shell import KvEvents, Lifecycle
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService:
     """A started worker as tests, benchmarks and `up` hold it (in a Running): where it answers,
-    what it serves, and its lifecycle in the fleet (None: a plain OpenAI server, unregistered)."""
+    what it serves, and its lifecycle in the fleet (None: a plain OpenAI server, unregistered);
+    kv: its prefix caches' events (None: unregistered, or no engine here keeps a prefix cache)."""
 
     def __init__(
-        self, url: str, models: dict[str, ServedModel], lifecycle: Lifecycle | None
+        self,
+        url: str,
+        models: dict[str, ServedModel],
+        lifecycle: Lifecycle | None,
+        kv: KvEvents | None = None,
     ) -> None:
-        self.url, self.models, self.lifecycle = url, models, lifecycle
+        self.url, self.models, self.lifecycle, self.kv = url, models, lifecycle, kv
 
     @property
     def worker_id(self) -> str | None:
@@ -52,6 +57,8 @@ class WorkerService:
             await self.lifecycle.publish_load()  # Ready as soon as the registry hears from us
             tasks.spawn(self.lifecycle.heartbeats())
             tasks.spawn(self.lifecycle.stay_registered())
+            if self.kv is not None:
+                tasks.spawn(self.kv.run())
         log.info("worker serving", extra={"url": self.url, "models": sorted(self.models)})
 
     async def drain(self, timeout_s: float) -> None:
@@ -92,6 +99,21 @@ def serve_models(
     return models
 
 
+def kv_events(cfg: WorkerConfig, bus: Bus, lifecycle: Lifecycle) -> KvEvents | None:
+    """The publisher of the prefix caches' events; None when no engine here keeps one."""
+    caches = prefix_caches(lifecycle.models)
+    if not caches:
+        return None
+    return KvEvents(
+        bus,
+        lifecycle.subjects,
+        lifecycle.principal,
+        caches,
+        worker_id=lambda: lifecycle.worker_id,
+        snapshot_interval_s=cfg.kv_snapshot_interval_s,
+    )
+
+
 async def serve(
     cfg: WorkerConfig,
     stop: asyncio.Event,
@@ -107,6 +129,7 @@ async def serve(
     bus: Bus | None = None
     try:
         lifecycle: Lifecycle | None = None
+        kv: KvEvents | None = None
         if cfg.register:
             bus = await Bus.connect(
                 cfg.nats_url, "worker", first_connect_s=cfg.nats_connect_timeout_s
@@ -123,7 +146,8 @@ async def serve(
                 registry_timeout_s=cfg.registry_timeout_s,
             )
             hooks.append(lifecycle.dirty.set)
-        worker = WorkerService(url, models, lifecycle)
+            kv = kv_events(cfg, bus, lifecycle)
+        worker = WorkerService(url, models, lifecycle, kv)
 
         def health() -> dict[str, object]:
             return {

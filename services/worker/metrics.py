@@ -42,6 +42,25 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        # vLLM's names (prefix_cache_queries / _hits), counted in blocks where vLLM counts tokens:
+        # hits / queries is the share of looked-up prompt the cache held.
+        self.prefix_queries = Counter(
+            "switchboard_worker_prefix_cache_queries_total",
+            "Prompt blocks looked up in the prefix cache.",
+            ["model"],
+            registry=registry,
+        )
+        self.prefix_hits = Counter(
+            "switchboard_worker_prefix_cache_hits_total",
+            "Prompt blocks the prefix cache held (leading blocks only).",
+            ["model"],
+            registry=registry,
+        )
+
     def observe_done(self, model: str, duration_s: float, tokens: int) -> None:
         self.duration.labels(model).observe(duration_s)
         self.tokens.labels(model).inc(tokens)
+
+    def observe_prefix(self, model: str, blocks: int, hits: int) -> None:
+        self.prefix_queries.labels(model).inc(blocks)
+        self.prefix_hits.labels(model).inc(hits)

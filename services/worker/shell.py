@@ -1,4 +1,5 @@
-"""Worker lifecycle on the bus: register, heartbeat load, stay registered, drain and deregister.
+"""Worker lifecycle on the bus: register, heartbeat load, stay registered, drain and deregister;
+and its prefix caches' block events.
 
 What to say and what to repair is decided in core.py; this module does the talking. The worker
 speaks as its principal (its NATS user): its commands and heartbeats go on subjects that carry
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from schemas import codec
 from schemas.load import WorkerLoad
@@ -32,10 +34,11 @@ from services.common.bus import Bus, NoRespondersError, RequestTimeout
 from services.common.seq import Sequencer
 from services.registry.client import RegistryClient
 from services.worker.core import backlog, repair, slots, worker_load, worker_spec
-from services.worker.served import ServedModel, admissions
+from services.worker.prefix_cache import Changes, PrefixCache, kv_event
+from services.worker.served import ServedModel, admissions, stats
 
 log = logging.getLogger(__name__)
-MIN_PUBLISH_GAP_S = 0.05  # debounce: at most ~20 load messages a second
+MIN_PUBLISH_GAP_S = 0.05  # debounce: at most ~20 load (and kv) messages a second
 
 
 class Lifecycle:
@@ -101,7 +104,12 @@ class Lifecycle:
     def load(self) -> WorkerLoad:
         assert self.worker_id is not None
         return worker_load(
-            self.worker_id, self.url, self.status, self.interval_s, admissions(self.models)
+            self.worker_id,
+            self.url,
+            self.status,
+            self.interval_s,
+            admissions(self.models),
+            stats(self.models),
         )
 
     async def publish_load(self) -> None:
@@ -180,3 +188,69 @@ class Lifecycle:
             with contextlib.suppress(NoRespondersError, RequestTimeout):
                 await self.registry.call(RemoveRequest(id=self.worker_id, reason="drained"))
         log.info("drained", extra={"worker_id": self.worker_id})
+
+
+class KvEvents:
+    """The prefix caches' block events on <p>.kv.<principal>.<worker_id> (schemas/kv.py).
+
+    One sequenced stream per worker (a new epoch per start, or per new worker id): a full snapshot
+    of every cache first and every snapshot_interval_s; in between each model's changes, netted
+    and batched, at most one message per model every MIN_PUBLISH_GAP_S (never reordered: one task
+    stamps and sends). A router that sees a gap waits for the next snapshot."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: Subjects,
+        principal: str,
+        caches: dict[str, PrefixCache],
+        *,
+        worker_id: Callable[[], str | None],
+        snapshot_interval_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus, self.subjects, self.principal = bus, subjects, principal
+        self.caches = caches
+        self.worker_id = worker_id
+        self.snapshot_interval_s = snapshot_interval_s
+        self.clock = clock
+        self.changes = {model: Changes() for model in caches}
+        for model, cache in caches.items():
+            cache.watch(functools.partial(self._changed, model))
+        self.dirty = asyncio.Event()
+        self.sequencer: Sequencer | None = None
+        self.published = 0
+
+    def _changed(self, model: str, stored: Sequence[int], evicted: Sequence[int]) -> None:
+        self.changes[model].add(stored, evicted)
+        self.dirty.set()
+
+    async def run(self) -> None:
+        """Publish until cancelled (started once registered: the subject names the worker id)."""
+        next_full = 0.0
+        while True:
+            worker_id = self.worker_id()
+            if worker_id is not None:
+                fresh = self.sequencer is None or self.sequencer.source != worker_id
+                if fresh:
+                    self.sequencer = Sequencer(worker_id, epoch=time.time_ns())
+                now = time.monotonic()
+                full = fresh or now >= next_full
+                if full:
+                    next_full = now + self.snapshot_interval_s
+                self.dirty.clear()
+                await self.publish(worker_id, full)
+            await asyncio.sleep(MIN_PUBLISH_GAP_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dirty.wait(), max(next_full - time.monotonic(), 0))
+
+    async def publish(self, worker_id: str, full: bool) -> None:
+        """One message per model that has something to say (every model when full)."""
+        assert self.sequencer is not None
+        subject = self.subjects.kv(self.principal, worker_id)
+        for model, cache in self.caches.items():
+            event = kv_event(worker_id, model, cache, self.changes[model], full)
+            if event is not None:
+                env = self.sequencer.stamp(event, self.clock())
+                await self.bus.publish(subject, codec.encode(env))
+                self.published += 1

@@ -271,12 +271,23 @@ async def test_health_reports_the_heartbeats_load_and_503_once_draining(
                     "queue_depth": 1,
                     "max_in_flight": 1,
                     "max_queue_depth": 3,
+                    # nothing finished yet: no rates measured; the sim keeps no prefix cache
+                    "service_s": None,
+                    "prefill_tokens_per_s": None,
+                    "prefix_lookups": 0,
+                    "prefix_hits": 0,
                 }
             ],
         }
         # the same numbers the heartbeat carries
         assert health["models"] == list(msgspec.to_builtins(w.service.lifecycle.load().models))
         await asyncio.gather(*busy)
+        async with s.get(w.url + "/health") as resp:  # both finished: their rates are measured
+            (model,) = (await resp.json())["models"]
+        assert model["service_s"] > 0.5  # 20 tokens at 20/s each
+        assert model["prefill_tokens_per_s"] > 0
+        assert (model["prefix_lookups"], model["prefix_hits"]) == (0, 0)
+        assert [model] == list(msgspec.to_builtins(w.service.lifecycle.load().models))
         gate.drain()
         async with s.get(w.url + "/health") as resp:
             assert resp.status == 503

@@ -96,6 +96,14 @@ async def test_ready_heartbeats_and_load(bus: Bus, prefix: str, nats_url: str) -
             assert resp.status == 200
             resp.release()
         await eventually(lambda: loads.loads[-1][1].body.models[0].in_flight == 0)
+        # the heartbeat that says they finished carries what they measured: each held its slot
+        # for at least 9 steps of 1/20 s, and prefilled its prompt at some rate; no prefix cache
+        done = loads.loads[-1][1].body.models[0]
+        assert done.service_s is not None
+        assert 0.4 < done.service_s < 5
+        assert done.prefill_tokens_per_s is not None
+        assert done.prefill_tokens_per_s > 0
+        assert (done.prefix_lookups, done.prefix_hits) == (0, 0)
 
 
 async def test_registry_losing_our_record_gets_it_back(

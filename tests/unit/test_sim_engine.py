@@ -1,12 +1,15 @@
-"""The simulator engine: determinism, limits, stop strings, batching, cancellation."""
+"""The simulator engine: determinism, limits, stop strings, batching, cancellation, prefill and
+its prefix cache."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from schemas.inference import ChatMessage
-from services.worker.engines.base import Chunk, Job, SamplingParams
-from services.worker.engines.sim import SimEngine, SimSettings
+from services.worker.engines.base import Chunk, Job, PrefixUse, SamplingParams
+from services.worker.engines.sim import SimEngine, SimSettings, prefill_s, prefix_use
 from tests.helpers import eventually
 
 FAST = SimSettings(ttft_s=0.0, tokens_per_s=5000.0, max_batch=4)
@@ -65,3 +68,109 @@ async def test_runs_a_batch_concurrently_and_cancels() -> None:
             job.cancel()
     assert seen[-1].finish_reason == "cancelled"
     await eventually(lambda: engine.running == 0)
+
+
+# ---- prefill and the prefix cache ----
+
+
+class Sleeps:
+    """The delays the engine asks for, in order (and no waiting)."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await asyncio.sleep(0)
+
+
+K = SimSettings(ttft_s=0.02, prefill_tokens_per_s=1000.0)
+PREFILLS: list[tuple[str, SimSettings, int, int, float]] = [
+    # (case, settings, prompt tokens, cached tokens, prefill seconds)
+    ("all prefilled", K, 500, 0, 0.52),
+    ("half cached", K, 500, 250, 0.27),
+    ("all cached: only the fixed ttft", K, 500, 500, 0.02),
+    ("rate 0: prefill is free", SimSettings(ttft_s=0.02, prefill_tokens_per_s=0.0), 500, 0, 0.02),
+    ("the default: prefill not modelled", SimSettings(ttft_s=0.0), 4000, 0, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("settings", "prompt", "cached", "seconds"),
+    [c[1:] for c in PREFILLS],
+    ids=[c[0] for c in PREFILLS],
+)
+def test_prefill_time(settings: SimSettings, prompt: int, cached: int, seconds: float) -> None:
+    assert prefill_s(settings, prompt, cached) == pytest.approx(seconds)
+
+
+USES: list[tuple[str, int, int, int, int]] = [
+    # (case, prompt tokens, full blocks, leading blocks held, tokens counted as cached)
+    ("no blocks (shorter than one)", 40, 0, 0, 0),
+    ("none held", 400, 4, 0, 0),
+    ("half held", 400, 4, 2, 200),
+    ("all held", 400, 4, 4, 400),
+    ("rounded down: never more than held", 10, 3, 1, 3),
+]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "blocks", "hits", "cached"), [c[1:] for c in USES], ids=[c[0] for c in USES]
+)
+def test_cached_tokens_are_the_held_share_of_the_prompt(
+    prompt: int, blocks: int, hits: int, cached: int
+) -> None:
+    assert prefix_use(prompt, blocks, hits) == PrefixUse(
+        blocks=blocks, hits=hits, cached_tokens=cached
+    )
+
+
+async def test_a_cached_prompt_prefills_faster_than_a_cold_one() -> None:
+    sleeps = Sleeps()
+    settings = SimSettings(ttft_s=0.01, prefill_tokens_per_s=1000.0, prefix_cache_blocks=16)
+    engine = SimEngine("m", settings, sleep=sleeps)
+    prompt, blocks = "word " * 300, (11, 12, 13, 14)  # 300 tokens in 4 full blocks (the worker's)
+    one = SamplingParams(max_tokens=1)
+    cold = engine.start(prompt, one, blocks)
+    assert [c.finish_reason async for c in cold] == ["length"]
+    assert cold.prefix == PrefixUse(blocks=4, hits=0, cached_tokens=0)
+    assert sleeps.delays == [pytest.approx(0.31)]  # 0.01 + 300 / 1000
+    assert engine.prefix_cache is not None
+    assert engine.prefix_cache.snapshot() == (14, 13, 12, 11)  # held once prefilled
+    sleeps.delays.clear()
+    warm = engine.start(prompt, one, blocks)
+    assert [c.finish_reason async for c in warm] == ["length"]
+    assert warm.prefix == PrefixUse(blocks=4, hits=4, cached_tokens=300)
+    assert sleeps.delays == [pytest.approx(0.01)]  # the fixed ttft only
+    sleeps.delays.clear()
+    shared = engine.start(prompt + "more " * 100, one, (11, 12, 15, 16, 17))  # shares 2 blocks
+    assert [c.finish_reason async for c in shared] == ["length"]
+    assert shared.prefix == PrefixUse(blocks=5, hits=2, cached_tokens=160)
+    assert sleeps.delays == [pytest.approx(0.01 + 240 / 1000)]
+
+
+async def test_no_cache_by_default_and_blocks_are_ignored() -> None:
+    sleeps = Sleeps()
+    engine = SimEngine("m", SimSettings(ttft_s=0.0, prefill_tokens_per_s=100.0), sleep=sleeps)
+    assert engine.prefix_cache is None
+    for _ in range(2):
+        job = engine.start("a b c d", SamplingParams(max_tokens=1), (1, 2))
+        assert [c.tokens async for c in job] == [1]
+        assert job.prefix is None  # no cache: nothing looked up
+    assert sleeps.delays == [pytest.approx(0.04)] * 2  # every prompt prefilled in full
+
+
+async def test_a_job_cancelled_during_prefill_stores_nothing() -> None:
+    gate = asyncio.Event()
+
+    async def slow(delay: float) -> None:
+        await gate.wait()
+
+    engine = SimEngine("m", SimSettings(prefix_cache_blocks=8), sleep=slow)
+    job = engine.start("x " * 200, SamplingParams(max_tokens=5), (1, 2))
+    await eventually(lambda: job.prefix is not None)  # prefilling
+    job.cancel()
+    gate.set()
+    assert [c.finish_reason async for c in job] == ["cancelled"]
+    assert engine.prefix_cache is not None
+    assert len(engine.prefix_cache) == 0

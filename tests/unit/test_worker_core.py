@@ -1,4 +1,5 @@
-"""The worker's pure decisions: its spec, its heartbeat, and how one request is shaped (tables)."""
+"""The worker's pure decisions: its spec, its heartbeat and rates, a request's prompt blocks, and
+how one request is shaped (tables)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from schemas import codec
 from schemas.inference import ChatCompletionRequest, CompletionRequest
+from schemas.prefix import PromptFields, block_hashes, prompt_text
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.admission.core import Admission, AdmissionLimits, Busy
 from services.common.errors import ApiError
@@ -87,6 +90,127 @@ def test_health_is_the_heartbeats_numbers_and_503_once_draining() -> None:
     cores["b"].draining = True
     status, body = core.health(cores)
     assert (status, body.status) == (503, "draining")
+
+
+# ---- measured rates ----
+
+EWMAS: list[tuple[str, float, list[float], float | None]] = [
+    # (case, weight, samples, mean)
+    ("nothing measured", 0.2, [], None),
+    ("the first sample is the mean", 0.2, [3.0], 3.0),
+    ("then each moves it by the weight", 0.5, [4.0, 2.0], 3.0),
+    ("weight 0.25", 0.25, [8.0, 0.0, 0.0], 4.5),
+    ("weight 1: the last sample", 1.0, [8.0, 1.0], 1.0),
+    ("a steady rate stays", 0.2, [2.0] * 5, 2.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("weight", "samples", "mean"), [c[1:] for c in EWMAS], ids=[c[0] for c in EWMAS]
+)
+def test_ewma(weight: float, samples: list[float], mean: float | None) -> None:
+    ewma = core.Ewma(weight)
+    for sample in samples:
+        ewma.add(sample)
+    assert ewma.value == pytest.approx(mean) if mean is not None else ewma.value is None
+
+
+@pytest.mark.parametrize("weight", [0.0, -0.1, 1.5])
+def test_an_ewma_weight_is_a_share(weight: float) -> None:
+    with pytest.raises(ValueError, match="EWMA weight"):
+        core.Ewma(weight)
+
+
+def m(
+    held: float | None,
+    ttft: float | None,
+    prompt: int,
+    cached: int = 0,
+    blocks: int = 0,
+    hits: int = 0,
+) -> core.Measured:
+    return core.Measured(
+        held_s=held,
+        ttft_s=ttft,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        prefix_blocks=blocks,
+        prefix_hits=hits,
+    )
+
+
+STATS: list[tuple[str, list[core.Measured], tuple[float | None, float | None, int, int]]] = [
+    # (case, requests measured (weight 0.5), (service_s, prefill_tokens_per_s, lookups, hits))
+    ("nothing finished", [], (None, None, 0, 0)),
+    ("one request", [m(2.0, 0.5, 100)], (2.0, 200.0, 0, 0)),
+    ("two: recent means", [m(2.0, 0.5, 100), m(4.0, 1.0, 400)], (3.0, 300.0, 0, 0)),
+    ("a client that left: no slot time", [m(None, 0.5, 100)], (None, 200.0, 0, 0)),
+    ("no first token: no prefill rate", [m(1.0, None, 100)], (1.0, None, 0, 0)),
+    ("an empty prompt: no prefill rate", [m(1.0, 0.1, 0)], (1.0, None, 0, 0)),
+    ("cached tokens were not prefilled", [m(1.0, 0.5, 100, 60, 5, 3)], (1.0, 80.0, 5, 3)),
+    ("all cached: no rate, hits count", [m(1.0, 0.1, 100, 100, 4, 4)], (1.0, None, 4, 4)),
+    ("lookups and hits add up", [m(1.0, 0.1, 9, 0, 4), m(1.0, 0.1, 9, 0, 4, 2)], (1.0, 90.0, 8, 2)),
+]
+
+
+@pytest.mark.parametrize(
+    ("requests", "reported"), [c[1:] for c in STATS], ids=[c[0] for c in STATS]
+)
+def test_model_stats(
+    requests: list[core.Measured], reported: tuple[float | None, float | None, int, int]
+) -> None:
+    stats = core.ModelStats(weight=0.5)
+    for measured in requests:
+        stats.add(measured)
+    load = stats.report(admissions()["a"].load("a"))
+    assert (load.service_s, load.prefill_tokens_per_s, load.prefix_lookups, load.prefix_hits) == (
+        pytest.approx(reported[0]) if reported[0] is not None else None,
+        pytest.approx(reported[1]) if reported[1] is not None else None,
+        reported[2],
+        reported[3],
+    )
+    assert (load.id, load.in_flight, load.queue_depth) == ("a", 1, 1)  # the admission's numbers
+
+
+def test_heartbeat_and_health_carry_each_models_rates() -> None:
+    cores, stats = admissions(), {"a": core.ModelStats()}
+    stats["a"].add(core.Measured(held_s=2.0, ttft_s=0.5, prompt_tokens=100, prefix_blocks=3))
+    load = core.worker_load("w1", "http://w:1", S.READY, 0.5, cores, stats)
+    got = [(m.id, m.service_s, m.prefill_tokens_per_s, m.prefix_lookups) for m in load.models]
+    assert got == [("a", 2.0, 200.0, 3), ("b", None, None, 0)]  # b: nothing measured
+    _, body = core.health(cores, stats)
+    assert body.models == load.models
+
+
+# ---- a request's prompt blocks ----
+
+SYSTEM = "You are a careful assistant. " * 40  # ~1.2 KB: four full blocks
+
+
+def said(role: str, content: Any) -> dict[str, Any]:
+    return {"role": role, "content": content}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [said("system", SYSTEM), said("user", "hi")]},
+        {"messages": [said("user", [{"type": "text", "text": SYSTEM}])]},
+        {"prompt": SYSTEM},
+        {"prompt": [SYSTEM]},
+        {"messages": [said("user", "short")]},
+    ],
+    ids=["chat", "text parts", "prompt", "one-prompt list", "shorter than a block"],
+)
+def test_prompt_blocks_are_the_ones_the_router_names(body: dict[str, Any]) -> None:
+    raw = codec.encode({"model": "m", **body})
+    req: ChatCompletionRequest | CompletionRequest
+    if "messages" in body:
+        req = codec.decode(raw, ChatCompletionRequest)
+    else:
+        req = codec.decode(raw, CompletionRequest)
+    assert core.prompt_blocks(req) == block_hashes(prompt_text(codec.decode(raw, PromptFields)))
+    assert len(core.prompt_blocks(req)) == (0 if "short" in str(body) else 4)
 
 
 # ---- shaping one request ----

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -18,6 +18,7 @@ from schemas.inference import ChatMessage
 # The pure values live apart so the worker's core can shape requests without importing asyncio.
 from services.worker.engines.params import EngineLimits as EngineLimits
 from services.worker.engines.params import SamplingParams as SamplingParams
+from services.worker.prefix_cache import PrefixCache
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,12 +41,21 @@ class EngineError(Exception):
         return cls(f"{type(exc).__name__}: {exc}")
 
 
+class PrefixUse(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine's prefix cache held of one job's prompt when its prefill began."""
+
+    blocks: int  # the prompt's full blocks, looked up
+    hits: int  # leading blocks the cache held
+    cached_tokens: int  # prompt tokens not prefilled again (their KV was held)
+
+
 class Job:
     """One generation in flight. Iterate it for chunks; cancel() stops it and frees its slot."""
 
     def __init__(self, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.prefix: PrefixUse | None = None  # set before the first chunk by a prefix cache
         self.cancelled = False
         self.finished = False
         self._loop = loop or asyncio.get_running_loop()
@@ -94,3 +104,18 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class PrefixCaching(Protocol):
+    """An engine that may reuse earlier prompts' KV (only the sim: docs/engines.md says why).
+
+    prefix_cache None: not this time (configured off). start() takes the prompt's blocks
+    (schemas/prefix.py); the engine looks them up when the prefill begins, sets Job.prefix, and
+    inserts them once prefilled."""
+
+    prefix_cache: PrefixCache | None
+
+    def start(
+        self, prompt: str, params: SamplingParams, prefix_blocks: tuple[int, ...] = ()
+    ) -> Job: ...

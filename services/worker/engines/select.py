@@ -29,6 +29,8 @@ def sim_settings(cfg: WorkerConfig) -> SimSettings:
         max_batch=cfg.sim_max_batch,
         max_context=cfg.sim_max_context,
         slowdown_per_seq=cfg.sim_slowdown_per_seq,
+        prefill_tokens_per_s=cfg.sim_prefill_tokens_per_s,
+        prefix_cache_blocks=cfg.sim_prefix_cache_blocks,
     )
 
 

@@ -4,6 +4,14 @@ A real Engine implementation (not a mock): it tokenizes, applies a chat template
 limits, honours stop strings, max_tokens, penalties and logit_bias (over VOCAB), runs up to
 max_batch sequences at once and slows down as the batch grows, so fleets of hundreds of workers
 fit on one machine.
+
+Prefill takes ttft_s + uncached prompt tokens / prefill_tokens_per_s. With prefix_cache_blocks > 0
+the engine keeps a PrefixCache of the prompts it prefilled (schemas/prefix.py blocks, which the
+worker computes from the request and hands to start()); the uncached tokens are then the prompt's
+tokens x (1 - leading blocks held / its full blocks). An approximation: the sim counts tokens in
+words and blocks are 256 bytes of canonical text, so it assumes words spread evenly over the bytes
+(and the partial last block, never cached, counts as cached in that share; negligible for the long
+prompts a cache is for).
 """
 
 from __future__ import annotations
@@ -11,14 +19,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
 from schemas.inference import ChatMessage
 from services.worker.engines import penalties
-from services.worker.engines.base import CANCELLED, Chunk, EngineLimits, Job, SamplingParams
+from services.worker.engines.base import (
+    CANCELLED,
+    Chunk,
+    EngineLimits,
+    Job,
+    PrefixUse,
+    SamplingParams,
+)
 from services.worker.engines.stops import StopScanner
+from services.worker.prefix_cache import PrefixCache
 
 # One token per run of non-space. Not \s*\S+ (same count): on a long run of whitespace it
 # retries from every position, quadratic, and a 100 KB all-space prompt stalled the worker.
@@ -66,11 +82,33 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_context: int = 4096
     slowdown_per_seq: float = 0.05  # each extra running sequence slows every step by 5 %
     eos_after: int | None = None  # stop on "eos" after this many tokens (None: only max_tokens)
+    prefill_tokens_per_s: float = 0.0  # uncached prompt tokens per second; 0: only ttft_s
+    prefix_cache_blocks: int = 0  # the prefix cache's capacity in blocks; 0: no cache
+
+
+def prefix_use(prompt_tokens: int, blocks: int, hits: int) -> PrefixUse:
+    """The share of the prompt a cache holding `hits` of its `blocks` leading blocks spares."""
+    cached = prompt_tokens * hits // blocks if blocks else 0
+    return PrefixUse(blocks=blocks, hits=hits, cached_tokens=cached)
+
+
+def prefill_s(settings: SimSettings, prompt_tokens: int, cached_tokens: int = 0) -> float:
+    """Time to the first token: the fixed ttft_s plus the tokens not cached at the prefill rate."""
+    if settings.prefill_tokens_per_s <= 0:
+        return settings.ttft_s
+    return settings.ttft_s + (prompt_tokens - cached_tokens) / settings.prefill_tokens_per_s
 
 
 class SimEngine:
-    def __init__(self, model_id: str, settings: SimSettings | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        settings: SimSettings | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """sleep: how the sim waits out prefill and each step (tests record the delays)."""
         self.model_id = model_id
+        self.sleep = sleep
         self.settings = settings or SimSettings()
         self.limits = EngineLimits(
             max_batch=self.settings.max_batch, max_context=self.settings.max_context
@@ -78,6 +116,8 @@ class SimEngine:
         self.vocab_size = len(VOCAB)
         self.running = 0
         self.peak_running = 0
+        blocks = self.settings.prefix_cache_blocks
+        self.prefix_cache = PrefixCache(blocks) if blocks > 0 else None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
@@ -90,9 +130,11 @@ class SimEngine:
         lines = [f"<|{m.role}|> {m.text()}" for m in messages]
         return "\n".join([*lines, "<|assistant|>"])
 
-    def start(self, prompt: str, params: SamplingParams) -> Job:
+    def start(
+        self, prompt: str, params: SamplingParams, prefix_blocks: tuple[int, ...] = ()
+    ) -> Job:
         job = Job(prompt_tokens=self.count_tokens(prompt))
-        task = asyncio.create_task(self._run(job, prompt, params))
+        task = asyncio.create_task(self._run(job, prompt, params, prefix_blocks))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
@@ -109,12 +151,24 @@ class SimEngine:
             logits = penalties.apply(logits, context, completion, params)
         return max(range(len(VOCAB)), key=logits.__getitem__)  # the first of equals
 
-    async def _run(self, job: Job, prompt: str, params: SamplingParams) -> None:
+    async def _prefill(self, job: Job, blocks: tuple[int, ...]) -> None:
+        """Wait out the prefill of what the cache does not hold; then the cache holds it all."""
+        cache = self.prefix_cache
+        if cache is not None:
+            job.prefix = prefix_use(job.prompt_tokens, len(blocks), cache.lookup(blocks))
+        cached = 0 if job.prefix is None else job.prefix.cached_tokens
+        await self.sleep(prefill_s(self.settings, job.prompt_tokens, cached))
+        if cache is not None and not job.cancelled:
+            cache.insert(blocks)
+
+    async def _run(
+        self, job: Job, prompt: str, params: SamplingParams, blocks: tuple[int, ...]
+    ) -> None:
         s = self.settings
         self.running += 1
         self.peak_running = max(self.peak_running, self.running)
         try:
-            await asyncio.sleep(s.ttft_s)
+            await self._prefill(job, blocks)
             scanner = StopScanner(params.stop)
             context = [_IDS[w] for w in _TOKEN.findall(prompt) if w in _IDS]
             completion: list[int] = []
@@ -135,7 +189,7 @@ class SimEngine:
                     return
                 job.push(Chunk(text=out, tokens=1))
                 step = (1.0 / s.tokens_per_s) * (1.0 + s.slowdown_per_seq * (self.running - 1))
-                await asyncio.sleep(step)
+                await self.sleep(step)
         finally:
             self.running -= 1
 
