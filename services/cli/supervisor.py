@@ -10,18 +10,24 @@ while the stack is starting) stops the children in reverse start order, killing 
 after its grace_s, then NATS.
 
 Children serve on sockets `up` bound before anything started (services/common/ports.py), and a
-child counts as healthy only when its /healthz reports the instance id this `up` gave it.
+child counts as healthy only when its /healthz reports the instance id this `up` gave it. The
+stack is up once every router has a heartbeat from every Ready worker (else its first requests
+would all go to the workers it happens to know), or after heard_timeout_s with a note.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import aiohttp
 
 from services.cli import natsauth
 from services.cli.child import (
@@ -52,6 +58,7 @@ async def supervise(
     on_ready: Callable[[], None] = lambda: None,
     printer: Printer = print_prefixed,
     health_timeout_s: float = 60.0,
+    heard_timeout_s: float = 10.0,
     restart_budget: RestartBudget | None = None,
     listeners: dict[int, socket.socket] | None = None,
     liveness: Liveness | None = None,
@@ -98,6 +105,7 @@ async def supervise(
             children.append(child)
             await wait_healthy(child, health_timeout_s, instance)
             printer("up", f"{spec.name} is healthy")
+        await wait_routers_heard(children, heard_timeout_s, printer)
 
     code = 0
     try:
@@ -123,6 +131,52 @@ async def supervise(
             await asyncio.to_thread(nats.stop)
         printer("up", "stopped")
     return code
+
+
+async def wait_routers_heard(
+    children: Sequence[Child], timeout_s: float, printer: Printer, poll_s: float = 0.1
+) -> bool:
+    """Until each router's /healthz says it has a fresh heartbeat from every Ready worker and
+    sees as many Ready workers as are running; False (and a note) after timeout_s.
+
+    Routers share one port: each answer names its pid, and every poll is a new connection, so
+    the kernel hands polls to different routers until each has answered."""
+    routers = [c for c in children if c.spec.role == "router" and c.spec.health_url]
+    waiting = {c.proc.pid for c in routers}
+    if not routers:
+        return True
+    url = routers[0].spec.health_url
+    assert url is not None
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, object] = {}
+    per_try = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(
+        timeout=per_try, connector=aiohttp.TCPConnector(force_close=True)
+    ) as session:
+        while waiting:
+            workers = sum(
+                1 for c in children if c.spec.role == "worker" and c.proc.returncode is None
+            )
+            answered = (aiohttp.ClientError, OSError, ValueError, TypeError, TimeoutError)
+            with contextlib.suppress(*answered):
+                async with session.get(url) as resp:
+                    body = await resp.json()
+                if isinstance(body, dict):
+                    last = body
+                    unheard = body.get("ready_without_heartbeat")
+                    if unheard == 0 and int(body.get("ready_workers", 0)) >= workers:
+                        waiting.discard(body.get("pid"))
+            if waiting and time.monotonic() > deadline:
+                printer(
+                    "up",
+                    f"note: after {timeout_s:g}s a router still misses workers "
+                    f"({last.get('ready_workers')} Ready of {workers} running, "
+                    f"{last.get('ready_without_heartbeat')} without a heartbeat); going on",
+                )
+                return False
+            if waiting:
+                await asyncio.sleep(poll_s)
+    return True
 
 
 async def _stop_all(children: Sequence[Child]) -> bool:

@@ -8,6 +8,7 @@ from typing import Annotated
 import msgspec
 
 from services.common.config import Port, ServiceConfig, load_config
+from services.router.policy import PolicyName
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
@@ -41,6 +42,10 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     # This router's share of each model's capacity (1/N with N routers side by side).
     capacity_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     checkpoint_interval_s: Seconds = 5.0
+    # Replica choice (docs/router.md): cost = least estimated time to first token (load, the
+    # worker's measured speed, the prompt blocks its prefix cache holds); least_busy = fewest
+    # requests in flight and queued, ties to the smallest id (the policy before cost).
+    policy: PolicyName = "cost"
     # The live fleet page at /dashboard (behind the API keys when there are any).
     dashboard: bool = True
     # At most one dashboard update per this many seconds per viewer, however busy the fleet.

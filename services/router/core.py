@@ -1,35 +1,54 @@
-"""Router fleet view, replica choice and the table of its own refusals. Pure, no I/O.
+"""Router fleet view and replica choice. Pure, no I/O.
 
-Policy (documented in docs/router.md):
+Choice (documented in docs/router.md; the policies themselves in policy.py):
 - Eligible: Ready workers serving the model, not in a Retry-After cooldown, not suspect (a
-  connection error since their last heartbeat), not already tried for this request.
-- Score = in_flight + queue_depth from the worker's last heartbeat + requests this router sent
+  connection error since their last heartbeat), not already tried for this request; on a retry,
+  only those with room (a replica not heard from yet counts as having room).
+- busy = in_flight + queue_depth from the worker's last heartbeat + requests this router sent
   it since that heartbeat, so a burst between heartbeats spreads instead of herding.
-- A heartbeat older than its TTL (3 x the worker's interval) means load unknown, never idle:
-  such workers are used only when no worker with a fresh heartbeat is eligible, and then with
-  their last known score (plus dispatches), never as 0.
-- Lowest score wins; ties go to the smallest worker id.
+- Pool: workers with a fresh heartbeat and Ready workers not heard from yet (startup: spread
+  over by this router's own dispatches, never piled on the one it knows). A heartbeat older than
+  its TTL (3 x the worker's interval) means load unknown, never idle: such workers (and those an
+  operator runs without heartbeats) are used only when the pool is empty, with their last known
+  load (plus dispatches), never as 0.
+- Policy (ROUTER_POLICY): cost (least estimated time to first token, ties at random) or
+  least_busy (ties to the smallest id).
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import msgspec
 
 from schemas.capacity import CapacityView
 from schemas.dashboard import DashboardWorker, FleetSnapshot, GatewayLoad
 from schemas.load import ModelLoad, WorkerLoad
+from schemas.prefix import shared_blocks
 from schemas.registry import WorkerRecord, WorkerStatus
-from services.common.errors import ApiError, at_capacity
 from services.common.seq import is_newer
+from services.registry.index import HEARTBEAT_LABEL
+from services.router.kv import DEFAULT_CAP, PrefixCaches
+from services.router.policy import (
+    Candidate,
+    Defaults,
+    Draw,
+    PolicyName,
+    Prompt,
+    cheapest,
+    least_busy,
+)
 
 TTL_INTERVALS = 3.0
+NO_PROMPT = Prompt()
 
 
 class Choice(msgspec.Struct, frozen=True):
     worker_id: str
     url: str
-    score: int
+    score: int  # its busy count when chosen
     fresh: bool
+    estimate_s: float | None = None  # the cost policy's estimated time to first token
 
 
 class UnknownModel(msgspec.Struct, frozen=True):
@@ -54,15 +73,30 @@ class Beat(msgspec.Struct):
     load: WorkerLoad
 
 
-class FleetView:
-    """What the router knows: registry records (from the mirror), heartbeats, its own dispatches."""
+def _middle() -> float:
+    return 0.5
 
-    def __init__(self) -> None:
+
+class FleetView:
+    """What the router knows: registry records (from the mirror), heartbeats, its own
+    dispatches, workers' prefix caches; and how it chooses (policy, defaults, a random draw)."""
+
+    def __init__(
+        self,
+        policy: PolicyName = "cost",
+        *,
+        draw: Draw = _middle,
+        defaults: Defaults | None = None,
+        kv_cap: int = DEFAULT_CAP,
+    ) -> None:
+        self.policy, self.draw = policy, draw
+        self.defaults = defaults or Defaults()
         self.records: dict[str, WorkerRecord] = {}
         self.beats: dict[str, Beat] = {}
         self.dispatched: dict[str, int] = {}  # worker -> requests sent since its last heartbeat
         self.cooldown_until: dict[str, float] = {}
         self.suspect_since: dict[str, float] = {}
+        self.caches = PrefixCaches(kv_cap)
 
     # ---- inputs ----
 
@@ -71,6 +105,8 @@ class FleetView:
         for table in (self.beats, self.dispatched, self.cooldown_until, self.suspect_since):
             for gone in [w for w in table if w not in records]:
                 del table[gone]
+        for gone in [w for w in self.caches.workers() if w not in records]:
+            self.caches.forget(gone)
 
     def heartbeat(self, worker_id: str, epoch: int, seq: int, load: WorkerLoad, now: float) -> bool:
         """Latest wins; a fresh heartbeat resets our dispatch count and clears suspicion."""
@@ -100,11 +136,29 @@ class FleetView:
             return False
         return now - beat.received_at <= TTL_INTERVALS * beat.load.heartbeat_interval_s
 
+    def unheard(self, record: WorkerRecord) -> bool:
+        """Ready, meant to send heartbeats, and none arrived yet (its load is unknown)."""
+        return record.id not in self.beats and record.labels.get(HEARTBEAT_LABEL) != "off"
+
     def stale_count(self, now: float) -> int:
+        """Ready workers without a fresh heartbeat (never heard from, or too long ago)."""
         return sum(
             1
             for w, r in self.records.items()
             if r.status == WorkerStatus.READY and not self.is_fresh(w, now)
+        )
+
+    def ready_count(self) -> int:
+        return sum(1 for r in self.records.values() if r.status == WorkerStatus.READY)
+
+    def waiting_for(self, now: float) -> int:
+        """Ready workers meant to send heartbeats with no fresh one here (what `up` waits on)."""
+        return sum(
+            1
+            for w, r in self.records.items()
+            if r.status == WorkerStatus.READY
+            and r.labels.get(HEARTBEAT_LABEL) != "off"
+            and not self.is_fresh(w, now)
         )
 
     def model_load(self, worker_id: str, model: str) -> ModelLoad | None:
@@ -119,7 +173,10 @@ class FleetView:
         return known + self.dispatched.get(worker_id, 0)
 
     def has_room(self, worker_id: str, model: str) -> bool:
-        """Would it take one more without refusing (a free slot or queue space)?"""
+        """Would it take one more without refusing (a free slot or queue space)? A worker not
+        heard from yet may: a retry is worth a try there (a refusal cools it down)."""
+        if worker_id not in self.beats:
+            return True
         load = self.model_load(worker_id, model)
         if load is None:
             return False
@@ -135,9 +192,49 @@ class FleetView:
             {m for r in self.records.values() if r.status == WorkerStatus.READY for m in r.models}
         )
 
+    def candidate(self, worker_id: str, model: str, prompt: Prompt) -> Candidate:
+        load = self.model_load(worker_id, model)
+        # shared_blocks only asks `in` of what it is given: an ordered dict's keys do.
+        held = cast("set[int]", self.caches.held(worker_id, model))
+        cached = shared_blocks(prompt.blocks, held) if prompt.blocks and held else 0
+        return Candidate(
+            worker_id=worker_id,
+            busy=self.score(worker_id, model),
+            max_in_flight=1 if load is None else load.max_in_flight,
+            service_s=None if load is None else load.service_s,
+            prefill_tokens_per_s=None if load is None else load.prefill_tokens_per_s,
+            cached_blocks=cached,
+        )
+
     def choose(
-        self, model: str, now: float, exclude: frozenset[str] = frozenset(), need_room: bool = False
+        self,
+        model: str,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+        need_room: bool = False,
+        prompt: Prompt = NO_PROMPT,
     ) -> Choice | NoChoice:
+        usable = self.eligible(model, now, exclude, need_room)
+        if not isinstance(usable, list):
+            return usable
+        fresh = [r for r in usable if self.is_fresh(r.id, now)]
+        unheard = [r for r in usable if self.unheard(r)]
+        pool = fresh + unheard or usable  # stale load is used only when nothing else is known
+        candidates = [self.candidate(r.id, model, prompt) for r in pool]
+        estimate: float | None = None
+        if self.policy == "least_busy":
+            best = least_busy(candidates, None)
+        elif unheard:  # startup: an unknown replica has no cost to compare; spread instead
+            best = least_busy(candidates, self.draw)
+        else:
+            best, estimate = cheapest(candidates, prompt, self.defaults, self.draw)
+        url = next(r.url for r in pool if r.id == best.worker_id)
+        return Choice(best.worker_id, url, best.busy, self.is_fresh(best.worker_id, now), estimate)
+
+    def eligible(
+        self, model: str, now: float, exclude: frozenset[str], need_room: bool
+    ) -> list[WorkerRecord] | NoChoice:
+        """Ready replicas of the model that may take this attempt, or why there are none."""
         serving = [r for r in self.records.values() if model in r.models]
         if not serving:
             return UnknownModel(model)
@@ -150,14 +247,11 @@ class FleetView:
         ]
         if need_room:
             usable = [r for r in usable if self.has_room(r.id, model)]
-        if not usable:
-            if not ready:
-                return NoReplica(model, pending, "no ready replica")
-            return NoReplica(model, pending, "every replica is busy or unreachable")
-        fresh = [r for r in usable if self.is_fresh(r.id, now)]
-        pool = fresh or usable  # unknown load is used only when nothing is known to be fine
-        best = min(pool, key=lambda r: (self.score(r.id, model), r.id))
-        return Choice(best.id, best.url, self.score(best.id, model), bool(fresh))
+        if usable:
+            return usable
+        if not ready:
+            return NoReplica(model, pending, "no ready replica")
+        return NoReplica(model, pending, "every replica is busy or unreachable")
 
     def snapshot(
         self,
@@ -193,86 +287,3 @@ class FleetView:
             registry_seq=position[1],
             generated_at=wall,
         )
-
-
-# ---- refusals the router itself makes: the one table from outcome to HTTP ----
-
-PENDING_RETRY_AFTER_S = 2  # a replica is starting (rolling update): soon worth another try
-NO_REPLICA_RETRY_AFTER_S = 5
-
-
-def no_choice_error(why: NoChoice) -> ApiError:
-    if isinstance(why, UnknownModel):
-        return ApiError(
-            status=404,
-            message=f"model {why.model!r} is not served by any worker",
-            type="invalid_request_error",
-            code="model_not_found",
-            param="model",
-        )
-    wait = PENDING_RETRY_AFTER_S if why.pending else NO_REPLICA_RETRY_AFTER_S
-    suffix = " (a replica is starting)" if why.pending else ""
-    return ApiError(
-        status=503,
-        message=f"no replica can take model {why.model!r} now: {why.reason}{suffix}",
-        type="service_unavailable_error",
-        code="no_replica_available",
-        retry_after_s=wait,
-    )
-
-
-def gateway_busy(model: str, reason: str, retry_after_s: int) -> ApiError:
-    """This router's gateway has no room for the model (its share of the fleet's capacity)."""
-    return at_capacity("the fleet", model, reason, retry_after_s)
-
-
-def upstream_unreachable(detail: str) -> ApiError:
-    """The last attempt could not connect to its worker (before any byte of an answer)."""
-    return ApiError(
-        status=502,
-        message=f"upstream worker unreachable: {detail}",
-        type="server_error",
-        code="upstream_unreachable",
-    )
-
-
-class PriorityCaps(msgspec.Struct, frozen=True, kw_only=True):
-    """The highest x-switchboard-priority a request may ask for, per API key.
-
-    A higher ask is clamped, not refused: priority is a scheduling hint, and a client that sends
-    one header value under several keys should still be served, just not ahead of its grant."""
-
-    default: int = 0
-    per_key: dict[str, int] = msgspec.field(default_factory=dict)
-
-    def allowed(self, asked: int, key: str | None) -> int:
-        cap = self.default if key is None else self.per_key.get(key, self.default)
-        return min(asked, cap)
-
-
-class RetryBudget:
-    """Retries may add at most `ratio` of the request volume (plus a small floor), so a fleet in
-    trouble is not hit by a retry storm. Each request deposits `ratio`; each retry costs 1."""
-
-    def __init__(self, ratio: float = 0.2, floor: float = 10.0, cap: float = 100.0) -> None:
-        self.ratio, self.cap = ratio, cap
-        self.tokens = floor
-
-    def request(self) -> None:
-        self.tokens = min(self.tokens + self.ratio, self.cap)
-
-    def try_retry(self) -> bool:
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
-def parse_retry_after(value: str | None, default_s: float = 1.0) -> float:
-    """Seconds from a Retry-After header (delta-seconds form); default when absent or odd."""
-    if value is None:
-        return default_s
-    try:
-        return max(float(value.strip()), 0.0)
-    except ValueError:
-        return default_s

@@ -16,9 +16,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import msgspec
 from starlette.responses import Response
 
 from schemas.codec import error_event
+from schemas.prefix import PromptFields, block_hashes, prompt_text
 from services.admission.gate import Abandoned, Rejected
 from services.common.errors import ApiError
 from services.common.http import GuardedStream, error_response
@@ -26,25 +28,34 @@ from services.common.metrics import UNKNOWN
 from services.common.request_id import HEADER as REQUEST_ID
 from services.common.request_id import current_request_id
 from services.common.sampled_log import SampledLog
-from services.router.core import (
-    Choice,
-    FleetView,
-    NoReplica,
+from services.router.core import Choice, FleetView, NoReplica, UnknownModel
+from services.router.gateway import Gateway
+from services.router.metrics import RouterMetrics
+from services.router.policy import Prompt
+from services.router.rules import (
     RetryBudget,
-    UnknownModel,
     gateway_busy,
     no_choice_error,
     parse_retry_after,
     upstream_unreachable,
 )
-from services.router.gateway import Gateway
-from services.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 ORIGIN = "x-switchboard-origin"
 # Headers a worker's refusal must keep when relayed (status and body are kept as they are).
 RELAYED = ("retry-after", "content-type")
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
+_prompt_decoder = msgspec.json.Decoder(PromptFields)
+
+
+def prompt_of(body: bytes) -> Prompt:
+    """The prompt's estimated tokens and block hashes, for the replica choice. A body whose
+    prompt does not decode has none (the worker judges it; the body is forwarded as it is)."""
+    try:
+        text = prompt_text(_prompt_decoder.decode(body))
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError):
+        return Prompt()
+    return Prompt.of(len(text), block_hashes(text))
 
 
 def router_error(err: ApiError) -> Response:
@@ -145,9 +156,10 @@ class Forwarder:
         tried: set[str] = set()
         refused: Response | None = None  # the last worker refusal, relayed if nobody has room
         started = time.perf_counter()
+        prompt = prompt_of(body)  # hashed once, whatever the number of attempts
         while True:
             choice = self.view.choose(
-                tally.model, self.clock(), frozenset(tried), need_room=bool(tried)
+                tally.model, self.clock(), frozenset(tried), need_room=bool(tried), prompt=prompt
             )
             if not isinstance(choice, Choice):
                 return refused if refused is not None else router_error(no_choice_error(choice))

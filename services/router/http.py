@@ -29,9 +29,10 @@ from services.common.http import (
     read_body,
 )
 from services.common.request_id import RequestIds
-from services.router.core import PriorityCaps, UnknownModel, no_choice_error
+from services.router.core import UnknownModel
 from services.router.dashboard import dashboard_routes
 from services.router.forward import ORIGIN, Forwarder, router_error
+from services.router.rules import PriorityCaps, no_choice_error
 from services.router.shell import RouterShell
 
 PRIORITY = "x-switchboard-priority"
@@ -123,7 +124,7 @@ def create_app(
     async def health_probe(_: Request) -> Response:
         """For load balancers and peer routers: 200 once the router knows the fleet."""
         status = "draining" if shell.draining else ("ok" if shell.synced else "starting")
-        body = {"status": status, "workers": len(shell.view.records)}
+        body = {"status": status, **shell.heard()}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     routes = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import aiohttp
 
@@ -15,10 +16,10 @@ from services.common.metrics import new_registry
 from services.common.ports import serving_socket
 from services.common.run import Running, Tasks, run_until_stopped
 from services.router.config import RouterConfig
-from services.router.core import PriorityCaps
 from services.router.forward import Forwarder
 from services.router.http import create_app
 from services.router.metrics import RouterMetrics
+from services.router.rules import PriorityCaps
 from services.router.shell import RouterShell
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ async def serve(
             max_wait_s=cfg.gateway_max_wait_s,
             capacity_share=cfg.capacity_share,
             checkpoint_interval_s=cfg.checkpoint_interval_s,
+            policy=cfg.policy,
         )
         await shell.start()
         forwarder = Forwarder(
@@ -68,9 +70,10 @@ async def serve(
             return {
                 "ok": bus.connected,
                 "instance": cfg.instance,
+                "pid": os.getpid(),  # routers share one port: `up` tells them apart by it
                 "registry_synced": shell.synced,
                 "capacity_known": shell.gateway.capacity is not None,
-                "workers": len(shell.view.records),
+                **shell.heard(),
             }
 
         app = create_app(

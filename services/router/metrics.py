@@ -57,6 +57,11 @@ class RouterMetrics:
             "Ready workers with stale heartbeats.",
             registry=registry,
         )
+        self.kv_resyncs = Counter(
+            "switchboard_router_kv_resyncs_total",
+            "Prefix-cache streams dropped for a gap or a new epoch (until the next snapshot).",
+            registry=registry,
+        )
         self.dashboard_viewers = Gauge(
             "switchboard_router_dashboard_viewers", "Open /dashboard live feeds.", registry=registry
         )

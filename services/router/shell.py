@@ -1,20 +1,27 @@
-"""Router shell: follows registry events, heartbeats and capacity views into what it knows."""
+"""Router shell: follows registry events, heartbeats, prefix-cache events and capacity views."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 
 from schemas import codec
+from schemas.base import Envelope
 from schemas.dashboard import FleetSnapshot
+from schemas.kv import KvBlocks
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message, decode_or_reject
 from services.registry.follower import RegistryFollower
 from services.router.core import FleetView
 from services.router.gateway import Gateway
+from services.router.kv import Applied
 from services.router.metrics import RouterMetrics
+from services.router.policy import PolicyName
+
+kv_decoder: codec.Decoder[Envelope[KvBlocks]] = codec.Decoder(Envelope[KvBlocks])
 
 
 class Changes:
@@ -41,7 +48,8 @@ class Changes:
 
 class RouterShell:
     """The router's I/O around its pure FleetView: registry records (through the shared
-    follower) and heartbeats in; the gateway, which follows capacity views; change news out."""
+    follower), heartbeats and workers' KvBlocks in; the gateway, which follows capacity views;
+    change news out."""
 
     def __init__(
         self,
@@ -53,10 +61,13 @@ class RouterShell:
         max_wait_s: float,
         capacity_share: float = 1.0,
         checkpoint_interval_s: float = 5.0,
+        policy: PolicyName = "cost",
+        rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bus, self.subjects, self.metrics, self.clock = bus, subjects, metrics, clock
-        self.view = FleetView()
+        # Each router draws its own ties, so routers sharing one view of the fleet do not herd.
+        self.view = FleetView(policy, draw=(rng or random.Random()).random)
         self.changes = Changes()
         self.gateway = Gateway(
             bus,
@@ -79,6 +90,7 @@ class RouterShell:
         """Subscribe; main.py then runs follower.run() and gateway.fetch_capacity() as loops."""
         await self.follower.start()
         await self.bus.subscribe(self.subjects.load_all, cb=self._on_load)
+        await self.bus.subscribe(self.subjects.kv_all, cb=self._on_kv)
         await self.gateway.start()
         await self.bus.flush()
 
@@ -90,6 +102,17 @@ class RouterShell:
     @property
     def draining(self) -> bool:
         return self.gateway.draining
+
+    def heard(self) -> dict[str, int]:
+        """How much of the fleet the router knows: workers on record, Ready ones, and Ready ones
+        that send heartbeats but have no fresh one here (`up` waits for none of those before it
+        says the stack is up)."""
+        view = self.view
+        return {
+            "workers": len(view.records),
+            "ready_workers": view.ready_count(),
+            "ready_without_heartbeat": view.waiting_for(self.clock()),
+        }
 
     def drain(self) -> None:
         """New requests: 503; in-flight and queued ones finish."""
@@ -118,6 +141,24 @@ class RouterShell:
             return
         if self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock()):
             self.changes.notify()
+
+    async def _on_kv(self, msg: Message) -> None:
+        env = decode_or_reject(kv_decoder, msg.data, self.metrics.bus, "kv")
+        if env is None:
+            return
+        # As heartbeats: only the record's owner speaks for its cache.
+        parsed = self.subjects.parse_kv(msg.subject)
+        record = self.view.records.get(env.body.worker_id)
+        if parsed is None or parsed[1] != env.body.worker_id:
+            self.metrics.bus.rejected.labels("kv").inc()
+            return
+        if record is None:  # not ours to judge yet: its next full snapshot brings us in step
+            return
+        if record.owner != parsed[0]:
+            self.metrics.bus.rejected.labels("kv.not_owner").inc()
+            return
+        if self.view.caches.apply(env.epoch, env.seq, env.body) is Applied.RESYNC:
+            self.metrics.kv_resyncs.inc()
 
     def snapshot(self) -> FleetSnapshot:
         """What /dashboard shows."""

@@ -142,6 +142,14 @@ async def chat_works(client: openai.AsyncOpenAI) -> bool:
 async def test_fleet_survives_a_dead_worker_and_a_nats_restart(stack: Stack) -> None:
     client = openai.AsyncOpenAI(base_url=stack.router_url, api_key="unused", max_retries=0)
     try:
+        # "stack is up" came once the router had heard from every worker, not on a timeout
+        assert not any("a router still misses workers" in line for line in stack.lines)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(stack.router_url.removesuffix("/v1") + "/healthz") as resp,
+        ):
+            health = await resp.json()
+        assert (health["ready_workers"], health["ready_without_heartbeat"]) == (3, 0), health
         assert await chat_works(client)
         status = await stack.cli("status")
         assert sum(" ready " in f" {line} " for line in status.splitlines()) == 3, status

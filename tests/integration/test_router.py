@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -19,6 +21,7 @@ from schemas import codec
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerStatus
 from schemas.subjects import Subjects
+from services.cli.supervisor import wait_routers_heard
 from services.common.bus import Bus
 from services.common.seq import Sequencer
 from services.worker.config import DEFAULT_PRINCIPAL
@@ -120,7 +123,8 @@ async def test_refused_request_is_retried_on_a_replica_with_room(
 ) -> None:
     tight = {"sim_tokens_per_s": 10.0, "max_in_flight": 1, "max_queue_depth": 0}
     async with (
-        fleet(nats_url, prefix, [tight, tight]) as (router, ws),
+        # least_busy: ties go to the smallest id, so the test knows which replica is tried first
+        fleet(nats_url, prefix, [tight, tight], policy="least_busy") as (router, ws),
         aiohttp.ClientSession() as s,
     ):
         first = min(ws, key=lambda w: w.service.worker_id)  # the tie-break favourite
@@ -330,7 +334,12 @@ async def test_health_is_200_once_the_fleet_is_known_and_503_when_draining(
     ):
         async with s.get(router.url + "/health") as resp:  # probes carry no API key
             assert resp.status == 200
-            assert await resp.json() == {"status": "ok", "workers": 1}
+            assert await resp.json() == {
+                "status": "ok",
+                "workers": 1,
+                "ready_workers": 1,
+                "ready_without_heartbeat": 0,  # what `up` waits for before "stack is up"
+            }
         router.service.drain()
         async with s.get(router.url + "/health") as resp:
             assert resp.status == 503
@@ -338,3 +347,37 @@ async def test_health_is_200_once_the_fleet_is_known_and_503_when_draining(
         async with s.get(router.url + "/v1/chat/completions") as resp:  # 405, in the envelope
             assert resp.status == 405
             assert_error_envelope(await resp.json(), "method_not_allowed")
+
+
+async def test_up_waits_until_the_router_has_heard_from_every_ready_worker(
+    nats_url: str, prefix: str
+) -> None:
+    async with fleet(nats_url, prefix, [{}]) as (router, _):
+
+        def child(role: str, url: str | None = None) -> Any:
+            """What wait_routers_heard reads of a child: its role, health URL and process."""
+            spec = SimpleNamespace(role=role, health_url=url)
+            return SimpleNamespace(
+                spec=spec, proc=SimpleNamespace(pid=os.getpid(), returncode=None)
+            )
+
+        lines: list[str] = []
+        ours = child("router", router.url + "/healthz")  # in-process: the router's pid is ours
+        heard = await wait_routers_heard(
+            [child("worker"), ours], 5.0, lambda _, line: lines.append(line), poll_s=0.01
+        )
+        assert (heard, lines) == (True, [])
+        # a second running worker the router does not see Ready: a bounded wait, then a note
+        began = time.monotonic()
+        heard = await wait_routers_heard(
+            [child("worker"), child("worker"), ours],
+            0.3,
+            lambda _, line: lines.append(line),
+            poll_s=0.01,
+        )
+        assert not heard
+        assert time.monotonic() - began < 3.0
+        assert lines == [
+            "note: after 0.3s a router still misses workers (1 Ready of 2 running, 0 without a "
+            "heartbeat); going on"
+        ]

@@ -1,5 +1,5 @@
-"""Router choice (least busy, ties by id, stale heartbeats, cooldown, suspects), which models it
-serves, the table of its refusals, priority caps."""
+"""Router choice (eligibility, stale heartbeats, cooldown, suspects; the least_busy policy), which
+models it serves, the table of its refusals, priority caps."""
 
 from __future__ import annotations
 
@@ -11,13 +11,10 @@ from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.common.errors import ConfigError
 from services.router import config
-from services.router.core import (
-    Choice,
-    FleetView,
-    NoChoice,
-    NoReplica,
+from services.router.core import Choice, FleetView, NoChoice, NoReplica, UnknownModel
+from services.router.policy import PolicyName
+from services.router.rules import (
     PriorityCaps,
-    UnknownModel,
     gateway_busy,
     no_choice_error,
     upstream_unreachable,
@@ -48,8 +45,10 @@ def load(wid: str, in_flight: int = 0, queue: int = 0, mif: int = 4, mq: int = 4
     )
 
 
-def view(*records: WorkerRecord, now: float = 100.0, **loads: WorkerLoad) -> FleetView:
-    v = FleetView()
+def view(
+    *records: WorkerRecord, now: float = 100.0, policy: PolicyName = "cost", **loads: WorkerLoad
+) -> FleetView:
+    v = FleetView(policy)
     v.set_records({r.id: r for r in records})
     for wid, wl in loads.items():
         v.heartbeat(wid, 1, 1, wl, now)
@@ -62,7 +61,15 @@ def chosen(decision: object) -> str:
 
 
 def test_least_busy_wins_and_ties_go_to_the_smallest_id() -> None:
-    v = view(rec("b"), rec("a"), rec("c"), b=load("b", 1), a=load("a", 1), c=load("c", 3))
+    v = view(
+        rec("b"),
+        rec("a"),
+        rec("c"),
+        policy="least_busy",
+        b=load("b", 1),
+        a=load("a", 1),
+        c=load("c", 3),
+    )
     assert chosen(v.choose("m", 100.0)) == "a"
     v.heartbeat("a", 1, 2, load("a", 2, 1), 100.0)
     assert chosen(v.choose("m", 100.0)) == "b"
