@@ -10,6 +10,7 @@ import msgspec
 from schemas.base import Envelope
 from schemas.capacity import CapacityView
 from schemas.errors import ErrorBody, ErrorEnvelope
+from schemas.kv import KvBlocks
 from schemas.load import WorkerLoad
 from schemas.registry import CommandReply, RegistryEvent, RegistrySnapshot
 
@@ -41,6 +42,7 @@ _encoder = msgspec.json.Encoder()
 registry_event_decoder: Decoder[Envelope[RegistryEvent]] = Decoder(Envelope[RegistryEvent])
 load_decoder: Decoder[Envelope[WorkerLoad]] = Decoder(Envelope[WorkerLoad])
 capacity_view_decoder: Decoder[Envelope[CapacityView]] = Decoder(Envelope[CapacityView])
+kv_decoder: Decoder[Envelope[KvBlocks]] = Decoder(Envelope[KvBlocks])
 capacity_decoder: Decoder[CapacityView] = Decoder(CapacityView)
 snapshot_decoder: Decoder[RegistrySnapshot] = Decoder(RegistrySnapshot)
 command_reply_decoder: Decoder[CommandReply] = Decoder(CommandReply)

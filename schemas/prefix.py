@@ -11,7 +11,7 @@ blocks without tokenizing: no tokenizer in the router, and the same boundaries f
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import msgspec
 
@@ -78,7 +78,7 @@ def block_hashes(text: bytes, block_bytes: int = BLOCK_BYTES) -> tuple[int, ...]
     return tuple(hashes)
 
 
-def shared_blocks(request: tuple[int, ...], held: set[int] | frozenset[int]) -> int:
+def shared_blocks(request: tuple[int, ...], held: Container[int]) -> int:
     """How many leading blocks of `request` a cache holding `held` has (a chain: stop at the
     first miss, since a later block's hash already names its whole prefix)."""
     count = 0

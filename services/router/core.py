@@ -17,8 +17,6 @@ Choice (documented in docs/router.md; the policies themselves in policy.py):
 
 from __future__ import annotations
 
-from typing import cast
-
 import msgspec
 
 from schemas.capacity import CapacityView
@@ -194,8 +192,7 @@ class FleetView:
 
     def candidate(self, worker_id: str, model: str, prompt: Prompt) -> Candidate:
         load = self.model_load(worker_id, model)
-        # shared_blocks only asks `in` of what it is given: an ordered dict's keys do.
-        held = cast("set[int]", self.caches.held(worker_id, model))
+        held = self.caches.held(worker_id, model)
         cached = shared_blocks(prompt.blocks, held) if prompt.blocks and held else 0
         return Candidate(
             worker_id=worker_id,

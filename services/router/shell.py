@@ -9,9 +9,7 @@ import time
 from collections.abc import Callable
 
 from schemas import codec
-from schemas.base import Envelope
 from schemas.dashboard import FleetSnapshot
-from schemas.kv import KvBlocks
 from schemas.subjects import Subjects
 from services.common.bus import Bus, Message, decode_or_reject
 from services.registry.follower import RegistryFollower
@@ -20,8 +18,6 @@ from services.router.gateway import Gateway
 from services.router.kv import Applied
 from services.router.metrics import RouterMetrics
 from services.router.policy import PolicyName
-
-kv_decoder: codec.Decoder[Envelope[KvBlocks]] = codec.Decoder(Envelope[KvBlocks])
 
 
 class Changes:
@@ -143,7 +139,7 @@ class RouterShell:
             self.changes.notify()
 
     async def _on_kv(self, msg: Message) -> None:
-        env = decode_or_reject(kv_decoder, msg.data, self.metrics.bus, "kv")
+        env = decode_or_reject(codec.kv_decoder, msg.data, self.metrics.bus, "kv")
         if env is None:
             return
         # As heartbeats: only the record's owner speaks for its cache.

@@ -95,6 +95,9 @@ class Measured(msgspec.Struct, frozen=True, kw_only=True):
     prefix_hits: int = 0
 
 
+MIN_PREFILL_SAMPLE = 64  # tokens: about one prompt block (schemas/prefix.py)
+
+
 class ModelStats:
     """One model's rates and prefix-cache counters, as the heartbeat reports them."""
 
@@ -108,8 +111,10 @@ class ModelStats:
         if m.held_s is not None:
             self.service_s.add(max(m.held_s, 0.0))
         prefilled = m.prompt_tokens - m.cached_tokens
-        if m.ttft_s is not None and m.ttft_s > 0 and prefilled > 0:
-            # the tokens it had to prefill: the rate the router divides its uncached tokens by
+        if m.ttft_s is not None and m.ttft_s > 0 and prefilled >= MIN_PREFILL_SAMPLE:
+            # the tokens it had to prefill: the rate the router divides its uncached tokens by.
+            # A short prompt is all fixed overhead (2 tokens measured 136 tokens/s), which would
+            # make long prompts look slow: only prompts of a block or more are samples.
             self.prefill_tokens_per_s.add(prefilled / m.ttft_s)
         self.prefix_lookups += m.prefix_blocks
         self.prefix_hits += m.prefix_hits

@@ -257,7 +257,11 @@ async def test_health_reports_the_heartbeats_load_and_503_once_draining(
         aiohttp.ClientSession() as s,
     ):
         gate = w.service.models["sim-model"].gate
-        busy = [asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=20))) for _ in "ab"]
+        long = [{"role": "user", "content": "word " * 80}]  # a prefill-rate sample (64+ tokens)
+        busy = [
+            asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=20, messages=long)))
+            for _ in "ab"
+        ]
         await eventually(lambda: (gate.core.in_flight, gate.core.queue_depth) == (1, 1))
         async with s.get(w.url + "/health") as resp:
             assert resp.status == 200

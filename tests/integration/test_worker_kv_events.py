@@ -23,7 +23,6 @@ from tests.integration.registry_fixtures import running_registry
 pytestmark = pytest.mark.integration
 CHAT = "/v1/chat/completions"
 SYSTEM = "You answer questions about the fleet, briefly and politely. " * 40  # ~2.4 KB: 9 blocks
-kv_decoder: codec.Decoder[Envelope[KvBlocks]] = codec.Decoder(Envelope[KvBlocks])
 
 
 class Stream:
@@ -34,7 +33,7 @@ class Stream:
         self.loads: list[Envelope[WorkerLoad]] = []
 
     async def on_kv(self, msg: Message) -> None:
-        self.kv.append((msg.subject, kv_decoder.decode(msg.data)))
+        self.kv.append((msg.subject, codec.kv_decoder.decode(msg.data)))
 
     async def on_load(self, msg: Message) -> None:
         self.loads.append(codec.load_decoder.decode(msg.data))

@@ -79,7 +79,8 @@ async def test_ready_heartbeats_and_load(bus: Bus, prefix: str, nats_url: str) -
         # load shows up promptly (debounced publish on change), then drains back to 0
         body = {
             "model": "sim-model",
-            "messages": [{"role": "user", "content": "x"}],
+            # 80 words: past core.MIN_PREFILL_SAMPLE, so each request is a prefill-rate sample
+            "messages": [{"role": "user", "content": "word " * 80}],
             "max_tokens": 10,  # 0.5 s each: long enough to be seen running and queued
         }
         reqs = [

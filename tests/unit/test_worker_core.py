@@ -147,9 +147,15 @@ STATS: list[tuple[str, list[core.Measured], tuple[float | None, float | None, in
     ("a client that left: no slot time", [m(None, 0.5, 100)], (None, 200.0, 0, 0)),
     ("no first token: no prefill rate", [m(1.0, None, 100)], (1.0, None, 0, 0)),
     ("an empty prompt: no prefill rate", [m(1.0, 0.1, 0)], (1.0, None, 0, 0)),
-    ("cached tokens were not prefilled", [m(1.0, 0.5, 100, 60, 5, 3)], (1.0, 80.0, 5, 3)),
+    ("cached tokens were not prefilled", [m(1.0, 0.5, 200, 100, 5, 3)], (1.0, 200.0, 5, 3)),
     ("all cached: no rate, hits count", [m(1.0, 0.1, 100, 100, 4, 4)], (1.0, None, 4, 4)),
-    ("lookups and hits add up", [m(1.0, 0.1, 9, 0, 4), m(1.0, 0.1, 9, 0, 4, 2)], (1.0, 90.0, 8, 2)),
+    (
+        "lookups and hits add up",
+        [m(1.0, 0.1, 90, 0, 4), m(1.0, 0.1, 90, 0, 4, 2)],
+        (1.0, 900.0, 8, 2),
+    ),
+    ("a short prompt is overhead, not a rate sample", [m(1.0, 0.02, 2)], (1.0, None, 0, 0)),
+    ("under a block prefilled: no sample", [m(1.0, 0.1, 100, 40)], (1.0, None, 0, 0)),
 ]
 
 
