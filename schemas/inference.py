@@ -18,6 +18,7 @@ TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+MAX_N = 128  # OpenAI's limit on n; a worker serves at most its configured max_n
 
 
 class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,17 +53,17 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    # choices; the worker serves up to its max_n (and its model's max_in_flight)
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     # {"<token id>": bias}; the worker checks the ids against its model's vocabulary
     logit_bias: dict[str, Bias] | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # vLLM's extension
-    # OpenAI features no engine here implements. Decoded so that a request asking for one is
-    # refused by name (see unsupported()) instead of answered as if it had not asked; their
-    # neutral values (0, null, false) are accepted, since many clients always send them.
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+
+    def wanted_logprobs(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
+        return None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -70,14 +71,12 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
         return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
 
     def unsupported(self) -> str | None:
-        """The first parameter this request sets to something no engine here can do, if any."""
-        asked = {
-            # `is`, not ==: a completions request's logprobs=0 asks for the sampled token's
-            "logprobs": self.logprobs is not None and self.logprobs is not False,
-            "top_logprobs": bool(self.top_logprobs),
-            **self._asked(),
-        }
-        return next((param for param, yes in asked.items() if yes), None)
+        """The first parameter this request sets to something no engine here can do, if any.
+
+        OpenAI features no engine here implements are decoded so that a request asking for one
+        is refused by name instead of answered as if it had not asked; their neutral values (0,
+        null, false) are accepted, since many clients always send them."""
+        return next((param for param, yes in self._asked().items() if yes), None)
 
     def _asked(self) -> dict[str, bool]:
         return {}
@@ -86,6 +85,8 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None  # needs logprobs
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
@@ -96,6 +97,9 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def _asked(self) -> dict[str, bool]:
         return {
@@ -116,13 +120,18 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
     echo: bool = False
-    best_of: int | None = None
+    # the sampled token's logprob and this many alternatives' (0 asks for the sampled one's)
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    # candidates generated, of which the n likeliest are answered (not streamed)
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     def _asked(self) -> dict[str, bool]:
         return {
             "echo": self.echo,
-            "best_of": self.best_of not in (None, 1),
             "suffix": bool(self.suffix),
         }
 
@@ -144,10 +153,33 @@ class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
     content: str = ""
 
 
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """A token and its logprob (chat); bytes: its UTF-8 bytes (a token may be part of a
+    character)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob, frozen=True, kw_only=True):
+    """A generated token's logprob, and its step's most likely tokens (best first)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat choice's (or a streamed delta's) logprobs."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,6 +200,7 @@ class ChatChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     delta: Delta
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,11 +212,23 @@ class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage | None = None
 
 
+class TextLogprobs(msgspec.Struct, frozen=True, kw_only=True):
+    """A text choice's logprobs (the legacy shape), one entry per generated token each.
+
+    top_logprobs: each token's most likely alternatives and the token itself, token -> logprob;
+    text_offset: where each token starts in the choice's text (continuing across a stream)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class TextChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class TextCompletion(msgspec.Struct, frozen=True, kw_only=True):

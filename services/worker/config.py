@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.base import ModelId
+from schemas.inference import MAX_N
 from schemas.kv import MAX_BLOCKS_PER_EVENT
 from schemas.subjects import SubjectError, token
 from services.common.bus import user_of
@@ -33,6 +34,9 @@ class WorkerConfig(ServiceConfig, frozen=True, kw_only=True):
     max_in_flight: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     max_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
     max_wait_s: Seconds = 30.0
+    # The most choices (n) one request may ask for; each is a job holding one of its model's
+    # slots, so n past the model's max_in_flight is refused too.
+    max_n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 8
     # The most a request naming no max_tokens gets; 0: the rest of the context (OpenAI's default).
     default_max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     request_body_limit: Annotated[int, msgspec.Meta(ge=1024, le=64 << 20)] = 1 << 20

@@ -284,6 +284,9 @@ def sampling(
     bias = logit_bias(req, vocab_size)
     if isinstance(bias, ApiError):
         return bias
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
+        # as OpenAI answers it: alternatives of nothing
+        return invalid("top_logprobs needs logprobs: true", param="top_logprobs")
     return SamplingParams(
         max_tokens=wanted,
         temperature=req.temperature,
@@ -295,6 +298,7 @@ def sampling(
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty,
         logit_bias=bias,
+        logprobs=req.wanted_logprobs(),
     )
 
 

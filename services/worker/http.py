@@ -33,10 +33,11 @@ from services.common.http import (
 )
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
-from services.worker import core
-from services.worker.engines.base import EngineError, Job
+from services.worker import choices, core
+from services.worker.engines.base import EngineError
 from services.worker.metrics import WorkerMetrics
-from services.worker.openai import DONE, Shape, usage
+from services.worker.openai import DONE, Answer, Shape, best, chars, usage
+from services.worker.run import Run, merged
 from services.worker.served import ServedModel, admissions, stats
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ def refuse(error: ApiError | None) -> None:
         raise Refused(error)
 
 
-class Run:
-    """One admitted request: its job, and when it got its slot and its first token."""
-
-    def __init__(self, job: Job, model: str, started: float) -> None:
-        self.job, self.model, self.started = job, model, started
-        self.ttft_s: float | None = None
-
-
 class WorkerApi:
     def __init__(
         self,
@@ -67,14 +60,17 @@ class WorkerApi:
         *,
         body_limit: int = 1 << 20,
         default_max_tokens: int = 0,
+        max_n: int = 8,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """default_max_tokens: the most a request that names no max_tokens gets; 0: the rest of
-        the model's context, as OpenAI does. clock: what request times are measured with."""
+        the model's context, as OpenAI does. max_n: the most choices one request may ask for.
+        clock: what request times are measured with."""
         self.models = models
         self.metrics = metrics
         self.body_limit = body_limit
         self.default_max_tokens = default_max_tokens
+        self.max_n = max_n
         self.clock = clock
 
     def _model(self, name: str) -> ServedModel:
@@ -117,19 +113,26 @@ class WorkerApi:
         )
         if isinstance(params, ApiError):
             raise Refused(params)
+        runs = choices.candidates(req, self.max_n, served.gate.core.limits.max_in_flight)
+        if isinstance(runs, ApiError):
+            raise Refused(runs)
+        wanted = params.logprobs is not None
+        if runs > req.n:
+            params = choices.ranked(params)
         chat = isinstance(req, ChatCompletionRequest)
         shape = Shape(
             chat=chat,
             id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             created=int(time.time()),
             model=req.model,
+            logprobs=wanted,
         )
         # Only an engine with a prefix cache needs the blocks (hashing costs ~1 us per block).
         blocks = core.prompt_blocks(req) if served.prefix_cache is not None else ()
         stack = contextlib.AsyncExitStack()
         arrived = self.clock()
         try:
-            await stack.enter_async_context(served.gate.slot(gone=lambda: disconnected(request)))
+            await stack.enter_async_context(served.slots(runs, gone=lambda: disconnected(request)))
         except Rejected as rejected:
             self.metrics.rejections.labels(req.model, rejected.busy.reason).inc()
             raise Refused(core.busy(req.model, rejected.busy)) from None
@@ -137,15 +140,15 @@ class WorkerApi:
             log.info("request", extra={"status": 499, "model": req.model, "finished": False})
             return Response(status_code=499)
         started = self.clock()
-        job = served.start(prompt, params, blocks)
-        run = Run(job, req.model, started)
+        jobs = [served.start(prompt, choices.choice_params(params, i), blocks) for i in range(runs)]
+        run = Run(jobs, req.model, started)
 
         async def cleanup(status: int = 200) -> None:
-            finished = job.finished  # False: stopped early (the client left)
-            job.cancel()  # a no-op when it already finished; frees the engine slot when not
+            finished = run.finished  # False: stopped early (the client left)
+            run.cancel()  # frees the engine slots of jobs still generating
             duration = self.clock() - started
-            self.metrics.observe_done(req.model, duration, job.completion_tokens)
-            self._measured(served, run, duration if finished else None)
+            self.metrics.observe_done(req.model, duration, run.completion_tokens)
+            self._measured(served, run, duration)
             await stack.aclose()  # after measuring: the heartbeat this sends carries it
             log.info(
                 "request",
@@ -153,8 +156,9 @@ class WorkerApi:
                     "status": status,
                     "model": req.model,
                     "stream": bool(req.stream),
-                    "prompt_tokens": job.prompt_tokens,
-                    "completion_tokens": job.completion_tokens,
+                    "n": runs,
+                    "prompt_tokens": run.prompt_tokens,
+                    "completion_tokens": run.completion_tokens,
                     "finished": finished,
                     "wait_ms": round((started - arrived) * 1000, 2),
                     "duration_ms": round(duration * 1000, 2),
@@ -166,72 +170,86 @@ class WorkerApi:
             return GuardedStream(self._stream(run, shape, include_usage), cleanup)
         response = Response(status_code=500)  # what the client gets if _collect itself fails
         try:
-            response = await self._collect(request, run, shape)
+            response = await self._collect(request, run, shape, req.n)
             return response
         finally:
             await cleanup(response.status_code)
 
-    def _first_token(self, run: Run) -> None:
-        if run.ttft_s is None:
-            run.ttft_s = self.clock() - run.started
-            self.metrics.ttft.labels(run.model).observe(run.ttft_s)
+    def _first_token(self, run: Run, index: int) -> None:
+        ttft = run.token_came(index, self.clock())
+        if ttft is not None:
+            self.metrics.ttft.labels(run.model).observe(ttft)
 
-    def _measured(self, served: ServedModel, run: Run, held_s: float | None) -> None:
-        """What the request measured goes into its model's rates (the heartbeat's numbers)."""
-        job, prefix = run.job, run.job.prefix
-        served.stats.add(
-            core.Measured(
-                held_s=held_s,
-                ttft_s=run.ttft_s,
-                prompt_tokens=job.prompt_tokens,
-                cached_tokens=0 if prefix is None else prefix.cached_tokens,
-                prefix_blocks=0 if prefix is None else prefix.blocks,
-                prefix_hits=0 if prefix is None else prefix.hits,
+    def _measured(self, served: ServedModel, run: Run, duration: float) -> None:
+        """What the request measured goes into its model's rates (the heartbeat's numbers): one
+        sample per job, since each held a slot until the request ended (held_s None: the
+        request stopped early, so its time says nothing of the rate)."""
+        held_s = duration if run.finished else None
+        for job, ttft_s in zip(run.jobs, run.ttft_s, strict=True):
+            prefix = job.prefix
+            served.stats.add(
+                core.Measured(
+                    held_s=held_s,
+                    ttft_s=ttft_s,
+                    prompt_tokens=job.prompt_tokens,
+                    cached_tokens=0 if prefix is None else prefix.cached_tokens,
+                    prefix_blocks=0 if prefix is None else prefix.blocks,
+                    prefix_hits=0 if prefix is None else prefix.hits,
+                )
             )
-        )
-        if prefix is not None:
-            self.metrics.observe_prefix(run.model, prefix.blocks, prefix.hits)
+            if prefix is not None:
+                self.metrics.observe_prefix(run.model, prefix.blocks, prefix.hits)
 
     async def _stream(self, run: Run, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
-        job = run.job
-        first = shape.first()
-        if first is not None:
+        first = shape.first(len(run.jobs))
+        if first:
             yield first
+        offsets = [0] * len(run.jobs)  # per text choice: where its next token starts
         try:
-            async for chunk in job:
-                self._first_token(run)
-                if chunk.text or chunk.finish_reason:
-                    yield shape.piece(chunk.text, chunk.finish_reason)
+            async with contextlib.aclosing(merged(run.jobs)) as chunks:
+                async for i, chunk in chunks:
+                    self._first_token(run, i)
+                    if chunk.text or chunk.finish_reason or chunk.logprobs:
+                        yield shape.piece(
+                            chunk.text,
+                            chunk.finish_reason,
+                            index=i,
+                            steps=chunk.logprobs,
+                            offset=offsets[i],
+                        )
+                        offsets[i] += chars(chunk.logprobs)
         except EngineError as exc:
             yield codec.error_event(f"generation failed: {exc}", "server_error", "engine_error")
             return
         if include_usage:
-            yield shape.usage_chunk(usage(job.prompt_tokens, job.completion_tokens))
+            yield shape.usage_chunk(usage(run.prompt_tokens, run.completion_tokens))
         yield DONE
 
-    async def _collect(self, request: Request, run: Run, shape: Shape) -> Response:
-        job = run.job
+    async def _collect(self, request: Request, run: Run, shape: Shape, n: int) -> Response:
+        """The whole response; of more jobs than n (best_of), the n best answers."""
 
-        async def gather() -> tuple[str, str | None]:
-            parts: list[str] = []
-            reason = None
-            async for chunk in job:
-                self._first_token(run)
-                parts.append(chunk.text)
-                reason = chunk.finish_reason
-            return "".join(parts), reason
+        async def gather() -> list[Answer]:
+            answers = [Answer() for _ in run.jobs]
+            async with contextlib.aclosing(merged(run.jobs)) as chunks:
+                async for i, chunk in chunks:
+                    self._first_token(run, i)
+                    answers[i].add(chunk.text, chunk.finish_reason, chunk.logprobs)
+            return answers
 
         work, watch = asyncio.create_task(gather()), asyncio.create_task(disconnected(request))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
-            work.cancel()  # the client left: stop generating for nobody (cleanup cancels the job)
+            work.cancel()  # the client left: stop generating for nobody (cleanup cancels the jobs)
             return Response(status_code=499)
         watch.cancel()
         try:
-            text, reason = work.result()
+            answers = work.result()
         except EngineError as exc:  # answered here, so the request's log line says 500
             return error_response(core.engine_failed(str(exc)))
-        body = shape.full(text, reason, usage(job.prompt_tokens, job.completion_tokens))
+        if len(answers) > n:
+            answers = best(answers, n)
+        # usage counts every job's tokens, best_of's unanswered candidates too: generated
+        body = shape.full(answers, usage(run.prompt_tokens, run.completion_tokens))
         return Response(codec.encode(body), media_type="application/json")
 
     async def health(self, _: Request) -> Response:

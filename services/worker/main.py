@@ -164,6 +164,7 @@ async def serve(
             metrics,
             body_limit=cfg.request_body_limit,
             default_max_tokens=cfg.default_max_tokens,
+            max_n=cfg.max_n,
         )
         http = HttpServer(
             create_app(api, registry, health),

@@ -1,6 +1,10 @@
-"""OpenAI response shapes for one generation: full responses, SSE chunks, error events. Pure."""
+"""OpenAI response shapes for one generation of n choices: full responses, SSE chunks, their
+logprobs, error events. Pure."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import msgspec
 
@@ -11,11 +15,17 @@ from schemas.inference import (
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChoiceLogprobs,
     Delta,
     TextChoice,
     TextCompletion,
+    TextLogprobs,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
+from services.worker.engines import logprobs as engine
+from services.worker.engines.logprobs import StepLogprobs, reported
 
 DONE = b"data: [DONE]\n\n"
 
@@ -32,40 +42,148 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
+class Answer:
+    """One choice as its chunks come: its text, why it ended, its tokens' logprobs."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.steps: list[StepLogprobs] = []
+
+    def add(self, text: str, finish_reason: str | None, steps: Sequence[StepLogprobs]) -> None:
+        self.parts.append(text)
+        self.finish_reason = finish_reason or self.finish_reason
+        self.steps.extend(steps)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def best(answers: Sequence[Answer], n: int) -> list[Answer]:
+    """best_of: the n answers of highest mean token logprob (OpenAI's "highest log probability
+    per token"), best first; equals keep their order, an answer without tokens comes last."""
+
+    def score(a: Answer) -> float:
+        if not a.steps:
+            return -math.inf
+        return math.fsum(s.chosen.logprob for s in a.steps) / len(a.steps)
+
+    return sorted(answers, key=score, reverse=True)[:n]
+
+
+def chars(steps: Sequence[StepLogprobs]) -> int:
+    """How far the tokens' text moves a text choice's offset (completions' text_offset)."""
+    return sum(len(s.chosen.token) for s in steps)
+
+
+def _top(t: engine.TokenLogprob) -> TopLogprob:
+    return TopLogprob(token=t.token, logprob=reported(t.logprob), bytes=list(t.utf8))
+
+
+def chat_logprobs(steps: Sequence[StepLogprobs]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=s.chosen.token,
+                logprob=reported(s.chosen.logprob),
+                bytes=list(s.chosen.utf8),
+                top_logprobs=[_top(t) for t in s.top],
+            )
+            for s in steps
+        ]
+    )
+
+
+def text_logprobs(steps: Sequence[StepLogprobs], offset: int = 0) -> TextLogprobs:
+    """The legacy shape; offset: where the first token starts in the choice's text.
+
+    Each top_logprobs entry holds the alternatives and the sampled token (up to k + 1, as OpenAI
+    says); tokens that read the same keep the likelier one's logprob."""
+    tokens, values, tops, offsets = [], [], [], []
+    for s in steps:
+        tokens.append(s.chosen.token)
+        values.append(reported(s.chosen.logprob))
+        offsets.append(offset)
+        offset += len(s.chosen.token)
+        top: dict[str, float] = {}
+        for t in (*s.top, s.chosen):
+            top.setdefault(t.token, reported(t.logprob))
+        tops.append(top)
+    return TextLogprobs(
+        tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets
+    )
+
+
 class Shape(msgspec.Struct, frozen=True, kw_only=True):
-    """Identity of one response: chat or text, and the ids every chunk repeats."""
+    """Identity of one response: chat or text, the ids every chunk repeats, and whether its
+    choices carry logprobs."""
 
     chat: bool
     id: str
     created: int
     model: str
+    logprobs: bool = False
 
-    def full(self, text: str, finish_reason: str | None, use: Usage) -> object:
+    def full(self, answers: Sequence[Answer], use: Usage) -> object:
         if self.chat:
-            choice = ChatChoice(
-                index=0, message=AssistantMessage(content=text), finish_reason=finish_reason
-            )
+            choices = [
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=a.text),
+                    finish_reason=a.finish_reason,
+                    logprobs=chat_logprobs(a.steps) if self.logprobs else None,
+                )
+                for i, a in enumerate(answers)
+            ]
             return ChatCompletion(
-                id=self.id, created=self.created, model=self.model, choices=[choice], usage=use
+                id=self.id, created=self.created, model=self.model, choices=choices, usage=use
             )
-        choice_t = TextChoice(index=0, text=text, finish_reason=finish_reason)
+        texts = [
+            TextChoice(
+                index=i,
+                text=a.text,
+                finish_reason=a.finish_reason,
+                logprobs=text_logprobs(a.steps) if self.logprobs else None,
+            )
+            for i, a in enumerate(answers)
+        ]
         return TextCompletion(
-            id=self.id, created=self.created, model=self.model, choices=[choice_t], usage=use
+            id=self.id, created=self.created, model=self.model, choices=texts, usage=use
         )
 
-    def first(self) -> bytes | None:
-        """Chat streams open with the assistant role; text streams have no preamble."""
+    def first(self, n: int = 1) -> bytes:
+        """Chat streams open with the assistant role, once per choice; text streams with
+        nothing."""
         if not self.chat:
-            return None
-        return sse(self._chunk(Delta(role="assistant", content=""), None))
+            return b""
+        return b"".join(
+            sse(self._chunk(ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))))
+            for i in range(n)
+        )
 
-    def piece(self, text: str, finish_reason: str | None = None) -> bytes:
+    def piece(
+        self,
+        text: str,
+        finish_reason: str | None = None,
+        *,
+        index: int = 0,
+        steps: Sequence[StepLogprobs] = (),
+        offset: int = 0,
+    ) -> bytes:
+        """One chunk of choice `index`; steps: its tokens' logprobs (offset: where the first
+        starts in that text choice's text so far)."""
         if self.chat:
+            lp = chat_logprobs(steps) if self.logprobs and steps else None
             delta = Delta(content=text) if text else Delta()
-            return sse(self._chunk(delta, finish_reason))
-        choice = TextChoice(index=0, text=text, finish_reason=finish_reason)
+            choice = ChatChunkChoice(
+                index=index, delta=delta, finish_reason=finish_reason, logprobs=lp
+            )
+            return sse(self._chunk(choice))
+        tlp = text_logprobs(steps, offset) if self.logprobs and steps else None
+        choice_t = TextChoice(index=index, text=text, finish_reason=finish_reason, logprobs=tlp)
         return sse(
-            TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice])
+            TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice_t])
         )
 
     def usage_chunk(self, use: Usage) -> bytes:
@@ -81,8 +199,7 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
             )
         )
 
-    def _chunk(self, delta: Delta, finish_reason: str | None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+    def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[choice]
         )

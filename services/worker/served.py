@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
-from services.admission.core import Admission
-from services.admission.gate import Gate
+from services.admission.core import Admission, Busy
+from services.admission.gate import Gate, Rejected
 from services.worker.core import ModelStats
 from services.worker.engines.base import Engine, Job, PrefixCaching, SamplingParams
 from services.worker.prefix_cache import PrefixCache
@@ -16,6 +18,29 @@ class ServedModel:
         self.engine = engine
         self.gate = gate
         self.stats = stats or ModelStats()  # what its finished requests measured
+        # Requests of n > 1 slots take theirs one at a time: two taking turns could each hold
+        # some and wait for the other's forever (until max_wait_s).
+        self._taking = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def slots(
+        self, n: int, gone: Callable[[], Awaitable[object]] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold n of the gate's slots for the body, or none: Rejected (busy) or Abandoned (the
+        client left) when not all of them come within the gate's max_wait_s; the ones taken are
+        given back first. Queued, each slot waits its turn like any request's."""
+        if n == 1:
+            async with self.gate.slot(gone=gone):
+                yield
+            return
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                async with asyncio.timeout(self.gate.core.limits.max_wait_s), self._taking:
+                    for _ in range(n):
+                        await held.enter_async_context(self.gate.slot(gone=gone))
+            except TimeoutError:
+                raise Rejected(Busy("timeout", self.gate.core.retry_after_s())) from None
+            yield
 
     @property
     def prefix_cache(self) -> PrefixCache | None:

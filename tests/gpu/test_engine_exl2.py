@@ -155,3 +155,78 @@ async def test_logit_bias_and_penalties(exl2_worker: Any, demo_dir: Path) -> Non
         async with s.post(exl2_worker.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["param"] == "logit_bias"
+
+
+async def test_logprobs_and_n_choices(exl2_worker: Any, demo_dir: Path) -> None:
+    """tests/integration's logprobs and n checks on exllamav2 (docs/worker.md, "Log
+    probabilities"): greedy reads the job's returned logits, which must already carry the
+    penalties and logit_bias (a forced token's logprob is then ~0); sampling reads exllamav2's
+    own probabilities after its top-k (the top k then hold all the mass)."""
+    import math
+
+    import openai
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo_dir), local_files_only=True)
+    forced = tok.encode("Switchboard", add_special_tokens=False)[0]
+    client = openai.AsyncOpenAI(base_url=exl2_worker.url + "/v1", api_key="unused", max_retries=0)
+    ask: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6}
+    try:
+        full = await client.chat.completions.create(
+            **ask, temperature=0, logprobs=True, top_logprobs=3
+        )
+        stream = await client.chat.completions.create(
+            **ask, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+        streamed = [
+            t
+            async for chunk in stream
+            for c in chunk.choices
+            for t in (c.logprobs.content or [] if c.logprobs else [])
+        ]
+        biased = await client.chat.completions.create(
+            **ask, temperature=0, logprobs=True, logit_bias={str(forced): 100}
+        )
+        sampled = await client.completions.create(
+            model=MODEL,
+            prompt="The quick brown fox",
+            max_tokens=8,
+            temperature=0.8,
+            logprobs=5,
+            extra_body={"top_k": 5},
+        )
+        many = await client.chat.completions.create(
+            **ask, n=3, seed=1, temperature=0.8, stream=True, stream_options={"include_usage": True}
+        )
+        indexes: set[int] = set()
+        usage = None
+        async for chunk in many:
+            usage = chunk.usage or usage
+            indexes.update(c.index for c in chunk.choices)
+    finally:
+        await client.close()
+    lp = full.choices[0].logprobs
+    assert lp is not None
+    assert lp.content is not None
+    assert len(lp.content) >= 1
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in lp.content]
+    for t in lp.content:  # greedy: the sampled token is the likeliest
+        assert math.isclose(t.logprob, t.top_logprobs[0].logprob, abs_tol=1e-4)
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True
+        )
+    blp = biased.choices[0].logprobs
+    assert blp is not None
+    assert blp.content is not None
+    assert all(t.logprob > -1e-3 for t in blp.content), "greedy logprobs missed logit_bias"
+    slp = sampled.choices[0].logprobs
+    assert slp is not None
+    assert slp.top_logprobs is not None
+    assert slp.token_logprobs is not None
+    for value, top in zip(slp.token_logprobs, slp.top_logprobs, strict=True):
+        assert value <= 0
+        mass = math.fsum(math.exp(v) for v in top.values())
+        assert 0.99 <= mass <= 1.01 or len(top) < 5  # top_k 5: those five are everything
+    assert indexes == {0, 1, 2}
+    assert usage is not None
+    assert usage.completion_tokens <= 18

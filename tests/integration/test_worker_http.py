@@ -148,7 +148,7 @@ async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, pre
         ),
         (
             CHAT,
-            {"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "n": 2},
+            {"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "n": 129},
             400,
             "invalid_request_error",
             "invalid_value",
@@ -168,7 +168,9 @@ async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, pre
         (CHAT, chat_body(max_tokens=5000), 400, "invalid_request_error", "context_length_exceeded"),
         (CHAT, b"x" * (2 << 20), 413, "invalid_request_error", "request_too_large"),
         ("/v1/completions", {"model": "sim-model"}, 400, "invalid_request_error", "invalid_value"),
-        (CHAT, chat_body(logprobs=True), 400, "invalid_request_error", "unsupported_parameter"),
+        (CHAT, chat_body(n=9), 400, "invalid_request_error", "invalid_value"),  # max_n 8
+        (CHAT, chat_body(top_logprobs=2), 400, "invalid_request_error", "invalid_value"),
+        (CHAT, chat_body(tools=[{}]), 400, "invalid_request_error", "unsupported_parameter"),
         (
             "/v1/completions",
             {"model": "sim-model", "prompt": "x", "echo": True},
@@ -234,10 +236,13 @@ async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str)
         assert plain.choices[0].message.content == full.choices[0].message.content
         with pytest.raises(openai.BadRequestError) as refused:
             await client.chat.completions.create(
-                model="alpha", messages=messages, max_tokens=7, logprobs=True
+                model="alpha",
+                messages=messages,
+                max_tokens=7,
+                response_format={"type": "json_object"},
             )
         assert refused.value.code == "unsupported_parameter"
-        assert refused.value.param == "logprobs"
+        assert refused.value.param == "response_format"
         text = await client.completions.create(model="beta", prompt="once upon", max_tokens=4)
         assert text.usage is not None
         assert text.usage.completion_tokens == 4
@@ -449,3 +454,46 @@ async def test_retrieve_a_model(nats_url: str, prefix: str) -> None:
             body = await resp.json()
         assert_error_envelope(body, "model_not_found", "invalid_request_error")
         assert body["error"]["param"] == "model"
+
+
+async def test_n_choices_take_n_slots_or_none(nats_url: str, prefix: str) -> None:
+    """Each choice is a job holding a slot: a request that cannot have all n is the busy 503
+    (no choice starts); more than the model's slots is a 400 naming n; a disconnected n-choice
+    stream stops every job."""
+    async with (
+        running_worker(
+            nats_url,
+            prefix,
+            register=False,
+            max_in_flight=3,
+            max_queue_depth=0,
+            sim_tokens_per_s=40.0,
+        ) as w,
+        aiohttp.ClientSession() as s,
+    ):
+        gate = w.service.models["sim-model"].gate
+        engine = w.service.models["sim-model"].engine
+        hog = asyncio.create_task(post(s, w.url + CHAT, chat_body(max_tokens=20)))
+        await eventually(lambda: engine.running == 1)
+        status, body, headers = await post(s, w.url + CHAT, chat_body(n=3))
+        assert status == 503, body
+        assert_error_envelope(body, "rate_limit_exceeded", "service_unavailable_error")
+        assert int(headers["Retry-After"]) >= 1
+        assert (gate.core.in_flight, gate.core.queue_depth, engine.running) == (1, 0, 1)
+        status, body, _ = await post(s, w.url + CHAT, chat_body(n=4))
+        assert (status, body["error"]["param"]) == (400, "n"), body
+        status, body, _ = await post(s, w.url + CHAT, chat_body(n=2, max_tokens=3))
+        assert status == 200, body  # two of the three slots were free
+        assert [c["index"] for c in body["choices"]] == [0, 1]
+        assert body["usage"]["completion_tokens"] == 6
+        assert engine.peak_running == 3
+        assert (await hog)[0] == 200
+        await read_and_leave(w.url, chat_body(n=3, max_tokens=500, stream=True))
+        await eventually(lambda: gate.core.in_flight == 0 and engine.running == 0)
+
+
+async def read_and_leave(url: str, body: dict[str, Any]) -> None:
+    """A client that reads the first bytes of a stream, then goes away."""
+    async with aiohttp.ClientSession() as s, s.post(url + CHAT, json=body) as resp:
+        assert resp.status == 200
+        await resp.content.readline()

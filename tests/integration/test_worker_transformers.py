@@ -181,3 +181,83 @@ def recompute_greedy(engine: TransformersEngine, prompt: str, tokens: int) -> st
         for n in range(len(generated) + 1)
     )
     return [t for t in texts if not t.endswith("\ufffd")][-1]
+
+
+async def test_logprobs_and_n_choices(nats_url: str, prefix: str, demo_dir: Path) -> None:
+    """Chat logprobs (greedy: the model's own next-token distribution), streamed and not;
+    completions logprobs with n=2 sampled choices, each its own seed (two slots: max_in_flight
+    2, the engine runs them one after the other)."""
+    import math
+
+    import openai
+    import torch
+
+    async with running_worker(
+        nats_url,
+        prefix,
+        register=False,
+        engine="transformers",
+        model_dir=str(demo_dir),
+        models=("demo",),
+        max_in_flight=2,
+    ) as w:
+        engine = w.service.models["demo"].engine
+        client = openai.AsyncOpenAI(base_url=w.url + "/v1", api_key="unused", max_retries=0)
+        ask: dict[str, Any] = {"model": "demo", "messages": MESSAGES, "max_tokens": 6}
+        with warnings_recorded() as seen:
+            full = await client.chat.completions.create(
+                **ask, temperature=0, logprobs=True, top_logprobs=3
+            )
+            stream = await client.chat.completions.create(
+                **ask, temperature=0, logprobs=True, top_logprobs=3, stream=True
+            )
+            streamed = [
+                t
+                async for chunk in stream
+                for c in chunk.choices
+                for t in (c.logprobs.content or [] if c.logprobs else [])
+            ]
+            text = await client.completions.create(
+                model="demo", prompt="The quick brown fox", max_tokens=4, n=2, seed=5, logprobs=2
+            )
+            alone = await client.completions.create(
+                model="demo", prompt="The quick brown fox", max_tokens=4, seed=6
+            )
+        await client.close()
+    assert seen == []
+    lp = full.choices[0].logprobs
+    assert lp is not None
+    assert lp.content is not None
+    assert len(lp.content) == 6
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in lp.content]
+    # every token's bytes, in order, spell the answer (the last may be part of a character the
+    # answer leaves out until the rest comes)
+    spelled = b"".join(bytes(t.bytes or []) for t in lp.content)
+    assert spelled.startswith((full.choices[0].message.content or "").encode())
+    # the first token's numbers are the model's: log_softmax of its logits after the prompt
+    prompt = engine._encode(engine.chat_prompt([ChatMessage(**m) for m in MESSAGES]))
+    with torch.inference_mode():
+        logits = engine._model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    want = torch.log_softmax(logits.float(), dim=-1)
+    first = lp.content[0]
+    assert math.isclose(first.logprob, float(want.max()), abs_tol=1e-4)  # greedy: the likeliest
+    assert [round(a.logprob, 4) for a in first.top_logprobs] == [
+        round(v, 4) for v in torch.topk(want, 3).values.tolist()
+    ]
+    assert [c.index for c in text.choices] == [0, 1]
+    assert text.choices[1].text == alone.choices[0].text  # choice 1 is seed 5 + 1
+    assert text.usage is not None
+    assert alone.usage is not None
+    assert text.usage.prompt_tokens == alone.usage.prompt_tokens
+    counted = 0
+    for c in text.choices:
+        assert c.logprobs is not None
+        tokens, values = c.logprobs.tokens or [], c.logprobs.token_logprobs or []
+        tops = c.logprobs.top_logprobs or []
+        counted += len(tokens)
+        for token, value, top in zip(tokens, values, tops, strict=True):
+            assert value <= 0
+            assert top[token] >= value  # there (a token that reads the same may be likelier)
+            assert len(top) <= 3
+    # an end-of-sequence token counts as generated but has no logprob entry
+    assert counted <= text.usage.completion_tokens <= 8

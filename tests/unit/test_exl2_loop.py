@@ -9,6 +9,7 @@ them, token ids as torch tensors). tests/gpu runs the same loop against the real
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,9 @@ from typing import Any
 import pytest
 import torch
 
+from services.worker.engines import logprobs
 from services.worker.engines.base import Chunk, EngineError, Job, SamplingParams
+from services.worker.engines.exl2_logprobs import job_options, result_logprobs
 from services.worker.engines.exl2_loop import (
     CompletionPenalty,
     GeneratorLoop,
@@ -26,6 +29,7 @@ from services.worker.engines.exl2_loop import (
     needs_bias,
     sampler_settings,
 )
+from services.worker.engines.logprobs import StepLogprobs, TokenLogprob
 from tests.helpers import eventually
 
 
@@ -171,6 +175,7 @@ def test_completion_penalty_takes_each_new_token_once() -> None:
 
 
 VOCAB = 8
+PADDING = 3  # exllamav2's head pads the logits past the vocabulary
 
 
 class ScriptedSequence:
@@ -198,14 +203,35 @@ class ScriptedJob:
             for token, amount in params.logit_bias:
                 bias[token] = amount
         self.gen_settings = SimpleNamespace(token_bias=bias)
+        self.options = job_options(params)  # as engine_exl2 passes them to ExLlamaV2DynamicJob
+        self.logits = torch.zeros(VOCAB)
 
     def sample(self) -> int:
         logits = torch.zeros(VOCAB)
         if self.gen_settings.token_bias is not None:
             logits += self.gen_settings.token_bias
+        self.logits = logits
         token = int(torch.argmax(logits))
         self.sequences[0].sequence_ids.ids.append(token)
         return token
+
+    def returned(self, token: int) -> dict[str, Any]:
+        """What exllamav2 adds to a result when asked: the sampled distribution's probabilities
+        (here softmax: no top-k / top-p), or the processed logits with the head's padding."""
+        r: dict[str, Any] = {}
+        probs = torch.softmax(self.logits, dim=-1)
+        if self.options.get("return_probs"):
+            r["token_probs"] = probs[token].view(1, 1)
+        if k := int(self.options.get("return_top_tokens", 0)):
+            top = torch.topk(probs, k)
+            r["top_k_tokens"], r["top_k_probs"] = (
+                top.indices.view(1, 1, k),
+                top.values.view(1, 1, k),
+            )
+        if self.options.get("return_logits"):
+            padded = torch.cat([self.logits, torch.full((PADDING,), 9.0)])
+            r["logits"] = padded.view(1, 1, -1)
+        return r
 
 
 class ScriptedGenerator:
@@ -250,7 +276,7 @@ class ScriptedGenerator:
             job.new_tokens += 1
             token = job.sample()
             r = {"stage": "streaming", "identifier": job.identifier, "eos": False}
-            r.update(text=f"<{token}>", token_ids=torch.tensor([[token]]))
+            r.update(text=f"<{token}>", token_ids=torch.tensor([[token]]), **job.returned(token))
             if job.new_tokens == job.max_new_tokens:
                 r.update(eos=True, eos_reason="max_new_tokens", new_tokens=job.new_tokens)
                 self.active_jobs.remove(job)
@@ -267,15 +293,20 @@ class ScriptedGenerator:
 
 
 def make_job(prompt: torch.Tensor, params: SamplingParams, key: int) -> ScriptedJob:
+    """As engine_exl2._new_job: refuses what exllamav2 would."""
     if params.max_tokens <= 0:
         raise ValueError("max_new_tokens must be positive")
     return ScriptedJob(prompt, params, key)
 
 
+def describe(token: int) -> tuple[str, bytes]:
+    return f"<{token}>", f"<{token}>".encode()
+
+
 @contextmanager
 def generator_loop(max_batch: int = 16) -> Iterator[tuple[GeneratorLoop, ScriptedGenerator]]:
     gen = ScriptedGenerator(max_batch)
-    loop = GeneratorLoop(gen, make_job, name="exl2-test")
+    loop = GeneratorLoop(gen, make_job, name="exl2-test", describe=describe, vocab_size=VOCAB)
     loop.start()
     try:
         yield loop, gen
@@ -396,6 +427,103 @@ async def test_a_job_whose_penalty_fails_fails_alone() -> None:
     try:
         good, bad = submit(loop, 5), submit(loop, 5, presence_penalty=1.0)
         with pytest.raises(EngineError, match="AttributeError"):
+            await collect(bad)
+        assert sum(c.tokens for c in await collect(good)) == 5
+    finally:
+        loop.stop()
+    assert gen.cancelled == [2]
+
+
+# ---- logprobs ----
+
+
+@pytest.mark.parametrize(
+    ("knobs", "options"),
+    [
+        ({}, {}),  # not asked: nothing extra per token
+        ({"logprobs": 0}, {"return_probs": True, "return_top_tokens": 0}),
+        ({"logprobs": 5, "top_p": 0.9}, {"return_probs": True, "return_top_tokens": 5}),
+        # greedy: exllamav2's probabilities are a point mass (top_k 1); its logits are not
+        ({"logprobs": 3, "temperature": 0}, {"return_logits": True}),
+    ],
+)
+def test_job_options(knobs: dict[str, Any], options: dict[str, Any]) -> None:
+    assert job_options(SamplingParams(max_tokens=4, **knobs)) == options
+
+
+def named(token: int, logprob: float) -> TokenLogprob:
+    return TokenLogprob(token=f"<{token}>", utf8=f"<{token}>".encode(), logprob=logprob)
+
+
+def test_sampled_results_map_probabilities_to_logprobs() -> None:
+    result = {
+        "token_ids": torch.tensor([[2, 5]]),
+        "token_probs": torch.tensor([[0.5, 1.0]]),
+        # past its candidates exllamav2 fills the top k with made-up ids of probability 0
+        "top_k_tokens": torch.tensor([[[2, 1, 0], [5, 0, 1]]]),
+        "top_k_probs": torch.tensor([[[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]]),
+    }
+    steps = result_logprobs(result, 3, VOCAB, describe)
+    assert steps == (
+        StepLogprobs(
+            chosen=named(2, math.log(0.5)),
+            top=(named(2, math.log(0.5)), named(1, math.log(0.25)), named(0, math.log(0.25))),
+        ),
+        StepLogprobs(
+            chosen=named(5, 0.0), top=(named(5, 0.0), named(0, -math.inf), named(1, -math.inf))
+        ),
+    )
+    just_sampled = {k: v for k, v in result.items() if not k.startswith("top_k")}
+    assert [s.top for s in result_logprobs(just_sampled, 0, VOCAB, describe)] == [(), ()]
+    assert result_logprobs({"text": "held back"}, 3, VOCAB, describe) == ()
+
+
+def test_greedy_results_are_the_log_softmax_of_the_logits_without_padding() -> None:
+    logits = [0.3, 2.0, -1.0, 0.7, 2.5, 0.0, 1.5, -3.0]
+    padded = torch.tensor([logits + [50.0] * PADDING]).view(1, 1, -1).repeat(1, 2, 1)
+    result = {"token_ids": torch.tensor([[4, 1]]), "logits": padded}
+    steps = result_logprobs(result, 2, VOCAB, describe)
+    want = logprobs.distribution(logits, 0.0)
+    for got, token in zip(steps, (4, 1), strict=True):
+        assert got.chosen.token == f"<{token}>"
+        assert math.isclose(got.chosen.logprob, want[token], abs_tol=1e-6)
+        assert [t.token for t in got.top] == ["<4>", "<1>"]
+        assert [round(t.logprob, 5) for t in got.top] == [round(want[4], 5), round(want[1], 5)]
+
+
+async def test_the_loop_attaches_each_results_logprobs() -> None:
+    bias = ((3, 2.0), (6, 1.0))
+    with generator_loop() as (loop, _):
+        sampled = await collect(submit(loop, 3, logprobs=2, logit_bias=bias))
+        greedy = await collect(submit(loop, 3, logprobs=2, logit_bias=bias, temperature=0))
+        plain = await collect(submit(loop, 3, logit_bias=bias))
+    weights = [math.exp(2.0), math.exp(1.0)] + [1.0] * (VOCAB - 2)
+    three, six = (math.log(w / sum(weights)) for w in weights[:2])
+    for chunks in (sampled, greedy):
+        steps = [s for c in chunks for s in c.logprobs]
+        assert len(steps) == 3
+        for s in steps:
+            assert s.chosen.token == "<3>"
+            assert math.isclose(s.chosen.logprob, three, abs_tol=1e-6)
+            assert [t.token for t in s.top] == ["<3>", "<6>"]
+            assert math.isclose(s.top[1].logprob, six, abs_tol=1e-6)
+    assert all(c.logprobs == () for c in plain)
+    assert [c.text for c in plain] == [c.text for c in sampled]
+
+
+async def test_unreadable_logprobs_fail_that_job_alone() -> None:
+    def make(prompt: torch.Tensor, params: SamplingParams, key: int) -> ScriptedJob:
+        job = make_job(prompt, params, key)
+        if params.logprobs is not None:
+            job.options = {}  # as if a release stopped returning what was asked
+        return job
+
+    gen = ScriptedGenerator(16)
+    loop = GeneratorLoop(gen, make, name="exl2-test", describe=describe, vocab_size=VOCAB)
+    loop.start()
+    try:
+        good, bad = submit(loop, 5), submit(loop, 5, logprobs=1)
+        with pytest.raises(EngineError, match="KeyError"):
             await collect(bad)
         assert sum(c.tokens for c in await collect(good)) == 5
     finally:

@@ -339,9 +339,13 @@ TEXT_BASE: dict[str, Any] = {"model": "m", "prompt": "hi"}
             None,
         ),
         (TEXT_BASE, {"presence_penalty": 2, "logit_bias": {"7": 100}}, None),
+        # served now (#18): logprobs, top_logprobs (the worker checks it comes with logprobs),
+        # completions logprobs and best_of
+        (CHAT_BASE, {"logprobs": True, "top_logprobs": 3}, None),
+        (CHAT_BASE, {"top_logprobs": 3}, None),
+        (TEXT_BASE, {"logprobs": 0}, None),
+        (TEXT_BASE, {"best_of": 3}, None),
         # anything that asks for a feature no engine has is named
-        (CHAT_BASE, {"logprobs": True}, "logprobs"),
-        (CHAT_BASE, {"top_logprobs": 3}, "top_logprobs"),
         (CHAT_BASE, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (CHAT_BASE, {"functions": [{"name": "f"}]}, "functions"),
         (CHAT_BASE, {"tool_choice": "required"}, "tool_choice"),
@@ -351,9 +355,7 @@ TEXT_BASE: dict[str, Any] = {"model": "m", "prompt": "hi"}
             "tool_choice",
         ),
         (CHAT_BASE, {"response_format": {"type": "json_object"}}, "response_format"),
-        (TEXT_BASE, {"logprobs": 0}, "logprobs"),  # legacy: 0 still asks for logprobs
         (TEXT_BASE, {"echo": True}, "echo"),
-        (TEXT_BASE, {"best_of": 3}, "best_of"),
         (TEXT_BASE, {"suffix": "}"}, "suffix"),
     ],
 )

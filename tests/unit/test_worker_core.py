@@ -14,7 +14,7 @@ from schemas.prefix import PromptFields, block_hashes, prompt_text
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.admission.core import Admission, AdmissionLimits, Busy
 from services.common.errors import ApiError
-from services.worker import core
+from services.worker import choices, core
 from services.worker.engines.params import EngineLimits, SamplingParams
 
 S = WorkerStatus
@@ -292,6 +292,48 @@ SHAPES: list[tuple[str, Any, int, int, tuple[int, str, str | None] | SamplingPar
         refusal("invalid_value", "logit_bias"),
     ),
     (
+        "chat logprobs: the sampled token's",
+        chat(logprobs=True),
+        10,
+        0,
+        SamplingParams(max_tokens=90, logprobs=0),
+    ),
+    (
+        "chat top_logprobs: the alternatives too",
+        chat(logprobs=True, top_logprobs=20),
+        10,
+        0,
+        SamplingParams(max_tokens=90, logprobs=20),
+    ),
+    (
+        "the neutral values ask for none",
+        chat(logprobs=False, top_logprobs=0),
+        10,
+        0,
+        SamplingParams(max_tokens=90),
+    ),
+    (
+        "top_logprobs without logprobs",
+        chat(top_logprobs=2),
+        10,
+        0,
+        refusal("invalid_value", "top_logprobs"),
+    ),
+    (
+        "completions logprobs 0: the sampled token's",
+        text(logprobs=0),
+        10,
+        0,
+        SamplingParams(max_tokens=90, logprobs=0),
+    ),
+    (
+        "completions logprobs 5",
+        text(logprobs=5, n=3),
+        10,
+        0,
+        SamplingParams(max_tokens=90, logprobs=5),
+    ),
+    (
         "a logit_bias key that is no number",
         text(max_tokens=1, logit_bias={"x": 1.0}),
         10,
@@ -318,6 +360,64 @@ def test_sampling(
         assert (got.status, got.code, got.param) == expected, got.message
     else:
         assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("req", "max_in_flight", "expected"),
+    [
+        (chat(), 1, 1),
+        (chat(n=8), 8, 8),
+        (text(n=2, stream=True), 2, 2),
+        (chat(n=9), 16, "n"),  # past the worker's max_n (8)
+        (chat(n=3), 2, "n"),  # past the model's slots: never admitted
+        (text(best_of=3), 4, 3),  # three candidates, the likeliest answered
+        (text(best_of=2, n=2, stream=True), 4, 2),  # best_of = n: nothing to choose, streams
+        (text(best_of=2, n=3), 4, "best_of"),  # fewer candidates than answers
+        (text(best_of=3, stream=True), 4, "best_of"),  # the best are known only at the end
+        (text(best_of=9), 16, "best_of"),
+        (text(best_of=4, n=2), 3, "best_of"),
+    ],
+)
+def test_candidates(req: Any, max_in_flight: int, expected: int | str) -> None:
+    got = choices.candidates(req, 8, max_in_flight)
+    if isinstance(expected, int):
+        assert got == expected
+    else:
+        assert isinstance(got, ApiError)
+        assert (got.status, got.code, got.param) == (400, "invalid_value", expected), got.message
+
+
+def test_best_of_candidates_carry_the_logprobs_they_are_ranked_by() -> None:
+    assert choices.ranked(SamplingParams(max_tokens=1)).logprobs == 0
+    assert choices.ranked(SamplingParams(max_tokens=1, logprobs=3)).logprobs == 3
+
+
+def test_each_choice_has_its_own_seed() -> None:
+    seeded = SamplingParams(max_tokens=4, seed=41, logprobs=2)
+    seeds = [choices.choice_params(seeded, i).seed for i in range(3)]
+    assert seeds == [41, 42, 43]
+    assert choices.choice_params(seeded, 2) == msgspec.structs.replace(seeded, seed=43)
+    unseeded = SamplingParams(max_tokens=4)
+    assert [choices.choice_params(unseeded, i) for i in range(3)] == [unseeded] * 3
+
+
+def test_schema_bounds_logprobs_and_n() -> None:
+    chat_cases: list[tuple[dict[str, Any], str]] = [
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"logprobs": 1}, "logprobs"),  # chat's is a bool
+    ]
+    for body, param in chat_cases:
+        with pytest.raises(msgspec.ValidationError, match=param):
+            chat(**body)
+    text_cases: list[tuple[dict[str, Any], str]] = [
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+    ]
+    for body, param in text_cases:
+        with pytest.raises(msgspec.ValidationError, match=param):
+            text(**body)
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
@@ -353,7 +453,9 @@ def test_refused_content(messages: list[dict[str, Any]], images: bool, param: st
     ("req", "param"),
     [
         (chat(logprobs=False, presence_penalty=0), None),
-        (chat(logprobs=True), "logprobs"),
+        (chat(logprobs=True, top_logprobs=3, n=4), None),
+        (text(logprobs=0), None),
+        (text(best_of=2), None),
         (chat(tools=[{"type": "function"}]), "tools"),
         (text(echo=True), "echo"),
     ],

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 
 from schemas.inference import ChatMessage
+from services.worker.engines.logprobs import StepLogprobs
 
 # The pure values live apart so the worker's core can shape requests without importing asyncio.
 from services.worker.engines.params import EngineLimits as EngineLimits
@@ -27,6 +28,10 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     tokens: int
     finish_reason: str | None = None  # "stop" (eos or stop string) | "length" | "cancelled"
+    # When the job asked for them (SamplingParams.logprobs): one entry per token this chunk
+    # counts, in order, but the end-of-sequence token has none (nor, on exllamav2, the tokens
+    # still held back for a possible stop string when that token ends the job).
+    logprobs: tuple[StepLogprobs, ...] = ()
 
 
 CANCELLED = Chunk(text="", tokens=0, finish_reason="cancelled")  # a cancelled job's last chunk

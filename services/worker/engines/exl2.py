@@ -19,6 +19,7 @@ from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
 from services.worker.engines.base import EngineLimits, Job, SamplingParams
 from services.worker.engines.demo_model import is_model_dir
+from services.worker.engines.exl2_logprobs import job_options
 from services.worker.engines.exl2_loop import GeneratorLoop, needs_bias, sampler_settings
 from services.worker.engines.memory import checkpoint_bytes, require_room
 from services.worker.engines.template import ChatTemplate
@@ -61,10 +62,17 @@ class ExLlamaV2Engine:
         self.tokenizer: Any = None
         self.generator: Any = None
         self.loop: GeneratorLoop | None = None
+        self._pieces: list[str] | None = None  # each token id's text, read once when needed
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load)
-        self.loop = GeneratorLoop(self.generator, self._new_job, name=f"exl2-{self.model_id}")
+        self.loop = GeneratorLoop(
+            self.generator,
+            self._new_job,
+            name=f"exl2-{self.model_id}",
+            describe=self._describe,
+            vocab_size=self.vocab_size,
+        )
         self.loop.start()
 
     def _load(self) -> None:
@@ -130,6 +138,14 @@ class ExLlamaV2Engine:
                 self._want_batch,
             )
 
+    def _describe(self, token: int) -> tuple[str, bytes]:
+        """A token's text as exllamav2 decodes it alone (the generator's own piece list), and
+        that text's bytes: a token that is part of a UTF-8 character reads as U+FFFD."""
+        if self._pieces is None:
+            self._pieces = list(self.tokenizer.get_id_to_piece_list(True))
+        text = str(self._pieces[token]) if token < len(self._pieces) else ""
+        return text, text.encode("utf-8", "surrogatepass")
+
     def _encode(self, text: str) -> Any:
         return self.tokenizer.encode(text, add_bos=False, encode_special_tokens=True)
 
@@ -163,6 +179,7 @@ class ExLlamaV2Engine:
             seed=params.seed,
             stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
             identifier=key,
+            **job_options(params),
         )
 
     # The loop's counters, under the names the other engines use.

@@ -15,8 +15,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from services.worker.engines import penalties
 from services.worker.engines.base import CANCELLED, Chunk, EngineError, Job, SamplingParams
+from services.worker.engines.exl2_logprobs import result_logprobs, unnamed
+from services.worker.engines.logprobs import Describe
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +110,16 @@ def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, in
 class _Live:
     """A job the generator is running: ours, exllamav2's, and the tokens streamed so far."""
 
-    __slots__ = ("counted", "exjob", "job", "penalty")
+    __slots__ = ("counted", "exjob", "job", "logprobs", "penalty")
 
-    def __init__(self, job: Job, exjob: Any, penalty: CompletionPenalty | None) -> None:
+    def __init__(
+        self, job: Job, exjob: Any, penalty: CompletionPenalty | None, logprobs: int | None
+    ) -> None:
         self.job = job
         self.exjob = exjob
         self.counted = 0
         self.penalty = penalty
+        self.logprobs = logprobs  # SamplingParams.logprobs
 
     def penalize(self) -> None:
         """Fold the tokens sampled since the last step into the job's token_bias. Reads the
@@ -131,9 +138,21 @@ class _Live:
 class GeneratorLoop:
     """Owns the generator from its own thread; submit() and stop() are safe from any thread."""
 
-    def __init__(self, generator: Any, make_job: JobFactory, name: str) -> None:
+    def __init__(
+        self,
+        generator: Any,
+        make_job: JobFactory,
+        name: str,
+        *,
+        describe: Describe | None = None,
+        vocab_size: int = 0,
+    ) -> None:
+        """describe: the text and bytes of a token id (for logprobs); vocab_size: the model's
+        real vocabulary (the logits' width less the head's padding)."""
         self.generator = generator
         self._make_job = make_job
+        self._describe = describe or unnamed
+        self._vocab_size = vocab_size
         self._incoming: queue.Queue[tuple[Job, Any, SamplingParams] | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._live: dict[int, _Live] = {}
@@ -188,7 +207,7 @@ class GeneratorLoop:
         penalty = None
         if params.frequency_penalty or params.presence_penalty:
             penalty = CompletionPenalty(params, int(ids.shape[-1]))
-        self._live[key] = _Live(job, exjob, penalty)
+        self._live[key] = _Live(job, exjob, penalty, params.logprobs)
 
     def _drop_cancelled(self) -> None:
         for key, live in list(self._live.items()):
@@ -229,6 +248,17 @@ class GeneratorLoop:
         chunk, live.counted = chunk_for(result, live.counted)
         if chunk is None:
             return
+        if live.logprobs is not None:
+            try:
+                steps = result_logprobs(result, live.logprobs, self._vocab_size, self._describe)
+            except Exception as exc:  # e.g. a release that renamed a result key: this job fails
+                log.exception("exllamav2 logprobs unreadable")
+                if chunk.finish_reason is None:
+                    self.generator.cancel(live.exjob)
+                live.job.push(EngineError.of(exc))
+                del self._live[result["identifier"]]
+                return
+            chunk = msgspec.structs.replace(chunk, logprobs=steps)
         live.job.push(chunk)
         if chunk.finish_reason is not None:
             del self._live[result["identifier"]]

@@ -27,6 +27,7 @@ from services.worker.engines.base import (
     SamplingParams,
 )
 from services.worker.engines.demo_model import is_model_dir
+from services.worker.engines.logprobs import StepLogprobs, TokenLogprob, byte_level
 from services.worker.engines.memory import available_ram_bytes, checkpoint_bytes, require_room
 from services.worker.engines.stops import StopScanner
 
@@ -152,6 +153,7 @@ class TransformersEngine:
                 if token in eos_ids:
                     job.push(Chunk(text=scanner.flush(), tokens=1, finish_reason="stop"))
                     return
+                lp = () if params.logprobs is None else (self._logprobs(logits, params, token),)
                 generated.append(token)
                 text = self._tokenizer.decode(generated, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
@@ -160,14 +162,37 @@ class TransformersEngine:
                     piece, emitted = text[len(emitted) :], text
                 out_text = scanner.feed(piece)
                 if scanner.stopped:
-                    job.push(Chunk(text=out_text, tokens=1, finish_reason="stop"))
+                    job.push(Chunk(text=out_text, tokens=1, finish_reason="stop", logprobs=lp))
                     return
                 if i + 1 == params.max_tokens:
-                    job.push(
-                        Chunk(text=out_text + scanner.flush(), tokens=1, finish_reason="length")
-                    )
+                    text = out_text + scanner.flush()
+                    job.push(Chunk(text=text, tokens=1, finish_reason="length", logprobs=lp))
                     return
-                job.push(Chunk(text=out_text, tokens=1))
+                job.push(Chunk(text=out_text, tokens=1, logprobs=lp))
+
+    def _logprobs(self, logits: Any, params: SamplingParams, token: int) -> StepLogprobs:
+        """The sampled token's logprob and its step's top alternatives (engines/logprobs.py)."""
+
+        def one(t: int, logprob: float) -> TokenLogprob:
+            text, utf8 = self._describe(t)
+            return TokenLogprob(token=text, utf8=utf8, logprob=logprob)
+
+        dist = distribution(logits, params)
+        top = torch_topk(dist, params.logprobs or 0)
+        return StepLogprobs(
+            chosen=one(token, float(dist[token])), top=tuple(one(t, lp) for t, lp in top)
+        )
+
+    def _describe(self, token: int) -> tuple[str, bytes]:
+        """A token's text and its bytes: a token that is part of a UTF-8 character decodes to
+        U+FFFD, so its bytes come from its stored name (byte-level BPE) when they can."""
+        text = str(self._tokenizer.decode([token], skip_special_tokens=False))
+        if "\ufffd" in text:
+            piece = self._tokenizer.convert_ids_to_tokens(token)
+            raw = byte_level(piece) if isinstance(piece, str) else None
+            if raw is not None:
+                return text, raw
+        return text, text.encode("utf-8", "surrogatepass")
 
     async def close(self) -> None:
         self._queue.put(_STOP)
@@ -206,6 +231,33 @@ def sample(logits: Any, params: SamplingParams, rng: Any) -> int:
 
     if params.temperature == 0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=rng))
+
+
+def distribution(logits: Any, params: SamplingParams) -> Any:
+    """logprobs.distribution in torch: the log of what sample() draws from (greedy: the logits'
+    log_softmax at temperature 1). Tokens top-k / top-p leave out are -inf."""
+    import torch
+
+    if params.temperature == 0:
+        return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log(probabilities(logits, params))
+
+
+def torch_topk(logprobs: Any, k: int) -> list[tuple[int, float]]:
+    """The k (token, logprob) pairs of highest logprob, highest first."""
+    import torch
+
+    if k <= 0:
+        return []
+    top = torch.topk(logprobs, min(k, logprobs.numel()))
+    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+
+def probabilities(logits: Any, params: SamplingParams) -> Any:
+    """What sampling at temperature > 0 draws from: temperature, then top-k, then top-p."""
+    import torch
+
     scores = logits.float() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
@@ -216,4 +268,4 @@ def sample(logits: Any, params: SamplingParams, rng: Any) -> int:
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=rng))
+    return probs

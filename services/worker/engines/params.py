@@ -24,3 +24,6 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension; 1.0 is off
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids checked < vocab_size
+    # None: no log probabilities (and no cost). k: every generated token's Chunk carries its
+    # logprob and the k most likely tokens of its step (engines/logprobs.py says of what).
+    logprobs: int | None = None

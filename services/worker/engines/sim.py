@@ -1,7 +1,8 @@
 """Simulator engine: deterministic text at configurable speed, for tests and fleet-scale benches.
 
 A real Engine implementation (not a mock): it tokenizes, applies a chat template, enforces context
-limits, honours stop strings, max_tokens, penalties and logit_bias (over VOCAB), runs up to
+limits, honours stop strings, max_tokens, penalties and logit_bias (over VOCAB), reports
+logprobs of its distribution (engines/logprobs.py) when asked, runs up to
 max_batch sequences at once and slows down as the batch grows, so fleets of hundreds of workers
 fit on one machine.
 
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 
 from schemas.inference import ChatMessage
-from services.worker.engines import penalties
+from services.worker.engines import logprobs, penalties
 from services.worker.engines.base import (
     CANCELLED,
     Chunk,
@@ -33,6 +34,7 @@ from services.worker.engines.base import (
     PrefixUse,
     SamplingParams,
 )
+from services.worker.engines.logprobs import StepLogprobs
 from services.worker.engines.stops import StopScanner
 from services.worker.prefix_cache import PrefixCache
 
@@ -84,6 +86,12 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     eos_after: int | None = None  # stop on "eos" after this many tokens (None: only max_tokens)
     prefill_tokens_per_s: float = 0.0  # uncached prompt tokens per second; 0: only ttft_s
     prefix_cache_blocks: int = 0  # the prefix cache's capacity in blocks; 0: no cache
+
+
+def describe(token: int, first: bool) -> tuple[str, bytes]:
+    """A sim token's text (words after the first follow a space) and its bytes."""
+    text = VOCAB[token] if first else " " + VOCAB[token]
+    return text, text.encode()
 
 
 def prefix_use(prompt_tokens: int, blocks: int, hits: int) -> PrefixUse:
@@ -141,15 +149,22 @@ class SimEngine:
 
     def _token(
         self, prompt: str, params: SamplingParams, context: list[int], completion: list[int]
-    ) -> int:
+    ) -> tuple[int, StepLogprobs | None]:
         """Greedy over logits in [0, 1) hashed from (seed, prompt, position), after the
-        penalties and bias (so the request's knobs act on the sim as on a model)."""
+        penalties and bias (so the request's knobs act on the sim as on a model); with its
+        logprobs when asked: of logprobs.distribution over those logits, whose most likely token
+        is the one the sim picks (so it is a sample any sampler could draw)."""
         key = f"{params.seed}|{prompt}|{len(completion)}".encode()
         digest = hashlib.blake2b(key, digest_size=len(VOCAB)).digest()
         logits = [b / 256 for b in digest]
         if penalties.active(params):
             logits = penalties.apply(logits, context, completion, params)
-        return max(range(len(VOCAB)), key=logits.__getitem__)  # the first of equals
+        token = max(range(len(VOCAB)), key=logits.__getitem__)  # the first of equals
+        if params.logprobs is None:
+            return token, None
+        dist = logprobs.distribution(logits, params.temperature, params.top_k, params.top_p)
+        first = not completion
+        return token, logprobs.step(dist, token, params.logprobs, lambda t: describe(t, first))
 
     async def _prefill(self, job: Job, blocks: tuple[int, ...]) -> None:
         """Wait out the prefill of what the cache does not hold; then the cache holds it all."""
@@ -176,20 +191,23 @@ class SimEngine:
                 if job.cancelled:
                     job.push(CANCELLED)
                     return
-                completion.append(self._token(prompt, params, context, completion))
-                out = scanner.feed((" " if i else "") + VOCAB[completion[-1]])
+                token, step = self._token(prompt, params, context, completion)
+                completion.append(token)
+                lp = () if step is None else (step,)
+                out = scanner.feed(describe(token, i == 0)[0])
                 if scanner.stopped:
-                    job.push(Chunk(text=out, tokens=1, finish_reason="stop"))
+                    job.push(Chunk(text=out, tokens=1, finish_reason="stop", logprobs=lp))
                     return
                 eos = s.eos_after is not None and i + 1 >= s.eos_after
                 last = i + 1 == params.max_tokens
                 reason = "stop" if eos else "length" if last else None
                 if reason:
-                    job.push(Chunk(text=out + scanner.flush(), tokens=1, finish_reason=reason))
+                    text = out + scanner.flush()
+                    job.push(Chunk(text=text, tokens=1, finish_reason=reason, logprobs=lp))
                     return
-                job.push(Chunk(text=out, tokens=1))
-                step = (1.0 / s.tokens_per_s) * (1.0 + s.slowdown_per_seq * (self.running - 1))
-                await self.sleep(step)
+                job.push(Chunk(text=out, tokens=1, logprobs=lp))
+                delay = (1.0 / s.tokens_per_s) * (1.0 + s.slowdown_per_seq * (self.running - 1))
+                await self.sleep(delay)
         finally:
             self.running -= 1
 
