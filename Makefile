@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # PyTorch's CPU wheels: a machine without an NVIDIA GPU gets torch without GBs of CUDA libraries.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: up test lint type unit fmt test-gpu test-latest lock browser clean
+.PHONY: up test lint type unit fmt test-gpu test-latest lock browser clean bench-routing
 
 # install(VENV, LOCK): the locked pip and build backend, torch, the lock, then this project itself
 # without touching its dependencies (no build isolation: the backend is the locked one).
@@ -67,6 +67,12 @@ test-latest:
 	.venv-latest/bin/python -m pip list --outdated --exclude torch || true
 	.venv-latest/bin/ruff check . && .venv-latest/bin/mypy schemas services tests bench tools
 	.venv-latest/bin/pytest
+
+# The routing benchmark (bench/routing.py): one sim fleet behind Switchboard's router and the peers'
+# routers (installed into .bench/peers); a markdown table per workload, .bench/routing.png.
+# ARGS: its flags, e.g. ARGS="--workloads a --no-peers".
+bench-routing: $(VENV)/.dev-deps
+	$(BIN)/python -m bench.routing $(ARGS)
 
 # Headless Chromium (Debian's package) for the /dashboard browser test; that test skips without it.
 browser:
