@@ -38,6 +38,11 @@ class SimWorker:
     batch: int  # sequences at once (engine batch = worker slots)
     ttft_s: float = 0.02
     slowdown_per_seq: float = 0.05  # the sim's default: each extra sequence slows a step by 5 %
+    # Prefill of the prompt tokens its prefix cache does not hold (a GPU prefills far faster
+    # than it decodes one sequence), and that cache's size in 256-byte prompt blocks (~2 MB of
+    # prompt text): what makes shared-prefix traffic (workload b) worth routing for.
+    prefill_tokens_per_s: float = 3000.0
+    prefix_cache_blocks: int = 8192
 
     def flags(self) -> tuple[str, ...]:
         return (
@@ -48,6 +53,8 @@ class SimWorker:
             "--sim-ttft-s", str(self.ttft_s),
             "--sim-slowdown-per-seq", str(self.slowdown_per_seq),
             "--sim-max-context", "8192",
+            "--sim-prefill-tokens-per-s", str(self.prefill_tokens_per_s),
+            "--sim-prefix-cache-blocks", str(self.prefix_cache_blocks),
         )  # fmt: skip
 
     def step_s(self) -> float:
@@ -64,14 +71,21 @@ class SimWorker:
 FLEET: tuple[SimWorker, ...] = (
     SimWorker("fast-1", tokens_per_s=75.0, batch=16),
     SimWorker("fast-2", tokens_per_s=75.0, batch=16),
-    SimWorker("slow-1", tokens_per_s=25.0, batch=4),
-    SimWorker("slow-2", tokens_per_s=25.0, batch=4),
+    SimWorker("slow-1", tokens_per_s=25.0, batch=4, prefill_tokens_per_s=1000.0),
+    SimWorker("slow-2", tokens_per_s=25.0, batch=4, prefill_tokens_per_s=1000.0),
 )
 
 
 def scaled(fleet: Sequence[SimWorker], speed: float) -> tuple[SimWorker, ...]:
     """The same fleet, every worker `speed` times as fast."""
-    return tuple(dataclasses.replace(w, tokens_per_s=w.tokens_per_s * speed) for w in fleet)
+    return tuple(
+        dataclasses.replace(
+            w,
+            tokens_per_s=w.tokens_per_s * speed,
+            prefill_tokens_per_s=w.prefill_tokens_per_s * speed,
+        )
+        for w in fleet
+    )
 
 
 def mean_of(mix: Mix) -> float:

@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from services.admission.core import Admission, AdmissionLimits, Busy, Queued
+from services.admission.core import Admission, AdmissionLimits, Busy, Fits, Queued
 
 
 class Rejected(Exception):
@@ -39,12 +39,18 @@ class Gate:
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, priority: int = 0, gone: Callable[[], Awaitable[object]] | None = None
+        self,
+        priority: int = 0,
+        gone: Callable[[], Awaitable[object]] | None = None,
+        *,
+        patience_s: float | None = None,
+        fits: Fits | None = None,
     ) -> AsyncIterator[None]:
         """Hold a running slot for the body; raises Rejected when there is no room.
 
-        gone: returns once the client has left; watched only while queued (then Abandoned)."""
-        verdict = self.core.request(self.clock(), priority)
+        gone: returns once the client has left; watched only while queued (then Abandoned).
+        patience_s, fits: as Admission.request takes them (the router's deadline and fleet)."""
+        verdict = self.core.request(self.clock(), priority, patience_s, fits)
         if isinstance(verdict, Busy):
             raise Rejected(verdict)
         ticket = verdict.ticket
@@ -104,10 +110,10 @@ class Gate:
     def _expire(self) -> None:
         self._timer = None
         expired = self.core.expire(self.clock())
-        for ticket in expired:
+        for ticket, reason in expired:
             waiter = self._waiters.get(ticket)
             if waiter is not None and not waiter.done():
-                waiter.set_exception(Rejected(Busy("timeout", self.core.retry_after_s())))
+                waiter.set_exception(Rejected(Busy(reason, self.core.retry_after_s())))
         if expired:
             self._changed()
         self._arm_timer()
@@ -122,6 +128,13 @@ class Gate:
     def set_limit(self, max_in_flight: int) -> None:
         self._admit(self.core.set_limit(max_in_flight))
         self._changed()
+
+    def recheck(self) -> None:
+        """What queued requests' `fits` reads changed: admit those it now fits."""
+        admitted = self.core.promote()
+        if admitted:
+            self._admit(admitted)
+            self._changed()
 
     def drain(self) -> None:
         """Refuse newcomers from now on; running and queued requests still complete."""

@@ -50,6 +50,7 @@ def invalid(message: str, code: str = "invalid_value", param: str | None = None)
 BUSY_REASONS = {
     "queue_full": "its queue is full",
     "timeout": "no slot freed in time",
+    "deadline": "no replica can start it within its time-to-first-token target",
     "draining": "it is shutting down",
 }
 

@@ -1,4 +1,5 @@
-"""Router config: ingress, API keys, priority caps, body cap, timeouts, retries, gateway queue."""
+"""Router config: ingress, API keys, priority caps, body cap, timeouts, retries, gateway queue,
+TTFT targets."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 import msgspec
 
 from services.common.config import Port, ServiceConfig, load_config
+from services.router.deadline import Targets
 from services.router.policy import PolicyName
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
@@ -39,6 +41,15 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     upstream_pool_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1024
     gateway_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 256
     gateway_max_wait_s: Seconds = 10.0
+    # Time to first token a request is meant to meet (docs/router.md, "Gateway admission"): it
+    # waits at the gateway only while the best replica's estimate can still meet it, and is
+    # refused at once when it cannot. Per model (ROUTER_MODEL_TTFT_TARGET_S=m1=5,m2=30); a
+    # priority at or above P gets at least its entry (ROUTER_PRIORITY_TTFT_TARGET_S=1=20,5=60);
+    # a client may ask for any target up to max_ttft_target_s (x-switchboard-ttft-target-s).
+    ttft_target_s: Seconds = 10.0
+    model_ttft_target_s: dict[str, Seconds] = msgspec.field(default_factory=dict)
+    priority_ttft_target_s: dict[int, Seconds] = msgspec.field(default_factory=dict)
+    max_ttft_target_s: Seconds = 60.0
     # This router's share of each model's capacity (1/N with N routers side by side).
     capacity_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     checkpoint_interval_s: Seconds = 5.0
@@ -50,6 +61,14 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     dashboard: bool = True
     # At most one dashboard update per this many seconds per viewer, however busy the fleet.
     dashboard_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.25
+
+    def targets(self) -> Targets:
+        return Targets(
+            default_s=self.ttft_target_s,
+            per_model=self.model_ttft_target_s,
+            per_priority=self.priority_ttft_target_s,
+            max_s=self.max_ttft_target_s,
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()

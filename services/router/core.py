@@ -2,8 +2,9 @@
 
 Choice (documented in docs/router.md; the policies themselves in policy.py):
 - Eligible: Ready workers serving the model, not in a Retry-After cooldown, not suspect (a
-  connection error since their last heartbeat), not already tried for this request; on a retry,
-  only those with room (a replica not heard from yet counts as having room).
+  connection error since their last heartbeat), not already tried for this request; on a retry
+  and for the first attempt the gateway places, only those with room (a replica not heard from
+  yet counts as having room).
 - busy = in_flight + queue_depth from the worker's last heartbeat + requests this router sent
   it since that heartbeat, so a burst between heartbeats spreads instead of herding.
 - Pool: workers with a fresh heartbeat and Ready workers not heard from yet (startup: spread
@@ -13,6 +14,10 @@ Choice (documented in docs/router.md; the policies themselves in policy.py):
   load (plus dispatches), never as 0.
 - Policy (ROUTER_POLICY): cost (least estimated time to first token, ties at random) or
   least_busy (ties to the smallest id).
+- Deadline (the gateway's, services/router/deadline.py): best_estimate is the least estimated
+  TTFT a first attempt could get; choose(budget_s=...) keeps only replicas whose estimate is
+  within it (a replica whose load is unknown: always), so with need_room it answers "which
+  replica can take this request now, in time", or that none can.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from services.router.policy import (
     Prompt,
     cheapest,
     least_busy,
+    least_estimate_s,
+    within,
 )
 
 TTL_INTERVALS = 3.0
@@ -201,7 +208,24 @@ class FleetView:
             service_s=None if load is None else load.service_s,
             prefill_tokens_per_s=None if load is None else load.prefill_tokens_per_s,
             cached_blocks=cached,
+            known=load is not None,
         )
+
+    def pool(self, usable: list[WorkerRecord], now: float) -> tuple[list[WorkerRecord], bool]:
+        """Whom to choose among, and whether some of them were never heard from (startup)."""
+        fresh = [r for r in usable if self.is_fresh(r.id, now)]
+        unheard = [r for r in usable if self.unheard(r)]
+        # stale load is used only when nothing else is known
+        return (fresh + unheard or usable), bool(unheard)
+
+    def best_estimate(self, model: str, now: float, prompt: Prompt = NO_PROMPT) -> float | None:
+        """The least estimated TTFT among the replicas a first attempt may go to, room or not
+        (unknown load: 0); None when none is eligible (the attempt then says why)."""
+        usable = self.eligible(model, now, frozenset(), need_room=False)
+        if not isinstance(usable, list):
+            return None
+        candidates = [self.candidate(r.id, model, prompt) for r in self.pool(usable, now)[0]]
+        return least_estimate_s(candidates, prompt, self.defaults)
 
     def choose(
         self,
@@ -210,14 +234,18 @@ class FleetView:
         exclude: frozenset[str] = frozenset(),
         need_room: bool = False,
         prompt: Prompt = NO_PROMPT,
+        budget_s: float | None = None,
     ) -> Choice | NoChoice:
+        """budget_s: only replicas whose estimated TTFT is within it (see the docstring)."""
         usable = self.eligible(model, now, exclude, need_room)
         if not isinstance(usable, list):
             return usable
-        fresh = [r for r in usable if self.is_fresh(r.id, now)]
-        unheard = [r for r in usable if self.unheard(r)]
-        pool = fresh + unheard or usable  # stale load is used only when nothing else is known
+        pool, unheard = self.pool(usable, now)
         candidates = [self.candidate(r.id, model, prompt) for r in pool]
+        if budget_s is not None:
+            candidates = within(candidates, prompt, self.defaults, budget_s)
+            if not candidates:
+                return NoReplica(model, False, "no replica can start it within its deadline")
         estimate: float | None = None
         if self.policy == "least_busy":
             best = least_busy(candidates, None)

@@ -1,8 +1,10 @@
 """The request path past the edge: gateway slot, replica choice, send, retry, relay, one record.
 
 Reads top to bottom in `Forwarder.handle`: an unknown model is refused before it queues; a known
-one waits for a gateway slot; then each attempt chooses a replica (once) and sends; a refusal or a
-connection error before the first byte is retried elsewhere; the answer is relayed intact. The
+one that no replica can start within its TTFT target is refused at once (deadline.py); else it
+waits at the gateway until a replica can take it in time (its first choice, made as it is
+admitted) or its patience is up; then each attempt sends (and a retry chooses again); a refusal or
+a connection error before the first byte is retried elsewhere; the answer is relayed intact. The
 request is counted and logged once, in `_finish`: a refusal as it is returned, a relayed answer
 when its last byte is sent (the slot is held until then).
 """
@@ -29,6 +31,7 @@ from services.common.request_id import HEADER as REQUEST_ID
 from services.common.request_id import current_request_id
 from services.common.sampled_log import SampledLog
 from services.router.core import Choice, FleetView, NoReplica, UnknownModel
+from services.router.deadline import Placement, Targets, TooLate, patience
 from services.router.gateway import Gateway
 from services.router.metrics import RouterMetrics
 from services.router.policy import Prompt
@@ -98,8 +101,10 @@ class Forwarder:
         header_timeout_s: float,
         body_read_timeout_s: float,
         connect_timeout_s: float,
+        targets: Targets | None = None,
     ) -> None:
         self.view, self.gateway, self.metrics, self.clock = view, gateway, metrics, clock
+        self.targets = targets or Targets()
         self.session = session
         self.max_attempts = max_attempts
         self.budget = RetryBudget(ratio=retry_budget_ratio)
@@ -121,15 +126,25 @@ class Forwarder:
         priority: int,
         gone: Callable[[], Awaitable[object]],
         began: float,
+        ttft_target_s: float | None = None,
     ) -> Response:
-        """The response to one request whose body the edge has read and checked."""
+        """The response to one request whose body the edge has read and checked.
+        ttft_target_s: the client's own target (x-switchboard-ttft-target-s), else configured."""
         tally = Tally(model, began)
         if not self.view.serves(model):
             tally.label = UNKNOWN  # a made-up name must not mint a metrics series
             return self._refuse(tally, no_choice_error(UnknownModel(model)))
+        prompt = prompt_of(body)  # hashed once, whatever the number of attempts
+        placement = self._placement(model, priority, prompt, ttft_target_s)
+        if isinstance(placement, ApiError):
+            return self._refuse(tally, placement)
+        gate = self.gateway.gate(model)
+        patience_s = None if placement is None else placement.patience_s
+        fits = None if placement is None else placement.fits
+        entry = gate.slot(priority, gone, patience_s=patience_s, fits=fits)
         slot = contextlib.AsyncExitStack()
         try:
-            await slot.enter_async_context(self.gateway.gate(model).slot(priority, gone))
+            await slot.enter_async_context(entry)
         except Rejected as rejected:
             busy = rejected.busy
             return self._refuse(tally, gateway_busy(model, busy.reason, busy.retry_after_s))
@@ -137,7 +152,7 @@ class Forwarder:
             self._finish(tally, 499, "router")
             return Response(status_code=499)
         try:
-            answer = await self._send(path, body, tally)
+            answer = await self._send(path, body, tally, prompt, placement)
         except BaseException as exc:  # an unexpected error must not keep the slot
             await slot.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -147,18 +162,36 @@ class Forwarder:
             return answer
         return self._relay(answer, tally, slot)
 
+    def _placement(
+        self, model: str, priority: int, prompt: Prompt, asked_s: float | None
+    ) -> Placement | ApiError | None:
+        """How the request waits for its replica at the gateway, or its refusal now. None: no
+        replica is eligible; the gateway cannot judge, and the first attempt's refusal says why."""
+        now = self.clock()
+        best = self.view.best_estimate(model, now, prompt)
+        if best is None:
+            return None
+        target = self.targets.target_s(model, priority, asked_s)
+        verdict = patience(target, best, self.gateway.max_wait_s)
+        if isinstance(verdict, TooLate):
+            return gateway_busy(model, "deadline", verdict.retry_after_s)
+        return Placement(
+            self.view, self.clock, model, prompt, deadline=now + target, patience_s=verdict.wait_s
+        )
+
     async def _send(
-        self, path: str, body: bytes, tally: Tally
+        self, path: str, body: bytes, tally: Tally, prompt: Prompt, placement: Placement | None
     ) -> Response | aiohttp.ClientResponse:
         """The first worker answer that is not a refusal (to relay), else the response to send
-        instead: the last worker refusal, or the router's own. One choice per attempt."""
+        instead: the last worker refusal, or the router's own. One choice per attempt (the first
+        one made as the gateway admitted the request, when it judged it)."""
         self.budget.request()
         tried: set[str] = set()
         refused: Response | None = None  # the last worker refusal, relayed if nobody has room
         started = time.perf_counter()
-        prompt = prompt_of(body)  # hashed once, whatever the number of attempts
+        placed = None if placement is None else placement.choice
         while True:
-            choice = self.view.choose(
+            choice = placed or self.view.choose(
                 tally.model, self.clock(), frozenset(tried), need_room=bool(tried), prompt=prompt
             )
             if not isinstance(choice, Choice):
@@ -167,7 +200,9 @@ class Forwarder:
                 spent = NoReplica(tally.model, False, "retry budget spent")
                 return refused if refused is not None else router_error(no_choice_error(spent))
             tried.add(choice.worker_id)
-            self.view.dispatched_to(choice.worker_id)
+            if choice is not placed:  # a placed one was counted as the gateway admitted it
+                self.view.dispatched_to(choice.worker_id)
+            placed = None
             tally.worker, tally.attempts = choice.worker_id, tally.attempts + 1
             last = tally.attempts >= self.max_attempts
             try:

@@ -1,4 +1,5 @@
-"""The router's gateway admission: one gate per model, limited to this router's capacity share."""
+"""The router's gateway admission: one gate per model; a request waits here only while no replica
+can take it in time (the fleet view decides) or an operator's capacity override is reached."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from services.admission.gate import Gate
 from services.common.backoff import Backoff
 from services.common.bus import Bus, Message, NoRespondersError, RequestTimeout, decode_or_reject
 from services.common.seq import is_newer
+from services.router.deadline import capacity_cap, capacity_share
 from services.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """Per-model gates whose limits follow the capacity service's views.
+    """Per-model gates whose caps follow the capacity service's views (deadline.capacity_cap);
+    each request brings its own patience and `fits` (forward.py), and fleet_moved() lets queued
+    ones go when the fleet view changes.
 
     on_change runs after every change a viewer of the fleet page would see (a gate moved, a new
     capacity view, draining)."""
@@ -71,21 +75,30 @@ class Gateway:
     def apply_capacity(self, view: CapacityView) -> None:
         self.capacity = view
         for model, gate in self.gates.items():
-            gate.set_limit(self.limit_for(model))
+            gate.set_limit(self.cap_for(model))
         self.on_change()
 
     def limit_for(self, model: str) -> int:
+        """This router's share of the model's capacity (the fleet page's `limit`)."""
         if self.capacity is None:
-            return MAX_CAPACITY  # unknown: workers' own admission still protects them
-        entry = self.capacity.models.get(model, self.capacity.fleet)
-        return max(int(entry.capacity * self.capacity_share), 1)
+            return MAX_CAPACITY  # unknown: the gateway is open until the first view
+        return capacity_share(self.capacity, model, self.capacity_share)
+
+    def cap_for(self, model: str) -> int:
+        """What the model's gate holds at most: the share of an operator's override, else no cap."""
+        return capacity_cap(self.capacity, model, self.capacity_share)
+
+    def fleet_moved(self) -> None:
+        """A heartbeat or registry change: queued requests a replica can now take go."""
+        for gate in self.gates.values():
+            gate.recheck()
 
     def gate(self, model: str) -> Gate:
         """The model's gate, made on first use (only for models some worker serves)."""
         gate = self.gates.get(model)
         if gate is None:
             limits = AdmissionLimits(
-                max_in_flight=self.limit_for(model),
+                max_in_flight=self.cap_for(model),
                 max_queue_depth=self.queue_depth,
                 max_wait_s=self.max_wait_s,
             )
@@ -112,7 +125,7 @@ class Gateway:
             model: GatewayLoad(
                 in_flight=gate.core.in_flight,
                 queue_depth=gate.core.queue_depth,
-                limit=gate.core.limits.max_in_flight,
+                limit=self.limit_for(model),
             )
             for model, gate in self.gates.items()
         }

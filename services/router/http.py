@@ -1,10 +1,12 @@
-"""Router edge (Starlette): OpenAI routes, API keys, the body and its routing fields, priority.
+"""Router edge (Starlette): OpenAI routes, API keys, the body and its routing fields, priority,
+the client's TTFT target.
 
 A completion request's path goes on in forward.py (gateway, choice, send, relay, its log line).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import msgspec
@@ -36,6 +38,7 @@ from services.router.rules import PriorityCaps, no_choice_error
 from services.router.shell import RouterShell
 
 PRIORITY = "x-switchboard-priority"
+TTFT_TARGET = "x-switchboard-ttft-target-s"
 
 
 class RoutingFields(msgspec.Struct, frozen=True):
@@ -50,6 +53,21 @@ def asked_priority(request: Request) -> int:
         return int(request.headers.get(PRIORITY, "0"))
     except ValueError:
         raise Refused(invalid(f"{PRIORITY} must be an integer")) from None
+
+
+def asked_ttft_target_s(request: Request) -> float | None:
+    """The client's own TTFT target in seconds (a positive number), or None: the configured one."""
+    raw = request.headers.get(TTFT_TARGET)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        message = f"{TTFT_TARGET} must be a positive number of seconds"
+        raise Refused(invalid(message, param=TTFT_TARGET))
+    return value
 
 
 def create_app(
@@ -93,6 +111,7 @@ def create_app(
             # keys).
             key = auth.token(request) if auth.tokens else None
             priority = caps.allowed(asked_priority(request), key)
+            ttft_target_s = asked_ttft_target_s(request)
         except Refused as refused:  # not yet a request for a model: neither logged nor counted
             return router_error(refused.error)
         return await forwarder.handle(
@@ -102,6 +121,7 @@ def create_app(
             priority=priority,
             gone=lambda: disconnected(request),
             began=began,
+            ttft_target_s=ttft_target_s,
         )
 
     async def models(_: Request) -> Response:

@@ -64,6 +64,7 @@ async def serve(
             header_timeout_s=cfg.header_timeout_s,
             body_read_timeout_s=cfg.body_read_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s,
+            targets=cfg.targets(),
         )
 
         def health() -> dict[str, object]:

@@ -16,6 +16,9 @@ busy, then a random one (randomness passed in), so routers with the same view do
 the same replica. A saturated replica's queue wait grows with every request queued on it, so
 prefix affinity yields to load without a rule of its own.
 
+The gateway's deadline (deadline.py) uses the same estimate, whatever the policy: a replica whose
+load is unknown (known=False: no heartbeat gives it) counts as 0 there (known_estimate_s).
+
 Least busy (the policy before cost, ROUTER_POLICY=least_busy): the least busy, ties to the
 smallest id.
 
@@ -71,6 +74,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     service_s: float | None = None
     prefill_tokens_per_s: float | None = None
     cached_blocks: int = 0
+    known: bool = True  # False: no heartbeat gives its load for the model (never heard, or off)
 
 
 def queue_wait_s(c: Candidate, defaults: Defaults) -> float:
@@ -90,6 +94,26 @@ def prefill_s(c: Candidate, prompt: Prompt, defaults: Defaults) -> float:
 def estimate_s(c: Candidate, prompt: Prompt, defaults: Defaults) -> float:
     """Estimated seconds to the first token on this replica."""
     return queue_wait_s(c, defaults) + prefill_s(c, prompt, defaults)
+
+
+def known_estimate_s(c: Candidate, prompt: Prompt, defaults: Defaults) -> float:
+    """estimate_s, except that a replica whose load is unknown may start at once (0): the
+    deadline then never refuses or holds a request on a guess (its worker still protects itself)."""
+    return estimate_s(c, prompt, defaults) if c.known else 0.0
+
+
+def within(
+    candidates: Sequence[Candidate], prompt: Prompt, defaults: Defaults, budget_s: float
+) -> list[Candidate]:
+    """Those whose estimated TTFT (unknown load: 0) is at most budget_s."""
+    defaults = with_peers(candidates, defaults)
+    return [c for c in candidates if known_estimate_s(c, prompt, defaults) <= budget_s]
+
+
+def least_estimate_s(candidates: Sequence[Candidate], prompt: Prompt, defaults: Defaults) -> float:
+    """The least estimated TTFT among them (unknown load: 0)."""
+    defaults = with_peers(candidates, defaults)
+    return min(known_estimate_s(c, prompt, defaults) for c in candidates)
 
 
 def with_peers(candidates: Sequence[Candidate], defaults: Defaults) -> Defaults:

@@ -34,7 +34,8 @@ def no_choice_error(why: NoChoice) -> ApiError:
 
 
 def gateway_busy(model: str, reason: str, retry_after_s: int) -> ApiError:
-    """This router's gateway has no room for the model (its share of the fleet's capacity)."""
+    """This router's gateway refuses: no replica can take the request within its TTFT target
+    ("deadline"), its queue is full, a wait ran out ("timeout"), or it is draining."""
     return at_capacity("the fleet", model, reason, retry_after_s)
 
 

@@ -117,6 +117,7 @@ class RouterShell:
     async def _on_records(self) -> None:
         self.view.set_records(dict(self.follower.mirror.records))
         self.metrics.stale.set(self.view.stale_count(self.clock()))
+        self.gateway.fleet_moved()
         self.changes.notify()
 
     async def _on_load(self, msg: Message) -> None:
@@ -136,6 +137,7 @@ class RouterShell:
             self.metrics.bus.rejected.labels("load.not_owner").inc()
             return
         if self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock()):
+            self.gateway.fleet_moved()  # a replica may have room now for a request waiting here
             self.changes.notify()
 
     async def _on_kv(self, msg: Message) -> None:

@@ -20,6 +20,8 @@ from services.capacity.shell import CapacityService
 from services.common.bus import Bus, Message
 from services.common.run import Running, in_process
 from services.common.seq import Sequencer
+from services.worker.config import DEFAULT_PRINCIPAL
+from tests.helpers import eventually
 
 
 @contextlib.asynccontextmanager
@@ -179,3 +181,39 @@ async def fleet(
             timeout_s=10,
         )
         yield r, ws
+
+
+class Claims:
+    """Heartbeats the test publishes for a real worker, as its owner would, under a newer epoch
+    than the worker's own: the router believes these (and ignores the worker's) until the end."""
+
+    def __init__(self, bus: Bus, prefix: str, worker: Any, router: Any) -> None:
+        self.bus, self.worker, self.router = bus, worker, router
+        worker_id = worker.service.worker_id
+        self.subject = Subjects.for_prefix(prefix).load(DEFAULT_PRINCIPAL, worker_id)
+        self.sequencer = Sequencer(worker_id, epoch=time.time_ns())
+
+    async def load(self, in_flight: int = 0, max_in_flight: int = 1, **model: Any) -> None:
+        """Publish one; returns once the router holds it."""
+        fields: dict[str, Any] = {"queue_depth": 0, "max_queue_depth": 0} | model
+        worker_id = self.worker.service.worker_id
+        load = WorkerLoad(
+            worker_id=worker_id,
+            url=self.worker.url,
+            status=WorkerStatus.READY,
+            models=(
+                ModelLoad(
+                    id="sim-model", in_flight=in_flight, max_in_flight=max_in_flight, **fields
+                ),
+            ),
+            heartbeat_interval_s=60.0,  # fresh for the whole test
+        )
+        env = self.sequencer.stamp(load, time.time())
+        await self.bus.publish(self.subject, codec.encode(env))
+        beats = self.router.service.view.beats
+        await eventually(
+            lambda: (
+                worker_id in beats
+                and (beats[worker_id].epoch, beats[worker_id].seq) == (env.epoch, env.seq)
+            )
+        )

@@ -158,7 +158,11 @@ def test_rendered_config_names_every_user() -> None:
         assert f'"user": "{user}"' in text
     worker = natsauth.permissions("worker", "prod.fleet", "worker-1")
     assert worker["publish"] == {
-        "allow": ["prod.fleet.load.worker-1.*", "prod.fleet.registry.wcmd.worker-1.*"]
+        "allow": [
+            "prod.fleet.load.worker-1.*",
+            "prod.fleet.kv.worker-1.*",
+            "prod.fleet.registry.wcmd.worker-1.*",
+        ]
     }
     assert worker["subscribe"] == {"allow": ["_INBOX_worker-1.>"]}
     assert natsauth.url_for("nats://h:4222", "worker", "p@ss/") == "nats://worker:p%40ss%2F@h:4222"
@@ -285,6 +289,11 @@ async def test_a_worker_cannot_heartbeat_for_another(secured: Secured) -> None:
         assert b.service.worker_id is not None
         await lie_about(b.service.worker_id)
         await lie_about(held.id)
+        # nor for another's prefix cache: nats-server refuses its block-event subject
+        kv_of_b = subjects.kv(b_user, b.service.worker_id)
+        await attacker.publish(kv_of_b, b"{}")
+        await attacker.flush()
+        await eventually(lambda: violated(errors, kv_of_b))
         assert ok(await operator.call(GetRequest(id=held.id))).status == S.PENDING
     for bus in (operator_bus, attacker):
         await bus.close()

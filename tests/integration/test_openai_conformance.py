@@ -88,7 +88,7 @@ async def test_backpressure_is_a_503_the_client_would_retry(nats_url: str, prefi
     """A full fleet answers 503 + Retry-After with type service_unavailable_error (docs/worker.md:
     why 503 and not 429); the client raises InternalServerError, and would retry it."""
     tight = FAST | {"max_in_flight": 1, "max_queue_depth": 0, "sim_tokens_per_s": 50.0}
-    async with fleet(nats_url, prefix, [tight]) as (router, (w,)):
+    async with fleet(nats_url, prefix, [tight], ttft_target_s=0.5) as (router, (w,)):
         api = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
         # straight to the worker, so the router's own gateway has room and forwards the next one
         direct = openai.AsyncOpenAI(base_url=w.url + "/v1", api_key="unused", max_retries=0)

@@ -17,16 +17,12 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from schemas import codec
-from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerStatus
-from schemas.subjects import Subjects
 from services.cli.supervisor import wait_routers_heard
 from services.common.bus import Bus
-from services.common.seq import Sequencer
-from services.worker.config import DEFAULT_PRINCIPAL
 from tests.helpers import assert_error_envelope, eventually, free_port, post
 from tests.integration.fleet_fixtures import (
+    Claims,
     fleet,
     running_capacity,
     running_router,
@@ -98,12 +94,15 @@ async def test_routes_to_the_idle_replica_and_follows_load(
 
 
 async def test_saturated_worker_backpressure_reaches_the_client_intact(
-    nats_url: str, prefix: str
+    bus: Bus, nats_url: str, prefix: str
 ) -> None:
     tight = {"sim_tokens_per_s": 10.0, "max_in_flight": 1, "max_queue_depth": 0}
     async with fleet(nats_url, prefix, [tight]) as (router, (w,)), aiohttp.ClientSession() as s:
         hog = asyncio.create_task(post(s, w.url + CHAT, body(max_tokens=30)))
         await eventually(lambda: w.service.models["sim-model"].gate.core.in_flight == 1)
+        # Heartbeat lag, made explicit: the router is told the worker is idle while it is not
+        # (knowing it full, the router would hold the request until the worker has room).
+        await Claims(bus, prefix, w, router).load(in_flight=0)
         direct = await post(s, w.url + CHAT, body())
         relayed = await post(s, router.url + CHAT, body())
         assert relayed[0] == direct[0] == 503
@@ -132,22 +131,7 @@ async def test_refused_request_is_retried_on_a_replica_with_room(
         hog = asyncio.create_task(post(s, first.url + CHAT, body(max_tokens=30)))
         await eventually(lambda: first.service.models["sim-model"].gate.core.in_flight == 1)
         # Heartbeat lag, made explicit: the router is told `first` is idle while it is not.
-        lie = WorkerLoad(
-            worker_id=first.service.worker_id,
-            url=first.url,
-            status=WorkerStatus.READY,
-            models=(
-                ModelLoad(
-                    id="sim-model", in_flight=0, queue_depth=0, max_in_flight=1, max_queue_depth=0
-                ),
-            ),
-            heartbeat_interval_s=5.0,
-        )
-        env = Sequencer(first.service.worker_id, epoch=time.time_ns()).stamp(lie, time.time())
-        subject = Subjects.for_prefix(prefix).load(DEFAULT_PRINCIPAL, first.service.worker_id)
-        await bus.publish(subject, codec.encode(env))
-        first_id = first.service.worker_id
-        await eventually(lambda: router.service.view.score(first_id, "sim-model") == 0)
+        await Claims(bus, prefix, first, router).load(in_flight=0)
         status, _data, _headers = await post(s, router.url + CHAT, body())
         assert status == 200
         assert other.service.models["sim-model"].engine.peak_running == 1
@@ -195,9 +179,9 @@ async def test_official_client_and_error_envelopes(nats_url: str, prefix: str) -
                 assert set(data["error"]) == {"message", "type", "code", "param"}
                 assert resp_headers["x-switchboard-origin"] == "router"
             # the worker's refusal of a feature no engine has reaches the client intact
-            asks = {**body(), "logprobs": True}
+            asks = {**body(), "audio": {"voice": "alloy", "format": "wav"}}
             got, data, resp_headers = await post(s, router.url + CHAT, asks, headers=auth)
-            assert (got, data["error"]["param"]) == (400, "logprobs"), data
+            assert (got, data["error"]["param"]) == (400, "audio"), data
             assert data["error"]["code"] == "unsupported_parameter"
             assert resp_headers["x-switchboard-origin"] == "worker"
 

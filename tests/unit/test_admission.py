@@ -1,10 +1,11 @@
-"""Admission core: admit, queue FIFO, reject, expire, release on every path, Retry-After."""
+"""Admission core: admit, queue FIFO, reject, expire, release on every path, Retry-After, a
+request's own patience and room beyond the slots (fits)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.admission.core import Admission, AdmissionLimits, Admitted, Busy, Queued
+from services.admission.core import Admission, AdmissionLimits, Admitted, Busy, Queued, Waiting
 
 
 def adm(max_in_flight: int = 2, depth: int = 2, wait: float = 5.0) -> Admission:
@@ -59,7 +60,7 @@ def test_expire_after_max_wait(now: float, expired: list[int]) -> None:
     a.request(0.0)
     a.request(0.0)  # ticket 3 queued at t=0
     a.request(2.0)  # ticket 4 queued at t=2
-    assert a.expire(now) == expired
+    assert a.expire(now) == [(t, "timeout") for t in expired]
     assert list(a.queue) == [t for t in (3, 4) if t not in expired]
 
 
@@ -151,3 +152,105 @@ def test_lowering_the_limit_never_evicts_and_raising_admits() -> None:
     assert a.release(1) == []
     assert a.release(2) == []  # still above the new limit
     assert a.set_limit(4) == [4, 5]
+
+
+# ---- a request's own patience (the router's deadline) ----
+
+
+@pytest.mark.parametrize(
+    ("patience", "until", "reason"),
+    [
+        (None, 5.0, "timeout"),  # max_wait_s
+        (2.0, 2.0, "deadline"),  # its own, shorter
+        (5.0, 5.0, "timeout"),  # no shorter than max_wait_s: the gateway's own limit
+        (30.0, 5.0, "timeout"),  # capped by max_wait_s
+    ],
+)
+def test_a_request_waits_at_most_its_patience(
+    patience: float | None, until: float, reason: str
+) -> None:
+    a = adm(max_in_flight=1)  # max_wait 5 s
+    a.request(0.0)
+    assert isinstance(a.request(0.0, patience_s=patience), Queued)
+    assert a.next_deadline() == until
+    assert a.expire(until - 0.01) == []
+    assert a.expire(until) == [(2, reason)]
+
+
+def test_no_time_to_wait_is_refused_at_once_unless_a_slot_is_free() -> None:
+    a = adm(max_in_flight=1)
+    assert isinstance(a.request(0.0, patience_s=0.0), Admitted)  # it need not wait
+    refused = a.request(0.0, patience_s=0.0)
+    assert isinstance(refused, Busy)
+    assert refused.reason == "deadline"
+    assert a.queue_depth == 0
+
+
+# ---- fits: room beyond the slots (the router's fleet view) ----
+
+
+class Room:
+    """A stand-in for the fleet: `free` requests fit; each one admitted takes one (as the
+    router's Placement reserves a replica). Counts the questions."""
+
+    def __init__(self, free: int = 0) -> None:
+        self.free, self.asked = free, 0
+
+    def fits(self) -> bool:
+        self.asked += 1
+        if self.free <= 0:
+            return False
+        self.free -= 1
+        return True
+
+
+@pytest.mark.parametrize(
+    ("slots", "queued_ahead", "room", "verdict", "asked"),
+    [
+        (1, False, 1, Admitted, 1),  # a free slot and room: admitted
+        (1, False, 0, Queued, 1),  # a free slot but no replica can take it: it waits here
+        (0, False, 1, Queued, 0),  # no slot (an operator's cap): not asked, it waits
+        (1, True, 1, Queued, 0),  # someone waits already: not asked, it queues behind them
+    ],
+)
+def test_a_newcomer_is_admitted_only_when_it_fits(
+    slots: int, queued_ahead: bool, room: int, verdict: type, asked: int
+) -> None:
+    a = adm(max_in_flight=2, depth=4)
+    for _ in range(2 - slots):
+        a.request(0.0)
+    if queued_ahead:
+        a.running.clear()  # slots free, but the one queued before is still queued
+        a.queue[99] = Waiting(priority=0, since=0.0, until=5.0, reason="timeout")
+    r = Room(room)
+    assert isinstance(a.request(0.0, fits=r.fits), verdict)
+    assert r.asked == asked
+
+
+def test_queued_requests_go_as_room_appears_and_nobody_jumps_one_that_does_not_fit() -> None:
+    a = adm(max_in_flight=10, depth=5)
+    fleet = Room(0)
+    for priority in (0, 5, 1):  # tickets 1, 2, 3: none fits yet
+        assert isinstance(a.request(0.0, priority, fits=fleet.fits), Queued)
+    plain = a.request(0.0)  # 4: needs no room beyond a slot, but is behind them
+    assert isinstance(plain, Queued)
+    assert a.promote() == []
+    fleet.free = 2
+    assert a.promote() == [2, 3]  # highest priority first; stops at the first that does not fit
+    # asked for ticket 1 as it came (a free slot, nobody ahead), then by the empty promote,
+    # then for 2, 3 and 1
+    assert fleet.asked == 1 + 1 + 3
+    fleet.free = 1
+    assert a.promote() == [1, 4]
+    assert a.queue_depth == 0
+
+
+def test_a_release_admits_only_what_fits() -> None:
+    a = adm(max_in_flight=1, depth=5)
+    a.request(0.0)
+    fleet = Room(0)
+    a.request(0.0, fits=fleet.fits)  # 2
+    assert a.release(1) == []  # a slot, but no replica can take it
+    assert a.in_flight == 0
+    fleet.free = 1
+    assert a.promote() == [2]

@@ -1,4 +1,5 @@
-"""The async gate: a client that leaves while queued gives its place back at once."""
+"""The async gate: a client that leaves while queued gives its place back at once; waiters go
+when they fit (recheck) or are refused when their own patience runs out."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import pytest
 
 from services.admission.core import AdmissionLimits
-from services.admission.gate import Abandoned, Gate
+from services.admission.gate import Abandoned, Gate, Rejected
 from tests.helpers import eventually
 
 
@@ -104,3 +105,36 @@ async def test_the_watch_ends_once_admitted() -> None:
     assert admitted.is_set()
     await asyncio.gather(first, return_exceptions=True)
     assert g.idle.is_set()
+
+
+async def test_recheck_admits_a_waiter_once_it_fits() -> None:
+    g = gate()
+    room = asyncio.Event()  # stands in for the router's fleet view
+    admitted = asyncio.Event()
+
+    async def waiter() -> None:
+        async with g.slot(0, Client().gone, fits=room.is_set):
+            admitted.set()
+
+    task = asyncio.create_task(waiter())
+    await eventually(lambda: g.core.queue_depth == 1)  # a free slot, but no room beyond it
+    g.recheck()
+    assert g.core.queue_depth == 1
+    room.set()
+    g.recheck()
+    await asyncio.wait_for(task, 5)
+    assert admitted.is_set()
+    assert g.idle.is_set()
+
+
+async def test_a_waiter_whose_patience_runs_out_is_refused_as_deadline() -> None:
+    g = gate()  # max_wait 60 s
+
+    async def wait() -> None:
+        async with g.slot(0, Client().gone, patience_s=0.05, fits=lambda: False):
+            pass
+
+    with pytest.raises(Rejected) as refused:
+        await asyncio.wait_for(wait(), 5)  # its own 0.05 s, never the gate's 60 s
+    assert refused.value.busy.reason == "deadline"
+    assert (g.core.in_flight, g.core.queue_depth) == (0, 0)
