@@ -9,9 +9,10 @@ The defaults take about 10 minutes on 2 cores; the issue's longer runs: --durati
 
 What runs: nats-server, registry, capacity and four sim workers (bench/workloads.py FLEET: two
 fast with 16 slots, two at a third of the speed with 4; --speed scales them all), the workers
-registering over NATS as under `up`. Then each target in turn, over the same workers, fresh for
-each workload, the fleet idle in between: Switchboard's router (finding the workers over NATS;
-`switchboard` runs its default policy, `switchboard:NAME` its --policy NAME) and sglang-router /
+registering over NATS as under `up`, started afresh for every target and workload (cold prefix
+caches for each: the workloads repeat their prompts). Then each target in turn: Switchboard's
+router (finding the workers over NATS; `switchboard` runs its default policy,
+`switchboard:NAME` its --policy NAME) and sglang-router /
 vllm-router (installed from PyPI into .bench/peers as bench/router.py does) given the four worker
 URLs and one policy each. Workload (c) goes through two instances of each
 target (Switchboard: two routers with half the capacity each, as `up --routers 2` runs them).
@@ -185,6 +186,21 @@ def describe(fleet: Sequence[SimWorker], args: argparse.Namespace, capacity: flo
     )
 
 
+async def on_a_fresh_fleet(
+    target: str, workload: Workload, args: argparse.Namespace, fleet: Sequence[SimWorker]
+) -> Row:
+    """One target on a stack started for it alone: every target meets cold prefix caches (the
+    workloads repeat their prompts, so a fleet kept between targets would favour later ones)."""
+    procs = Procs({**os.environ, "LOG_LEVEL": "warning"}, args.source.resolve())
+    try:
+        workers = await start_fleet(procs, fleet, shlex.split(args.worker_args))
+        return await run_target(target, workload, args, procs, workers, fleet)
+    except RuntimeError as exc:
+        return Row(target, None, f"not run: the fleet did not start: {exc}")
+    finally:
+        procs.stop()
+
+
 async def main(args: argparse.Namespace) -> None:
     fleet = scaled(FLEET, args.speed)
     capacity = fleet_capacity_rps(fleet)
@@ -200,25 +216,20 @@ async def main(args: argparse.Namespace) -> None:
     describe(fleet, args, capacity)
     shutil.rmtree(LOGS, ignore_errors=True)
     LOGS.mkdir(parents=True)
-    procs = Procs({**os.environ, "LOG_LEVEL": "warning"}, args.source.resolve())
     results: dict[str, list[Row]] = {}
     began = time.monotonic()
-    try:
-        workers = await start_fleet(procs, fleet, shlex.split(args.worker_args))
-        for workload in workloads:
-            rows = results.setdefault(workload.name, [])
-            for target in targets:
-                if target in skipped:
-                    rows.append(Row(target, None, skipped[target]))
-                    continue
-                rows.append(await run_target(target, workload, args, procs, workers, fleet))
-                print(f"  ({workload.name}) {target}: {rows[-1].brief()}", flush=True)
-            print()
-            print(table(workload, rows, PEER_KINDS))
-            notes = [KNOWN[t] for t in targets if t in KNOWN]
-            print("".join(f"- {note}\n" for note in notes), flush=True)
-    finally:
-        procs.stop()
+    for workload in workloads:
+        rows = results.setdefault(workload.name, [])
+        for target in targets:
+            if target in skipped:
+                rows.append(Row(target, None, skipped[target]))
+                continue
+            rows.append(await on_a_fresh_fleet(target, workload, args, fleet))
+            print(f"  ({workload.name}) {target}: {rows[-1].brief()}", flush=True)
+        print()
+        print(table(workload, rows, PEER_KINDS))
+        notes = [KNOWN[t] for t in targets if t in KNOWN]
+        print("".join(f"- {note}\n" for note in notes), flush=True)
     write_png(args.png, results, workloads, args.slo_ttft_s)
     took = time.monotonic() - began
     print(f"TTFT distributions: {args.png}; logs: {LOGS}; took {took:.0f} s;", end=" ")

@@ -107,7 +107,8 @@ async def start_fleet(
     nats = Path(sys.executable).parent / "nats-server"
     binary = str(nats) if nats.exists() else shutil.which("nats-server") or "nats-server"
     port = free_port()
-    procs.start("nats", binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(LOGS / "js"))
+    store = LOGS / f"js-{port}"  # a fresh JetStream store: no records of an earlier fleet
+    procs.start("nats", binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store))
 
     async def listening() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
