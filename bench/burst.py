@@ -4,7 +4,8 @@ Run: .venv/bin/python -m bench.burst [--sizes 100,300,400] [--runs 3] [--steady 
 Two cases, each on its own stack (NATS, registry, capacity, one sim worker, a router; every
 service its own process, logging as it does by default): "gateway" fills the router's gateway
 (its slots and its queue), so the router refuses; "worker" opens the gateway (a capacity
-override) and fills the worker's slots, so the worker refuses and the router relays it. Each
+override) and fills the worker's slots: the router, which knows from the heartbeat that the
+worker is full, refuses (before #16 it forwarded and relayed the worker's refusal). Each
 burst opens all N connections first, then writes every request at once; a latency runs from a
 request's write to the end of its response. The burst/steady column is the ratio of p99s.
 """
@@ -216,12 +217,11 @@ async def run_case(
     (tmp / case).mkdir()
     try:
         await stack.start()
-        await stack.fill("router" if case == "gateway" else "worker")
-        # A worker's refusal puts it in a Retry-After cooldown at the router (refusing on its
-        # own meanwhile): wait it out before each sample, so the worker refuses each time.
-        cooldown_s = 1.1 if case == "worker" else 0.0
-        if case == "worker":
-            steady_n, pause_s = min(steady_n, 10), cooldown_s
+        # Both cases are refused by the router: since the deadline-aware gateway (#16) it does
+        # not forward to a worker whose heartbeat says it is full; with no gateway queue
+        # (worker case) it refuses at once instead of letting the worker refuse.
+        await stack.fill("router")
+        cooldown_s = 0.0
         times, origins = await steady(stack.port, steady_n, pause_s)
         base = pct(times, 0.99)
         report(row(case, "steady", times, origins, base))
