@@ -22,6 +22,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".bench" / "peers"
+# The versions the numbers in docs/router.md were measured with (a run must be repeatable).
+PEER_PINS = ("sglang-router==0.3.2", "vllm-router==0.1.17")
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 
@@ -92,9 +94,7 @@ def pct(values: list[float], q: float) -> float:
 def ensure_peers() -> bool:
     if not (PEERS / "bin" / "vllm-router").exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
-        result = subprocess.run(
-            [str(PEERS / "bin" / "pip"), "install", "-q", "sglang-router", "vllm-router"]
-        )
+        result = subprocess.run([str(PEERS / "bin" / "pip"), "install", "-q", *PEER_PINS])
         if result.returncode != 0:
             return False
     return (PEERS / "bin" / "vllm-router").exists() and (PEERS / "bin" / "python").exists()
