@@ -123,8 +123,9 @@ class FleetView:
         self.suspect_since.pop(worker_id, None)
         return True
 
-    def dispatched_to(self, worker_id: str) -> None:
-        self.dispatched[worker_id] = self.dispatched.get(worker_id, 0) + 1
+    def dispatched_to(self, worker_id: str, slots: int = 1) -> None:
+        """It was sent a request that takes `slots` (n > 1 choices run at once)."""
+        self.dispatched[worker_id] = self.dispatched.get(worker_id, 0) + slots
 
     def busy(self, worker_id: str, retry_after_s: float, now: float) -> None:
         """The worker refused with Retry-After: skip it until then."""
@@ -177,15 +178,15 @@ class FleetView:
         known = 0 if load is None else load.in_flight + load.queue_depth
         return known + self.dispatched.get(worker_id, 0)
 
-    def has_room(self, worker_id: str, model: str) -> bool:
-        """Would it take one more without refusing (a free slot or queue space)? A worker not
-        heard from yet may: a retry is worth a try there (a refusal cools it down)."""
+    def has_room(self, worker_id: str, model: str, slots: int = 1) -> bool:
+        """Would it take a request of `slots` more without refusing (free slots or queue space)?
+        A worker not heard from yet may: a retry is worth a try there (a refusal cools it down)."""
         if worker_id not in self.beats:
             return True
         load = self.model_load(worker_id, model)
         if load is None:
             return False
-        return self.score(worker_id, model) < load.max_in_flight + load.max_queue_depth
+        return self.score(worker_id, model) + slots <= load.max_in_flight + load.max_queue_depth
 
     def serves(self, model: str) -> bool:
         """Some registered worker, in any status, lists the model (else it is unknown: 404)."""
@@ -235,9 +236,11 @@ class FleetView:
         need_room: bool = False,
         prompt: Prompt = NO_PROMPT,
         budget_s: float | None = None,
+        slots: int = 1,
     ) -> Choice | NoChoice:
-        """budget_s: only replicas whose estimated TTFT is within it (see the docstring)."""
-        usable = self.eligible(model, now, exclude, need_room)
+        """budget_s: only replicas whose estimated TTFT is within it (see the docstring);
+        slots: what the request takes on a worker (its n choices), for need_room."""
+        usable = self.eligible(model, now, exclude, need_room, slots)
         if not isinstance(usable, list):
             return usable
         pool, unheard = self.pool(usable, now)
@@ -257,7 +260,7 @@ class FleetView:
         return Choice(best.worker_id, url, best.busy, self.is_fresh(best.worker_id, now), estimate)
 
     def eligible(
-        self, model: str, now: float, exclude: frozenset[str], need_room: bool
+        self, model: str, now: float, exclude: frozenset[str], need_room: bool, slots: int = 1
     ) -> list[WorkerRecord] | NoChoice:
         """Ready replicas of the model that may take this attempt, or why there are none."""
         serving = [r for r in self.records.values() if model in r.models]
@@ -271,7 +274,7 @@ class FleetView:
             if self.cooldown_until.get(r.id, 0.0) <= now and r.id not in self.suspect_since
         ]
         if need_room:
-            usable = [r for r in usable if self.has_room(r.id, model)]
+            usable = [r for r in usable if self.has_room(r.id, model, slots)]
         if usable:
             return usable
         if not ready:

@@ -94,19 +94,25 @@ class Placement:
         *,
         deadline: float,
         patience_s: float,
+        slots: int = 1,
     ) -> None:
         self.view, self.clock, self.model, self.prompt = view, clock, model, prompt
-        self.deadline, self.patience_s = deadline, patience_s
+        self.deadline, self.patience_s, self.slots = deadline, patience_s, slots
         self.choice: Choice | None = None
 
     def fits(self) -> bool:
         now = self.clock()
         choice = self.view.choose(
-            self.model, now, need_room=True, prompt=self.prompt, budget_s=self.deadline - now
+            self.model,
+            now,
+            need_room=True,
+            prompt=self.prompt,
+            budget_s=self.deadline - now,
+            slots=self.slots,
         )
         if not isinstance(choice, Choice):
             return False
         # If the client leaves in this very instant the count stays until the next heartbeat.
-        self.view.dispatched_to(choice.worker_id)
+        self.view.dispatched_to(choice.worker_id, self.slots)
         self.choice = choice
         return True

@@ -127,15 +127,17 @@ class Forwarder:
         gone: Callable[[], Awaitable[object]],
         began: float,
         ttft_target_s: float | None = None,
+        slots: int = 1,
     ) -> Response:
         """The response to one request whose body the edge has read and checked.
-        ttft_target_s: the client's own target (x-switchboard-ttft-target-s), else configured."""
+        ttft_target_s: the client's own target (x-switchboard-ttft-target-s), else configured;
+        slots: what it takes on a worker (n or best_of choices run at once)."""
         tally = Tally(model, began)
         if not self.view.serves(model):
             tally.label = UNKNOWN  # a made-up name must not mint a metrics series
             return self._refuse(tally, no_choice_error(UnknownModel(model)))
         prompt = prompt_of(body)  # hashed once, whatever the number of attempts
-        placement = self._placement(model, priority, prompt, ttft_target_s)
+        placement = self._placement(model, priority, prompt, ttft_target_s, slots)
         if isinstance(placement, ApiError):
             return self._refuse(tally, placement)
         gate = self.gateway.gate(model)
@@ -152,7 +154,7 @@ class Forwarder:
             self._finish(tally, 499, "router")
             return Response(status_code=499)
         try:
-            answer = await self._send(path, body, tally, prompt, placement)
+            answer = await self._send(path, body, tally, prompt, placement, slots)
         except BaseException as exc:  # an unexpected error must not keep the slot
             await slot.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -163,7 +165,7 @@ class Forwarder:
         return self._relay(answer, tally, slot)
 
     def _placement(
-        self, model: str, priority: int, prompt: Prompt, asked_s: float | None
+        self, model: str, priority: int, prompt: Prompt, asked_s: float | None, slots: int
     ) -> Placement | ApiError | None:
         """How the request waits for its replica at the gateway, or its refusal now. None: no
         replica is eligible; the gateway cannot judge, and the first attempt's refusal says why."""
@@ -176,11 +178,23 @@ class Forwarder:
         if isinstance(verdict, TooLate):
             return gateway_busy(model, "deadline", verdict.retry_after_s)
         return Placement(
-            self.view, self.clock, model, prompt, deadline=now + target, patience_s=verdict.wait_s
+            self.view,
+            self.clock,
+            model,
+            prompt,
+            deadline=now + target,
+            patience_s=verdict.wait_s,
+            slots=slots,
         )
 
     async def _send(
-        self, path: str, body: bytes, tally: Tally, prompt: Prompt, placement: Placement | None
+        self,
+        path: str,
+        body: bytes,
+        tally: Tally,
+        prompt: Prompt,
+        placement: Placement | None,
+        slots: int = 1,
     ) -> Response | aiohttp.ClientResponse:
         """The first worker answer that is not a refusal (to relay), else the response to send
         instead: the last worker refusal, or the router's own. One choice per attempt (the first
@@ -192,7 +206,12 @@ class Forwarder:
         placed = None if placement is None else placement.choice
         while True:
             choice = placed or self.view.choose(
-                tally.model, self.clock(), frozenset(tried), need_room=bool(tried), prompt=prompt
+                tally.model,
+                self.clock(),
+                frozenset(tried),
+                need_room=bool(tried),
+                prompt=prompt,
+                slots=slots,
             )
             if not isinstance(choice, Choice):
                 return refused if refused is not None else router_error(no_choice_error(choice))
@@ -201,7 +220,7 @@ class Forwarder:
                 return refused if refused is not None else router_error(no_choice_error(spent))
             tried.add(choice.worker_id)
             if choice is not placed:  # a placed one was counted as the gateway admitted it
-                self.view.dispatched_to(choice.worker_id)
+                self.view.dispatched_to(choice.worker_id, slots)
             placed = None
             tally.worker, tally.attempts = choice.worker_id, tally.attempts + 1
             last = tally.attempts >= self.max_attempts

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from schemas import codec
-from schemas.inference import ModelCard, ModelList
+from schemas.inference import MAX_N, ModelCard, ModelList
 from services.common.errors import Refused, invalid
 from services.common.http import (
     ENVELOPE_ERRORS,
@@ -41,11 +41,25 @@ PRIORITY = "x-switchboard-priority"
 TTFT_TARGET = "x-switchboard-ttft-target-s"
 
 
+MAX_SLOTS = MAX_N  # the most choices a request may ask for
+
+
 class RoutingFields(msgspec.Struct, frozen=True):
     """The only parts of a request the router reads; the body is forwarded byte for byte."""
 
     model: str
     stream: bool = False
+    # Choices run at once on the worker, each in a slot. Read leniently: the worker judges the
+    # values (a bad one is its 400), the router only counts plausible ones.
+    n: object = 1
+    best_of: object = None
+
+    @property
+    def slots(self) -> int:
+        """What the request takes on a worker: its n (or best_of) when that is a plausible
+        count, else 1 (the worker refuses it anyway)."""
+        counts = [c for c in (self.n, self.best_of) if type(c) is int and 1 <= c <= MAX_SLOTS]
+        return max(counts, default=1)
 
 
 def asked_priority(request: Request) -> int:
@@ -122,6 +136,7 @@ def create_app(
             gone=lambda: disconnected(request),
             began=began,
             ttft_target_s=ttft_target_s,
+            slots=fields.slots,
         )
 
     async def models(_: Request) -> Response:

@@ -7,11 +7,13 @@ from collections import Counter
 
 import pytest
 
+from schemas import codec
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.common.errors import ConfigError
 from services.router import config
 from services.router.core import Choice, FleetView, NoChoice, NoReplica, UnknownModel
+from services.router.http import RoutingFields
 from services.router.policy import PolicyName
 from services.router.rules import (
     PriorityCaps,
@@ -185,6 +187,30 @@ def test_exclude_and_need_room() -> None:
     assert not v.has_room("b", "m")
 
 
+@pytest.mark.parametrize(
+    ("busy", "slots", "room"),
+    [
+        (0, 1, True),
+        (5, 3, True),  # 5 + 3 = 8 = 4 slots + 4 queue places: just fits
+        (6, 3, False),  # an n=3 request needs three places, not one
+        (7, 1, True),
+        (0, 9, False),  # more than the worker could ever hold at once
+    ],
+)
+def test_room_counts_every_slot_a_request_takes(busy: int, slots: int, room: bool) -> None:
+    v = view(rec("a"), a=load("a", min(busy, 4), max(busy - 4, 0)))
+    assert v.has_room("a", "m", slots) is room
+    decision = v.choose("m", 100.0, need_room=True, slots=slots)
+    assert isinstance(decision, Choice) is room
+
+
+def test_a_request_of_n_choices_counts_n_dispatches() -> None:
+    v = view(rec("a"), rec("b"), policy="least_busy", a=load("a", 0), b=load("b", 1))
+    v.dispatched_to("a", 3)  # one n=3 request: a now looks busier than b
+    assert v.score("a", "m") == 3
+    assert chosen(v.choose("m", 100.0)) == "b"
+
+
 def test_burst_between_heartbeats_spreads_evenly() -> None:
     workers = ["w1", "w2", "w3", "w4"]
     v = view(*(rec(w) for w in workers))
@@ -267,3 +293,19 @@ def test_priority_caps_come_from_config_and_name_only_known_keys() -> None:
     with pytest.raises(ConfigError, match="key_max_priority names 1 key") as err:
         config.load([], {**env, "ROUTER_KEY_MAX_PRIORITY": "k1=10,secret-k3=5"})
     assert "secret-k3" not in str(err.value)  # keys are secrets: never echoed
+
+
+@pytest.mark.parametrize(
+    ("body", "slots"),
+    [
+        (b'{"model": "m"}', 1),
+        (b'{"model": "m", "n": 3}', 3),
+        (b'{"model": "m", "n": 2, "best_of": 5}', 5),
+        (b'{"model": "m", "n": 0}', 1),  # the worker refuses it; the router counts one
+        (b'{"model": "m", "n": "3"}', 1),
+        (b'{"model": "m", "best_of": 18446744073709551616}', 1),  # no overflow, no wait
+        (b'{"model": "m", "n": 3.0}', 1),
+    ],
+)
+def test_slots_a_request_takes_are_read_leniently(body: bytes, slots: int) -> None:
+    assert codec.decode(body, RoutingFields).slots == slots
