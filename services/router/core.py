@@ -186,7 +186,10 @@ class FleetView:
         load = self.model_load(worker_id, model)
         if load is None:
             return False
-        return self.score(worker_id, model) + slots <= load.max_in_flight + load.max_queue_depth
+        # More choices than it has slots: it refuses them at once with its 400 naming `n`, so
+        # waiting for that much room would only delay the answer.
+        need = slots if slots <= load.max_in_flight else 1
+        return self.score(worker_id, model) + need <= load.max_in_flight + load.max_queue_depth
 
     def serves(self, model: str) -> bool:
         """Some registered worker, in any status, lists the model (else it is unknown: 404)."""

@@ -193,8 +193,10 @@ def test_exclude_and_need_room() -> None:
         (0, 1, True),
         (5, 3, True),  # 5 + 3 = 8 = 4 slots + 4 queue places: just fits
         (6, 3, False),  # an n=3 request needs three places, not one
+        (4, 4, True),  # all four slots taken, four queue places: an n=4 request fits
         (7, 1, True),
-        (0, 9, False),  # more than the worker could ever hold at once
+        (0, 9, True),  # more than its slots: it answers at once (a 400), nothing to wait for
+        (8, 9, False),  # ... unless it is full
     ],
 )
 def test_room_counts_every_slot_a_request_takes(busy: int, slots: int, room: bool) -> None:
