@@ -46,7 +46,7 @@ class PromptFields(msgspec.Struct, frozen=True):
 
 def chat_text(messages: Iterable[tuple[str, str]]) -> bytes:
     """The canonical bytes of a chat: (role, text) pairs, in order."""
-    return b"".join(_utf8(role) + _ROLE_END + _utf8(text) + _TEXT_END for role, text in messages)
+    return b"".join(utf8(role) + _ROLE_END + utf8(text) + _TEXT_END for role, text in messages)
 
 
 def prompt_text(fields: PromptFields) -> bytes:
@@ -54,11 +54,11 @@ def prompt_text(fields: PromptFields) -> bytes:
     if fields.messages is not None:
         return chat_text((m.role, m.text()) for m in fields.messages)
     if isinstance(fields.prompt, list):
-        return _utf8(fields.prompt[0]) if fields.prompt else b""
-    return _utf8(fields.prompt or "")
+        return utf8(fields.prompt[0]) if fields.prompt else b""
+    return utf8(fields.prompt or "")
 
 
-def _utf8(text: str) -> bytes:
+def utf8(text: str) -> bytes:
     """Bytes of any str, a lone surrogate included (JSON can carry one; the worker reads it so)."""
     return text.encode("utf-8", "surrogatepass")
 

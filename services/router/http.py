@@ -23,7 +23,6 @@ from services.common.errors import Refused, invalid
 from services.common.http import (
     ENVELOPE_ERRORS,
     BearerAuth,
-    Handler,
     HealthCheck,
     decode_body,
     disconnected,
@@ -96,21 +95,8 @@ def create_app(
     priority_caps: PriorityCaps | None = None,
 ) -> ASGIApp:
     """dashboard_interval_s None: no /dashboard."""
-    auth = BearerAuth(api_keys)
+    auth = BearerAuth(api_keys, headers={ORIGIN: "router"})  # its 401s marked as the router's
     caps = priority_caps or PriorityCaps()
-
-    def unauthorized() -> Response:
-        response = auth.unauthorized()
-        response.headers[ORIGIN] = "router"
-        return response
-
-    def guard(handler: Handler) -> Handler:
-        """auth.guard, with the 401 marked as the router's like every refusal it makes."""
-
-        async def guarded(request: Request) -> Response:
-            return await handler(request) if auth.allows(request) else unauthorized()
-
-        return guarded
 
     def authorized_page(request: Request) -> bool:
         """The dashboard also takes ?key=: a browser's EventSource cannot send headers."""
@@ -121,8 +107,8 @@ def create_app(
         try:
             body = await read_body(request, body_limit)
             fields = decode_body(body, RoutingFields)
-            # Past guard(): with keys configured the token is one of them (config ties caps to
-            # keys).
+            # Past auth.guard(): with keys configured the token is one of them (config ties
+            # caps to keys).
             key = auth.token(request) if auth.tokens else None
             priority = caps.allowed(asked_priority(request), key)
             ttft_target_s = asked_ttft_target_s(request)
@@ -163,18 +149,18 @@ def create_app(
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     routes = [
-        Route("/v1/chat/completions", guard(completions), methods=["POST"]),
-        Route("/v1/completions", guard(completions), methods=["POST"]),
-        Route("/v1/models", guard(models), methods=["GET"]),
+        Route("/v1/chat/completions", auth.guard(completions), methods=["POST"]),
+        Route("/v1/completions", auth.guard(completions), methods=["POST"]),
+        Route("/v1/models", auth.guard(models), methods=["GET"]),
         # :path, since model ids are Hugging Face names ("org/name")
-        Route("/v1/models/{model:path}", guard(model), methods=["GET"]),
+        Route("/v1/models/{model:path}", auth.guard(model), methods=["GET"]),
         Route("/readyz", readyz),
         Route("/health", health_probe),
         *ops_routes(metrics_registry, health),
     ]
     if dashboard_interval_s is not None:
         routes += dashboard_routes(
-            shell, authorized_page, unauthorized, interval_s=dashboard_interval_s
+            shell, authorized_page, auth.unauthorized, interval_s=dashboard_interval_s
         )
     # Outermost, so even Starlette's own 500 carries the request id.
     return RequestIds(Starlette(routes=routes, exception_handlers=ENVELOPE_ERRORS))

@@ -13,7 +13,7 @@ import msgspec
 
 from schemas.inference import ChatCompletionRequest, CompletionRequest, SamplingFields
 from schemas.load import ModelLoad, WorkerLoad
-from schemas.prefix import block_hashes, chat_text
+from schemas.prefix import block_hashes, chat_text, utf8
 from schemas.registry import WorkerRecord, WorkerSpec, WorkerStatus
 from services.admission.core import Admission, Busy
 from services.common.errors import ApiError, at_capacity, invalid
@@ -198,7 +198,7 @@ def prompt_blocks(req: ChatCompletionRequest | CompletionRequest) -> tuple[int, 
     """The request's prompt blocks, named as the router names them (schemas/prefix.py)."""
     if isinstance(req, ChatCompletionRequest):
         return block_hashes(chat_text((m.role, m.text()) for m in req.messages))
-    return block_hashes(req.prompt_text().encode("utf-8", "surrogatepass"))
+    return block_hashes(utf8(req.prompt_text()))
 
 
 # ---- shaping one OpenAI request ----
