@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from schemas import codec
+from schemas.registry import WorkerRecord, WorkerStatus
 from services.common.bus import Bus
 
 
@@ -141,3 +142,15 @@ def pid_with_args(*args: str) -> int:
                 found.append(int(entry.name))
     assert len(found) == 1, f"{len(found)} processes with {args} on their command line"
     return found[0]
+
+
+def ready_record(wid: str, labels: dict[str, str] | None = None) -> WorkerRecord:
+    """A Ready worker serving model "m" (the router's unit tables)."""
+    return WorkerRecord(
+        id=wid,
+        url=f"http://{wid}:1",
+        models=("m",),
+        status=WorkerStatus.READY,
+        revision=1,
+        labels=labels or {},
+    )

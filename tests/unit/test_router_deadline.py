@@ -7,7 +7,7 @@ import pytest
 
 from schemas.capacity import MAX_CAPACITY, CapacitySource, CapacityView, ModelCapacity
 from schemas.load import ModelLoad, WorkerLoad
-from schemas.registry import WorkerRecord, WorkerStatus
+from schemas.registry import WorkerStatus
 from services.common.errors import ConfigError
 from services.registry.index import HEARTBEAT_LABEL
 from services.router import config
@@ -22,6 +22,7 @@ from services.router.deadline import (
     patience,
 )
 from services.router.policy import Prompt
+from tests.helpers import ready_record as rec
 
 NOW = 100.0
 NO_PROMPT = Prompt()
@@ -66,17 +67,6 @@ def test_a_model_target_above_the_priority_entries_is_kept() -> None:
 )
 def test_patience(target: float, best: float, max_wait: float, verdict: object) -> None:
     assert patience(target, best, max_wait) == verdict
-
-
-def rec(wid: str, labels: dict[str, str] | None = None) -> WorkerRecord:
-    return WorkerRecord(
-        id=wid,
-        url=f"http://{wid}:1",
-        models=("m",),
-        status=WorkerStatus.READY,
-        revision=1,
-        labels=labels or {},
-    )
 
 
 def beat(wid: str, running: int, queued: int, mif: int, mq: int, service_s: float) -> WorkerLoad:

@@ -12,7 +12,7 @@ import pytest
 from schemas.kv import KvBlocks
 from schemas.load import ModelLoad, WorkerLoad
 from schemas.prefix import BLOCK_BYTES, block_hashes
-from schemas.registry import WorkerRecord, WorkerStatus
+from schemas.registry import WorkerStatus
 from services.common.errors import ConfigError
 from services.router import config
 from services.router.core import Choice, FleetView
@@ -24,22 +24,12 @@ from services.router.policy import (
     Prompt,
     estimate_s,
 )
+from tests.helpers import ready_record as rec
 
 NOW = 100.0
 SYSTEM = b"You are a careful assistant. " * 140  # ~4 KB: 15 full blocks
 LONG = Prompt.of(16 * 1024, block_hashes(b"x" * 16 * 1024))  # 4096 tokens, 64 blocks
 SHORT = Prompt.of(256, ())  # 64 tokens
-
-
-def rec(wid: str, labels: dict[str, str] | None = None) -> WorkerRecord:
-    return WorkerRecord(
-        id=wid,
-        url=f"http://{wid}:1",
-        models=("m",),
-        status=WorkerStatus.READY,
-        revision=1,
-        labels=labels or {},
-    )
 
 
 class Speed(NamedTuple):
