@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # PyTorch's CPU wheels: a machine without an NVIDIA GPU gets torch without GBs of CUDA libraries.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: up test lint type unit fmt test-gpu test-latest lock browser clean bench-routing
+.PHONY: up test lint type unit fmt test-gpu test-latest lock browser clean bench-routing bench-router
 
 # install(VENV, LOCK): the locked pip and build backend, torch, the lock, then this project itself
 # without touching its dependencies (no build isolation: the backend is the locked one).
@@ -73,6 +73,12 @@ test-latest:
 # ARGS: its flags, e.g. ARGS="--workloads a --no-peers".
 bench-routing: $(VENV)/.dev-deps
 	$(BIN)/python -m bench.routing $(ARGS)
+
+# The router data-path benchmark (bench/router.py): wrk against fixed-response nginx, direct and
+# through each router (peers, Switchboard with 1 and 2 routers); installs wrk and nginx with
+# apt-get when missing. ARGS: its flags, e.g. ARGS="--quick --no-peers" or ARGS="--baseline HEAD".
+bench-router: $(VENV)/.dev-deps
+	$(BIN)/python -m bench.router $(ARGS)
 
 # Headless Chromium (Debian's package) for the /dashboard browser test; that test skips without it.
 browser:
