@@ -26,10 +26,25 @@ class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A call the assistant made: in a response, and in the history a client sends back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -60,10 +75,25 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     # {"<token id>": bias}; the worker checks the ids against its model's vocabulary
     logit_bias: dict[str, Bias] | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # vLLM's extension
+    # vLLM's structured-output extension (services/worker/engines/grammar.py checks them): a
+    # JSON Schema (or its text), a regex, one of these strings, a Lark grammar.
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def wanted_logprobs(self) -> int | None:
         """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
         return None
+
+    def constraint_fields(self) -> dict[str, Any]:
+        """The fields that may constrain the output's text (grammar.requested reads them)."""
+        return {
+            "guided_json": self.guided_json,
+            "guided_regex": self.guided_regex,
+            "guided_choice": self.guided_choice,
+            "guided_grammar": self.guided_grammar,
+        }
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -87,9 +117,10 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None  # needs logprobs
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked by the worker (services/worker/tools.py)
     functions: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # None: true, OpenAI's default
     function_call: Any = None
     response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -101,13 +132,13 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def constraint_fields(self) -> dict[str, Any]:
+        return {"response_format": self.response_format, **super().constraint_fields()}
+
     def _asked(self) -> dict[str, bool]:
         return {
-            "tools": bool(self.tools),
             "functions": bool(self.functions),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "function_call": self.function_call not in (None, "none", "auto"),
-            "response_format": (self.response_format or {}).get("type", "text") != "text",
             "audio": self.audio is not None,
             "modalities": self.modalities not in (None, ["text"]),
             "web_search_options": self.web_search_options is not None,  # {} asks for search
@@ -150,7 +181,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 
 class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: str = "assistant"
-    content: str = ""
+    content: str | None = ""  # None: only tool calls
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET  # left out when none
 
 
 class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,9 +223,24 @@ class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage
 
 
+class FunctionDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A streamed call: its first delta has id, type and name; the rest, argument pieces."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta
+
+
 class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,6 +17,7 @@ from schemas.prefix import block_hashes, chat_text, utf8
 from schemas.registry import WorkerRecord, WorkerSpec, WorkerStatus
 from services.admission.core import Admission, Busy
 from services.common.errors import ApiError, at_capacity, invalid
+from services.worker.engines import grammar
 from services.worker.engines.params import EngineLimits, SamplingParams
 from services.worker.engines.penalties import BadBias, parse_bias
 from services.worker.engines.template import IMAGE_PART, refused_part
@@ -287,6 +288,9 @@ def sampling(
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
         # as OpenAI answers it: alternatives of nothing
         return invalid("top_logprobs needs logprobs: true", param="top_logprobs")
+    constraint = grammar.requested(req.constraint_fields())  # response_format, guided_*
+    if isinstance(constraint, grammar.Problem):
+        return invalid(constraint.message, "invalid_value", constraint.param)
     return SamplingParams(
         max_tokens=wanted,
         temperature=req.temperature,
@@ -299,6 +303,7 @@ def sampling(
         repetition_penalty=req.repetition_penalty,
         logit_bias=bias,
         logprobs=req.wanted_logprobs(),
+        constraint=constraint,
     )
 
 

@@ -33,12 +33,14 @@ from services.common.http import (
 )
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
-from services.worker import choices, core
+from services.worker import choices, core, tool_replies, tools
 from services.worker.engines.base import EngineError
 from services.worker.metrics import WorkerMetrics
 from services.worker.openai import DONE, Answer, Shape, best, chars, usage
 from services.worker.run import Run, merged
 from services.worker.served import ServedModel, admissions, stats
+from services.worker.tool_formats import call_id
+from services.worker.tool_prompts import ChatPrompts
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class WorkerApi:
         self.default_max_tokens = default_max_tokens
         self.max_n = max_n
         self.clock = clock
+        self.prompts = ChatPrompts()
 
     def _model(self, name: str) -> ServedModel:
         served = self.models.get(name)
@@ -88,8 +91,12 @@ class WorkerApi:
         req = await self._decode(request, ChatCompletionRequest)
         served = self._model(req.model)
         refuse(core.refused_content(req, served.engine.limits.accepts_images))
-        prompt = served.engine.chat_prompt(req.messages)
-        return await self._generate(request, served, req, prompt)
+        chat_template, model_tools = self.prompts.of(req.model, served.engine)
+        plan = tools.plan(req, model_tools, req.model)
+        if isinstance(plan, ApiError):
+            raise Refused(plan)
+        prompt = self.prompts.prompt(served.engine, req, chat_template, plan)
+        return await self._generate(request, served, req, prompt, plan)
 
     async def completions(self, request: Request) -> Response:
         req = await self._decode(request, CompletionRequest)
@@ -102,6 +109,7 @@ class WorkerApi:
         served: ServedModel,
         req: ChatCompletionRequest | CompletionRequest,
         prompt: str,
+        plan: tools.ToolPlan | None = None,
     ) -> Response:
         engine = served.engine
         params = core.sampling(
@@ -113,6 +121,10 @@ class WorkerApi:
         )
         if isinstance(params, ApiError):
             raise Refused(params)
+        if plan is not None:  # tool_choice "required" or a named function: a grammar
+            params = tools.constrained(params, plan)
+            if isinstance(params, ApiError):
+                raise Refused(params)
         runs = choices.candidates(req, self.max_n, served.gate.core.limits.max_in_flight)
         if isinstance(runs, ApiError):
             raise Refused(runs)
@@ -167,10 +179,10 @@ class WorkerApi:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return GuardedStream(self._stream(run, shape, include_usage), cleanup)
+            return GuardedStream(self._stream(run, shape, include_usage, plan), cleanup)
         response = Response(status_code=500)  # what the client gets if _collect itself fails
         try:
-            response = await self._collect(request, run, shape, req.n)
+            response = await self._collect(request, run, shape, req.n, plan)
             return response
         finally:
             await cleanup(response.status_code)
@@ -200,16 +212,29 @@ class WorkerApi:
             if prefix is not None:
                 self.metrics.observe_prefix(run.model, prefix.blocks, prefix.hits)
 
-    async def _stream(self, run: Run, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, run: Run, shape: Shape, include_usage: bool, plan: tools.ToolPlan | None = None
+    ) -> AsyncIterator[bytes]:
         first = shape.first(len(run.jobs))
         if first:
             yield first
         offsets = [0] * len(run.jobs)  # per text choice: where its next token starts
+        readers = [] if plan is None else [plan.stream(new_call_id(plan)) for _ in run.jobs]
         try:
             async with contextlib.aclosing(merged(run.jobs)) as chunks:
                 async for i, chunk in chunks:
                     self._first_token(run, i)
-                    if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    if readers:  # each choice's text read for calls
+                        for piece in tool_replies.pieces(
+                            shape,
+                            readers[i],
+                            chunk.text,
+                            chunk.finish_reason,
+                            index=i,
+                            steps=chunk.logprobs,
+                        ):
+                            yield piece
+                    elif chunk.text or chunk.finish_reason or chunk.logprobs:
                         yield shape.piece(
                             chunk.text,
                             chunk.finish_reason,
@@ -225,7 +250,9 @@ class WorkerApi:
             yield shape.usage_chunk(usage(run.prompt_tokens, run.completion_tokens))
         yield DONE
 
-    async def _collect(self, request: Request, run: Run, shape: Shape, n: int) -> Response:
+    async def _collect(
+        self, request: Request, run: Run, shape: Shape, n: int, plan: tools.ToolPlan | None = None
+    ) -> Response:
         """The whole response; of more jobs than n (best_of), the n best answers."""
 
         async def gather() -> list[Answer]:
@@ -248,6 +275,9 @@ class WorkerApi:
             return error_response(core.engine_failed(str(exc)))
         if len(answers) > n:
             answers = best(answers, n)
+        if plan is not None:  # each choice read for calls
+            for answer in answers:
+                tool_replies.settle(answer, plan.stream(new_call_id(plan)))
         # usage counts every job's tokens, best_of's unanswered candidates too: generated
         body = shape.full(answers, usage(run.prompt_tokens, run.completion_tokens))
         return Response(codec.encode(body), media_type="application/json")
@@ -266,6 +296,11 @@ class WorkerApi:
         name: str = request.path_params["model"]
         self._model(name)
         return Response(codec.encode(ModelCard(id=name)), media_type="application/json")
+
+
+def new_call_id(plan: tools.ToolPlan) -> Callable[[], str]:
+    """Fresh call ids in the plan's format."""
+    return lambda: call_id(plan.format, uuid.uuid4().hex)
 
 
 def create_app(api: WorkerApi, metrics_registry: CollectorRegistry, health: HealthCheck) -> ASGIApp:

@@ -21,6 +21,7 @@ from schemas.inference import (
     TextCompletion,
     TextLogprobs,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -49,6 +50,7 @@ class Answer:
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.steps: list[StepLogprobs] = []
+        self.reply: AssistantMessage | None = None  # its text read for tool calls, if it was
 
     def add(self, text: str, finish_reason: str | None, steps: Sequence[StepLogprobs]) -> None:
         self.parts.append(text)
@@ -130,7 +132,7 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
             choices = [
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=a.text),
+                    message=a.reply or AssistantMessage(content=a.text),
                     finish_reason=a.finish_reason,
                     logprobs=chat_logprobs(a.steps) if self.logprobs else None,
                 )
@@ -170,12 +172,13 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
         index: int = 0,
         steps: Sequence[StepLogprobs] = (),
         offset: int = 0,
+        calls: Sequence[ToolCallDelta] = (),
     ) -> bytes:
         """One chunk of choice `index`; steps: its tokens' logprobs (offset: where the first
-        starts in that text choice's text so far)."""
+        starts in that text choice's text so far); calls: tool-call deltas (chat)."""
         if self.chat:
             lp = chat_logprobs(steps) if self.logprobs and steps else None
-            delta = Delta(content=text) if text else Delta()
+            delta = Delta(content=text or None, tool_calls=list(calls) if calls else None)
             choice = ChatChunkChoice(
                 index=index, delta=delta, finish_reason=finish_reason, logprobs=lp
             )

@@ -170,7 +170,14 @@ async def test_disconnect_frees_the_slot_and_stops_generation(nats_url: str, pre
         ("/v1/completions", {"model": "sim-model"}, 400, "invalid_request_error", "invalid_value"),
         (CHAT, chat_body(n=9), 400, "invalid_request_error", "invalid_value"),  # max_n 8
         (CHAT, chat_body(top_logprobs=2), 400, "invalid_request_error", "invalid_value"),
-        (CHAT, chat_body(tools=[{}]), 400, "invalid_request_error", "unsupported_parameter"),
+        (CHAT, chat_body(tools=[{}]), 400, "invalid_request_error", "invalid_value"),
+        (
+            CHAT,
+            chat_body(functions=[{"name": "f"}]),
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+        ),
         (
             "/v1/completions",
             {"model": "sim-model", "prompt": "x", "echo": True},
@@ -239,10 +246,10 @@ async def test_official_openai_client_stream_and_not(nats_url: str, prefix: str)
                 model="alpha",
                 messages=messages,
                 max_tokens=7,
-                response_format={"type": "json_object"},
+                functions=[{"name": "f", "parameters": {"type": "object"}}],
             )
         assert refused.value.code == "unsupported_parameter"
-        assert refused.value.param == "response_format"
+        assert refused.value.param == "functions"
         text = await client.completions.create(model="beta", prompt="once upon", max_tokens=4)
         assert text.usage is not None
         assert text.usage.completion_tokens == 4

@@ -345,16 +345,14 @@ TEXT_BASE: dict[str, Any] = {"model": "m", "prompt": "hi"}
         (CHAT_BASE, {"top_logprobs": 3}, None),
         (TEXT_BASE, {"logprobs": 0}, None),
         (TEXT_BASE, {"best_of": 3}, None),
+        # served now (#18): tools, tool_choice (checked by the worker's tools module) and
+        # structured output (checked by its grammar module)
+        (CHAT_BASE, {"tools": [{"type": "function", "function": {"name": "f"}}]}, None),
+        (CHAT_BASE, {"tool_choice": "required"}, None),
+        (CHAT_BASE, {"tool_choice": {"type": "function", "function": {"name": "f"}}}, None),
+        (CHAT_BASE, {"response_format": {"type": "json_object"}}, None),
         # anything that asks for a feature no engine has is named
-        (CHAT_BASE, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (CHAT_BASE, {"functions": [{"name": "f"}]}, "functions"),
-        (CHAT_BASE, {"tool_choice": "required"}, "tool_choice"),
-        (
-            CHAT_BASE,
-            {"tool_choice": {"type": "function", "function": {"name": "f"}}},
-            "tool_choice",
-        ),
-        (CHAT_BASE, {"response_format": {"type": "json_object"}}, "response_format"),
         (TEXT_BASE, {"echo": True}, "echo"),
         (TEXT_BASE, {"suffix": "}"}, "suffix"),
     ],

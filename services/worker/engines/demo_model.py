@@ -13,9 +13,33 @@ from pathlib import Path
 
 DEMO_NAME = "switchboard-demo"
 SPECIAL = ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Hermes/Qwen style tools: described in the first system turn (or one of their own), called as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, answered in <tool_response> turns.
+# Without tools it writes exactly what it always has.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{%- macro tools_block() -%}\n"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    "{%- endmacro -%}\n"
+    "{{ bos_token }}{% set ns = namespace(tools_at=-1) %}{% if tools %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% set ns.tools_at = loop.index0 %}{% break %}{% endif %}{% endfor %}"
+    "{% if ns.tools_at == -1 %}<|system|>\n{{ tools_block() }}<|end|>\n{% endif %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'tool' %}"
+    "<|user|>\n<tool_response>\n{{ m['content'] }}\n</tool_response><|end|>\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if loop.index0 == ns.tools_at %}{{ '\\n\\n' }}{{ tools_block() }}{% endif %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] %}{% for call in m['tool_calls'] %}"
+    "{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": '
+    "{% if call.function.arguments is string %}{{ call.function.arguments }}"
+    "{% else %}{{ call.function.arguments | tojson }}{% endif %}}\n</tool_call>"
+    "{% endfor %}{% endif %}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 _CORPUS = """Switchboard routes each request to the least busy worker that serves the model.
 It refuses honestly and fast when the fleet is full, with a Retry-After the client can trust.

@@ -4,7 +4,8 @@ The only module that imports exllamav2 or touches CUDA, and only when chosen. Th
 on exl2_loop's thread; the event loop only hands jobs over and receives chunks through Job.push.
 Paged mode (true continuous batching) needs flash-attn >= 2.5.7; without it exllamav2's unpaged
 fallback runs one job at a time, max_batch (what admission and capacity use) says so, and the
-log warns.
+log warns. Structured output: llguidance (grammar.py) through exllamav2's filter hook
+(exl2_loop.GuideFilter), with the tokenizer read from the checkpoint's tokenizer.json.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
+from services.worker.engines import grammar
 from services.worker.engines.base import EngineLimits, Job, SamplingParams
 from services.worker.engines.demo_model import is_model_dir
 from services.worker.engines.exl2_logprobs import job_options
-from services.worker.engines.exl2_loop import GeneratorLoop, needs_bias, sampler_settings
+from services.worker.engines.exl2_loop import (
+    GeneratorLoop,
+    GuideFilter,
+    needs_bias,
+    sampler_settings,
+)
 from services.worker.engines.memory import checkpoint_bytes, require_room
 from services.worker.engines.template import ChatTemplate
 
@@ -63,6 +70,8 @@ class ExLlamaV2Engine:
         self.generator: Any = None
         self.loop: GeneratorLoop | None = None
         self._pieces: list[str] | None = None  # each token id's text, read once when needed
+        self._grammars: grammar.Grammars | None = None  # built on the loop's thread when needed
+        self._model: Any = None
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load)
@@ -104,6 +113,7 @@ class ExLlamaV2Engine:
         cache_len = round_up(context * batch if self.paged else context, PAGE)
         cache = ExLlamaV2Cache(model, max_seq_len=cache_len, lazy=True)
         model.load_autosplit(cache, progress=False)
+        self._model = model
         self.tokenizer = ExLlamaV2Tokenizer(config)
         self.vocab_size = int(config.vocab_size)
         # token_bias is added to the logits element by element: it must be their exact width,
@@ -172,6 +182,7 @@ class ExLlamaV2Engine:
             settings.token_bias = torch.zeros((self._logits_width,), dtype=torch.float)
             for token, bias in params.logit_bias:
                 settings.token_bias[token] = bias
+        filters = [] if params.constraint is None else [self._filter(params.constraint)]
         return ExLlamaV2DynamicJob(
             input_ids=ids,
             max_new_tokens=params.max_tokens,
@@ -179,8 +190,30 @@ class ExLlamaV2Engine:
             seed=params.seed,
             stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
             identifier=key,
+            filters=filters,
             **job_options(params),
         )
+
+    def _filter(self, constraint: grammar.Constraint) -> Any:
+        """A fresh grammar filter for one job (on the loop's thread: compiling never blocks the
+        event loop). GrammarError fails the job alone (the loop's enqueue catches it)."""
+        from exllamav2.generator.filters import ExLlamaV2Filter
+
+        if self._grammars is None:
+            tokenizer_json = self.model_dir / "tokenizer.json"
+            if not tokenizer_json.is_file():
+                raise grammar.GrammarError(f"structured output needs {tokenizer_json}")
+            eos = int(self.tokenizer.eos_token_id)
+            llt = grammar.json_tokenizer(tokenizer_json.read_text(), self.vocab_size, eos)
+            self._grammars = grammar.Grammars(llt)
+
+        class Filter(GuideFilter, ExLlamaV2Filter):  # type: ignore[misc]
+            def __init__(self, guide: grammar.Guide, width: int, model: Any, tok: Any) -> None:
+                ExLlamaV2Filter.__init__(self, model, tok)
+                GuideFilter.__init__(self, guide, width)
+
+        guide = self._grammars.guide(constraint)
+        return Filter(guide, self._logits_width, self._model, self.tokenizer)
 
     # The loop's counters, under the names the other engines use.
     @property

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from services.worker.engines import penalties
+from services.worker.engines import grammar, penalties
 from services.worker.engines.base import CANCELLED, Chunk, EngineError, Job, SamplingParams
 from services.worker.engines.exl2_logprobs import result_logprobs, unnamed
 from services.worker.engines.logprobs import Describe
@@ -85,6 +85,58 @@ class CompletionPenalty:
             self.counts[t] = before + 1
         self.done += len(new_tokens)
         return changes
+
+
+class GuideFilter:
+    """A grammar as exllamav2's filter interface wants it (mixed into its ExLlamaV2Filter by
+    exl2.py): the mask is prepared on exllamav2's filter thread while the GPU runs the forward
+    pass, and applied to the logits after its penalties and token_bias, before temperature,
+    top-k and top-p. Once the grammar is complete only the end token is allowed, so the job ends
+    on it ("stop"). A token the grammar refuses (it never should) is kept in `error`, and the
+    loop fails that job alone."""
+
+    def __init__(self, guide: grammar.Guide, width: int) -> None:
+        self.guide = guide
+        self.width = width  # the logits' width (the head's padding is never allowed)
+        self.error = ""
+        self._allowed: bytes = b""
+
+    def begin(self, prefix_str: str) -> None:
+        return None  # a fresh guide per job: nothing to rewind
+
+    def feed(self, token: Any) -> None:
+        if not self.error and not self.guide.advance(int(token)):
+            self.error = f"the grammar refused a token it allowed: {self.guide.error}"
+
+    def use_background_worker(self) -> bool:
+        return True
+
+    def can_mask_logits(self) -> bool:
+        return True
+
+    def prepare_logit_mask(self) -> bool:
+        self._allowed = self.guide.allowed()
+        return True
+
+    def mask_logits(self, logits: Any) -> Any:
+        import torch
+
+        ok = torch.frombuffer(bytearray(self._allowed[: self.width]), dtype=torch.uint8)
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[: ok.numel()] = ok.bool()
+        return logits.masked_fill_(~keep.to(logits.device), float("-inf"))
+
+    def next(self) -> tuple[set[int], set[int]]:
+        """exllamav2's other path (when it cannot mask: batched CFG): the allowed ids."""
+        allowed = self.guide.allowed()
+        return {t for t in range(min(len(allowed), self.width)) if allowed[t]}, set()
+
+
+def filter_error(exjob: Any) -> str:
+    """Why a job's grammar filter failed ("" when it has not, or the job has none)."""
+    return next(
+        (f.error for f in getattr(exjob, "filters", ()) or () if getattr(f, "error", "")), ""
+    )
 
 
 def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, int]:
@@ -229,6 +281,16 @@ class GeneratorLoop:
         self._penalize()
         for result in results:
             self._deliver(result)
+        self._fail_refused()
+
+    def _fail_refused(self) -> None:
+        """A job whose grammar refused its token fails alone (it never should: the mask)."""
+        for key, live in list(self._live.items()):
+            why = filter_error(live.exjob)
+            if why:
+                self.generator.cancel(live.exjob)
+                live.job.push(EngineError(why))
+                del self._live[key]
 
     def _penalize(self) -> None:
         """Update every job's completion penalties before the next iterate() samples again."""

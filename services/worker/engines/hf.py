@@ -1,7 +1,8 @@
 """Hugging Face transformers engine for CPU: batch-1 token loop on its own thread.
 
 Imported only when chosen (torch and transformers are heavy). Loads from a local directory only
-(HF_HUB_OFFLINE=1, local_files_only): no hub access at run time.
+(HF_HUB_OFFLINE=1, local_files_only): no hub access at run time. Structured output: llguidance's
+mask (grammar.py) sets the logits of tokens the grammar forbids to -inf after the penalties.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
-from services.worker.engines import penalties
+from services.worker.engines import grammar, penalties
 from services.worker.engines.base import (
     CANCELLED,
     Chunk,
@@ -49,6 +50,7 @@ class TransformersEngine:
         self._cache_kwarg = "cache"
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._grammars: grammar.Grammars | None = None  # built on the engine thread when needed
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load)
@@ -126,6 +128,7 @@ class TransformersEngine:
 
         eos = self._model.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
+        guide = None if params.constraint is None else self._guide(params.constraint, eos_ids)
         rng = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "big")
         )
@@ -148,11 +151,15 @@ class TransformersEngine:
                 logits = out.logits[0, -1]
                 if penalties.active(params):
                     logits = penalize(logits, ids, generated, params)
+                if guide is not None:
+                    logits = constrain(logits, guide.allowed())
                 token = sample(logits, params, rng)
                 step_input = torch.tensor([[token]], dtype=torch.long)
                 if token in eos_ids:
                     job.push(Chunk(text=scanner.flush(), tokens=1, finish_reason="stop"))
                     return
+                if guide is not None and not guide.advance(token):
+                    raise EngineError(f"the grammar refused a token it allowed: {guide.error}")
                 lp = () if params.logprobs is None else (self._logprobs(logits, params, token),)
                 generated.append(token)
                 text = self._tokenizer.decode(generated, skip_special_tokens=True)
@@ -164,11 +171,25 @@ class TransformersEngine:
                 if scanner.stopped:
                     job.push(Chunk(text=out_text, tokens=1, finish_reason="stop", logprobs=lp))
                     return
+                if guide is not None and guide.done:  # nothing may follow: complete
+                    text = out_text + scanner.flush()
+                    job.push(Chunk(text=text, tokens=1, finish_reason="stop", logprobs=lp))
+                    return
                 if i + 1 == params.max_tokens:
                     text = out_text + scanner.flush()
                     job.push(Chunk(text=text, tokens=1, finish_reason="length", logprobs=lp))
                     return
                 job.push(Chunk(text=out_text, tokens=1, logprobs=lp))
+
+    def _guide(self, constraint: grammar.Constraint, eos_ids: set[int]) -> grammar.Guide:
+        """A fresh grammar state (the tokenizer is read once, about 1 s for 128k tokens)."""
+        if self._grammars is None:
+            llt = grammar.hf_tokenizer(self._tokenizer, eos=sorted(eos_ids))
+            self._grammars = grammar.Grammars(llt)
+        try:
+            return self._grammars.guide(constraint)
+        except grammar.GrammarError as exc:
+            raise EngineError(f"the constraint does not compile: {exc}") from None
 
     def _logprobs(self, logits: Any, params: SamplingParams, token: int) -> StepLogprobs:
         """The sampled token's logprob and its step's top alternatives (engines/logprobs.py)."""
@@ -223,6 +244,18 @@ def penalize(logits: Any, prompt: list[int], completion: list[int], params: Samp
     out = logits.clone()
     out[index] = torch.tensor(new, dtype=logits.dtype)
     return out
+
+
+def constrain(logits: Any, allowed: bytes) -> Any:
+    """One step's logits with the tokens the grammar forbids (allowed[t] == 0, or t past the
+    tokenizer's vocabulary: the head's padding) at -inf."""
+    import torch
+
+    ok = torch.frombuffer(bytearray(allowed), dtype=torch.uint8).bool()
+    width = logits.numel()
+    if ok.numel() < width:
+        ok = torch.cat([ok, torch.zeros(width - ok.numel(), dtype=torch.bool)])
+    return logits.masked_fill(~ok[:width], float("-inf"))
 
 
 def sample(logits: Any, params: SamplingParams, rng: Any) -> int:

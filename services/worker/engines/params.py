@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from services.worker.engines.grammar import Constraint
+
 
 class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_batch: int  # concurrent sequences the engine runs (the admission default max_in_flight)
@@ -27,3 +29,6 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     # None: no log probabilities (and no cost). k: every generated token's Chunk carries its
     # logprob and the k most likely tokens of its step (engines/logprobs.py says of what).
     logprobs: int | None = None
+    # Structured output: the text must match it (grammar.py); the engine masks every step's
+    # logits to the tokens it allows, and the job ends ("stop") when it is complete.
+    constraint: Constraint | None = None

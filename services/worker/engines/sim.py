@@ -13,11 +13,17 @@ tokens x (1 - leading blocks held / its full blocks). An approximation: the sim 
 words and blocks are 256 bytes of canonical text, so it assumes words spread evenly over the bytes
 (and the partial last block, never cached, counts as cached in that share; negligible for the long
 prompts a cache is for).
+
+Structured output (SamplingParams.constraint): the sim then speaks over GRAMMAR_TOKENS, its words
+(" word", ids as in VOCAB) plus every single byte and an end token, so any grammar can be met;
+llguidance masks the hashed logits to the tokens the grammar allows (grammar.py), and the sim
+picks the likeliest of those as always. logit_bias can still name only VOCAB's ids (vocab_size).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,10 +31,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 
 from schemas.inference import ChatMessage
-from services.worker.engines import logprobs, penalties
+from services.worker.engines import grammar, logprobs, penalties
 from services.worker.engines.base import (
     CANCELLED,
     Chunk,
+    EngineError,
     EngineLimits,
     Job,
     PrefixUse,
@@ -75,6 +82,13 @@ _WORDS = tuple(
 # The sim's vocabulary: token id i is the word VOCAB[i].
 VOCAB = tuple(dict.fromkeys(_WORDS))
 _IDS = {word: i for i, word in enumerate(VOCAB)}
+# What the sim speaks under a grammar: its words, then byte b as token len(VOCAB) + b, then END.
+GRAMMAR_TOKENS: tuple[bytes, ...] = (
+    *((" " + w).encode() for w in VOCAB),
+    *(bytes([b]) for b in range(256)),
+    b"<|end|>",
+)
+END = len(GRAMMAR_TOKENS) - 1
 
 
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +106,12 @@ def describe(token: int, first: bool) -> tuple[str, bytes]:
     """A sim token's text (words after the first follow a space) and its bytes."""
     text = VOCAB[token] if first else " " + VOCAB[token]
     return text, text.encode()
+
+
+def describe_grammar(token: int) -> tuple[str, bytes]:
+    """A token's text and bytes when the sim speaks under a grammar (no first-word rule)."""
+    raw = GRAMMAR_TOKENS[token]
+    return raw.decode("utf-8", "replace"), raw
 
 
 def prefix_use(prompt_tokens: int, blocks: int, hits: int) -> PrefixUse:
@@ -127,6 +147,7 @@ class SimEngine:
         blocks = self.settings.prefix_cache_blocks
         self.prefix_cache = PrefixCache(blocks) if blocks > 0 else None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._grammars: grammar.Grammars | None = None  # built at the first constrained job
 
     async def load(self) -> None:
         return None
@@ -142,29 +163,53 @@ class SimEngine:
         self, prompt: str, params: SamplingParams, prefix_blocks: tuple[int, ...] = ()
     ) -> Job:
         job = Job(prompt_tokens=self.count_tokens(prompt))
-        task = asyncio.create_task(self._run(job, prompt, params, prefix_blocks))
+        guide = None
+        if params.constraint is not None:
+            try:
+                guide = self._guide(params.constraint)
+            except grammar.GrammarError as exc:
+                job.push(EngineError(f"the constraint does not compile: {exc}"))
+                return job
+        task = asyncio.create_task(self._run(job, prompt, params, prefix_blocks, guide))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
+    def _guide(self, constraint: grammar.Constraint) -> grammar.Guide:
+        if self._grammars is None:
+            self._grammars = grammar.Grammars(grammar.byte_tokenizer(GRAMMAR_TOKENS, END))
+        return self._grammars.guide(constraint)
+
     def _token(
-        self, prompt: str, params: SamplingParams, context: list[int], completion: list[int]
+        self,
+        prompt: str,
+        params: SamplingParams,
+        context: list[int],
+        completion: list[int],
+        guide: grammar.Guide | None = None,
     ) -> tuple[int, StepLogprobs | None]:
         """Greedy over logits in [0, 1) hashed from (seed, prompt, position), after the
-        penalties and bias (so the request's knobs act on the sim as on a model); with its
-        logprobs when asked: of logprobs.distribution over those logits, whose most likely token
-        is the one the sim picks (so it is a sample any sampler could draw)."""
+        penalties and bias (so the request's knobs act on the sim as on a model) and the
+        grammar's mask; with its logprobs when asked: of logprobs.distribution over those
+        logits, whose most likely token is the one the sim picks (so it is a sample any sampler
+        could draw)."""
         key = f"{params.seed}|{prompt}|{len(completion)}".encode()
-        digest = hashlib.blake2b(key, digest_size=len(VOCAB)).digest()
+        if guide is None:
+            digest = hashlib.blake2b(key, digest_size=len(VOCAB)).digest()
+        else:
+            digest = hashlib.shake_128(key).digest(len(GRAMMAR_TOKENS))
         logits = [b / 256 for b in digest]
         if penalties.active(params):
             logits = penalties.apply(logits, context, completion, params)
-        token = max(range(len(VOCAB)), key=logits.__getitem__)  # the first of equals
+        if guide is not None:
+            logits = grammar.mask_list(logits, guide.allowed())
+        token = max(range(len(logits)), key=logits.__getitem__)  # the first of equals
         if params.logprobs is None:
             return token, None
         dist = logprobs.distribution(logits, params.temperature, params.top_k, params.top_p)
         first = not completion
-        return token, logprobs.step(dist, token, params.logprobs, lambda t: describe(t, first))
+        name = describe_grammar if guide is not None else lambda t: describe(t, first)
+        return token, logprobs.step(dist, token, params.logprobs, name)
 
     async def _prefill(self, job: Job, blocks: tuple[int, ...]) -> None:
         """Wait out the prefill of what the cache does not hold; then the cache holds it all."""
@@ -177,7 +222,12 @@ class SimEngine:
             cache.insert(blocks)
 
     async def _run(
-        self, job: Job, prompt: str, params: SamplingParams, blocks: tuple[int, ...]
+        self,
+        job: Job,
+        prompt: str,
+        params: SamplingParams,
+        blocks: tuple[int, ...],
+        guide: grammar.Guide | None = None,
     ) -> None:
         s = self.settings
         self.running += 1
@@ -187,22 +237,36 @@ class SimEngine:
             scanner = StopScanner(params.stop)
             context = [_IDS[w] for w in _TOKEN.findall(prompt) if w in _IDS]
             completion: list[int] = []
+            utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # byte tokens may split one
             for i in range(params.max_tokens):
                 if job.cancelled:
                     job.push(CANCELLED)
                     return
-                token, step = self._token(prompt, params, context, completion)
+                token, step = self._token(prompt, params, context, completion, guide)
+                if guide is not None and token == END:  # the grammar allowed the end: it chose it
+                    text = scanner.feed(utf8.decode(b"", final=True)) + scanner.flush()
+                    job.push(Chunk(text=text, tokens=1, finish_reason="stop"))
+                    return
+                if guide is not None and not guide.advance(token):
+                    job.push(EngineError(f"the grammar refused a token it allowed: {guide.error}"))
+                    return
                 completion.append(token)
                 lp = () if step is None else (step,)
-                out = scanner.feed(describe(token, i == 0)[0])
+                piece = (
+                    describe(token, i == 0)[0]
+                    if guide is None
+                    else utf8.decode(GRAMMAR_TOKENS[token])
+                )
+                out = scanner.feed(piece)
                 if scanner.stopped:
                     job.push(Chunk(text=out, tokens=1, finish_reason="stop", logprobs=lp))
                     return
-                eos = s.eos_after is not None and i + 1 >= s.eos_after
+                complete = guide is not None and guide.done  # nothing may follow: it ends here
+                eos = complete or (s.eos_after is not None and i + 1 >= s.eos_after)
                 last = i + 1 == params.max_tokens
                 reason = "stop" if eos else "length" if last else None
                 if reason:
-                    text = out + scanner.flush()
+                    text = out + scanner.feed(utf8.decode(b"", final=True)) + scanner.flush()
                     job.push(Chunk(text=text, tokens=1, finish_reason=reason, logprobs=lp))
                     return
                 job.push(Chunk(text=out, tokens=1, logprobs=lp))

@@ -1,10 +1,13 @@
-"""Chat templates from a model's tokenizer_config.json, rendered with sandboxed Jinja (no torch);
-which message content parts a model can take."""
+"""Chat templates from a model's tokenizer_config.json, rendered as transformers renders them
+(sandboxed Jinja with loop controls, tojson, raise_exception, strftime_now; no torch), tools and
+tool calls included; which message content parts a model can take."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +19,72 @@ DEFAULT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# What tells whether a template renders tools: a tool of this name shows in its prompt.
+_PROBE = "switchboard_probe_tool"
+
+
+class TemplateFailed(ValueError):
+    """The template could not render these messages (its raise_exception, or a Jinja error)."""
+
+
+def _environment(now: Callable[[], datetime]) -> Any:
+    """transformers' chat-template environment (utils/chat_template_utils.py), so a template
+    renders here exactly as `apply_chat_template` renders it."""
+    import jinja2.ext
+    from jinja2 import TemplateError, nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training;
+        rendering keeps the body."""
+
+        tags = {"generation"}  # noqa: RUF012 (jinja2's own declaration)
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(
+        x: object,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        # Jinja's own tojson escapes HTML characters, which a prompt must not have.
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[Generation, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: now().strftime(fmt)
+    return env
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
+    def __init__(
+        self,
+        source: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        now: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        """now: what strftime_now reads (templates that write today's date)."""
+        self.source = source
+        try:
+            self.template = _environment(now).from_string(source)
+        except Exception as exc:  # a template that does not compile is the checkpoint's fault
+            raise TemplateFailed(f"the chat template does not compile: {exc}") from exc
         self.bos_token, self.eos_token = bos_token, eos_token
 
     @classmethod
@@ -42,19 +98,86 @@ class ChatTemplate:
             )
         return cls(source, _token(config.get("bos_token")), _token(config.get("eos_token")))
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
-        return self.template.render(
-            messages=[{"role": m.role, "content": m.text()} for m in messages],
-            add_generation_prompt=True,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
+    def render(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt up to where the assistant's reply begins; tools: OpenAI's tool objects
+        (None: the template is told of none). TemplateFailed when it cannot."""
+        return self.render_dicts([message_dict(m) for m in messages], tools)
+
+    def render_dicts(
+        self, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+    ) -> str:
+        try:
+            return str(
+                self.template.render(
+                    messages=messages,
+                    tools=list(tools) if tools else None,
+                    add_generation_prompt=True,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                )
+            )
+        except Exception as exc:  # any Jinja error is the request's or the template's, not ours
+            raise TemplateFailed(f"the model's chat template failed: {exc}") from exc
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template tells the model of the tools it is given."""
+        probe = {"type": "function", "function": {"name": _PROBE, "parameters": {}}}
+        try:
+            rendered = self.render_dicts([{"role": "user", "content": "hi"}], [probe])
+        except TemplateFailed:
+            return False
+        return _PROBE in rendered
+
+
+def message_dict(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (transformers' convention): the keys it has, its
+    calls' arguments as a mapping (templates write them with tojson) where they are JSON."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {
+                    "name": c.function.name,
+                    "arguments": _arguments(c.function.arguments),
+                },
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _arguments(text: str) -> object:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def _token(value: object) -> str:
     if isinstance(value, dict):
         return str(value.get("content", ""))
     return "" if value is None else str(value)
+
+
+def is_template_error(exc: BaseException) -> bool:
+    """Whether exc is a chat template's refusal or failure (as an engine's tokenizer raises)."""
+    if isinstance(exc, TemplateFailed):
+        return True
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - jinja2 comes with every engine's dependencies
+        return False
+    return isinstance(exc, TemplateError)
 
 
 def refused_part(messages: Sequence[ChatMessage], accepts_images: bool) -> tuple[str, str] | None:
