@@ -99,3 +99,22 @@ def test_workers_are_kept_apart_and_forgotten_with_their_record() -> None:
     assert list(v.caches.held("w", "m")) == []
     assert v.caches.tracker.position("w") is None  # a new record starts from its snapshot
     assert list(v.caches.held("x", "m")) == [2]
+
+
+def test_the_reverse_index_follows_snapshots_deltas_the_cap_resyncs_and_forgetting() -> None:
+    c = PrefixCaches(cap=3)
+    c.apply(1, 1, ev((1, 2), full=True))
+    c.apply(1, 1, ev((2, 5), full=True, worker="x"))
+    assert (c.holding("m", 1), c.holding("m", 2), c.holding("other", 2)) == (
+        {"w"},
+        {"w", "x"},
+        set(),
+    )
+    c.apply(1, 2, ev(stored=(3, 4, 6), evicted=(2,)))  # 2 evicted; the cap then drops 1
+    assert (c.holding("m", 1), c.holding("m", 2), c.holding("m", 4)) == (set(), {"x"}, {"w"})
+    c.apply(1, 3, ev((9,), full=True))  # a snapshot replaces: 3, 4 and 6 go, 9 comes
+    assert (c.holding("m", 3), c.holding("m", 9)) == (set(), {"w"})
+    c.apply(2, 1, ev((7,)))  # a new epoch: everything known of w dropped
+    assert c.holding("m", 9) == set()
+    c.forget("x")
+    assert c.holders["m"] == {}
