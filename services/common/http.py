@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from schemas import codec
 from schemas.codec import error_body
+from services.common.asgi import client_gone, too_large
 from services.common.errors import ApiError, Refused, invalid
 from services.common.http_limits import HttpLimits, protocol_class, raise_fd_limit
 
@@ -127,23 +128,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     try:
         body = await read_capped(request, limit)
     except ClientDisconnect:
-        raise Refused(
-            ApiError(
-                status=499,
-                message="client left before sending the whole body",
-                type="invalid_request_error",
-                code="client_gone",
-            )
-        ) from None
+        raise client_gone() from None
     if body is None:
-        raise Refused(
-            ApiError(
-                status=413,
-                message=f"request body exceeds {limit} bytes",
-                type="invalid_request_error",
-                code="request_too_large",
-            )
-        )
+        raise too_large(limit)
     return body
 
 
@@ -166,6 +153,12 @@ def decode_body(body: bytes, type_: type[T]) -> T:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header's value, else None."""
+    scheme, _, given = authorization.partition(" ")
+    return given if scheme.lower() == "bearer" else None
+
+
 class BearerAuth:
     """`Authorization: Bearer <token>` against a set of tokens; no tokens: everyone is let in.
     `headers`: added to its 401 (the router marks every refusal of its own)."""
@@ -181,8 +174,7 @@ class BearerAuth:
         self.headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
 
     def token(self, request: Request) -> str | None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        return given if scheme.lower() == "bearer" else None
+        return bearer_token(request.headers.get("authorization", ""))
 
     def matches(self, given: str) -> bool:
         # Compare against every token (no early exit) so timing says nothing about which matched.
@@ -190,9 +182,12 @@ class BearerAuth:
         return any(results)
 
     def allows(self, request: Request) -> bool:
+        return self.allows_token(self.token(request) if self.tokens else None)
+
+    def allows_token(self, given: str | None) -> bool:
+        """Whether a request bearing `given` (bearer_token's) is let in."""
         if not self.tokens:
             return True
-        given = self.token(request)
         return given is not None and self.matches(given)
 
     def unauthorized(self) -> Response:

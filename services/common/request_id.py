@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +28,17 @@ def current_request_id() -> str | None:
     return request_id.get()
 
 
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The request's id from its ASGI headers (the client's, made safe), else a new one."""
+    given = next((v for k, v in headers if k == _HEADER_BYTES), None)
+    return safe_request_id(None if given is None else given.decode("latin-1"))
+
+
+def echoed(rid: str) -> tuple[bytes, bytes]:
+    """The response header that carries the id back."""
+    return (_HEADER_BYTES, rid.encode())
+
+
 class RequestIds:
     """ASGI middleware: sets the request id for the request's log lines and echoes it on the
     response, whichever route answered (errors and streams included)."""
@@ -38,14 +50,13 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == _HEADER_BYTES), None)
-        rid = safe_request_id(None if given is None else given.decode("latin-1"))
-        echoed = (_HEADER_BYTES, rid.encode())
+        rid = request_id_of(scope["headers"])
+        header = echoed(rid)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k != _HEADER_BYTES]
-                message = {**message, "headers": [*headers, echoed]}
+                message = {**message, "headers": [*headers, header]}
             await send(message)
 
         token = request_id.set(rid)

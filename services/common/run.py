@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from services.common.errors import ServiceError
@@ -18,6 +20,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ServiceMain = Callable[[asyncio.Event], Awaitable[None]]
+
+# Set while a service runs as its own process (service_main): only then is the process's garbage
+# collector its to tune (tests run services inside pytest's process).
+_owns_process: ContextVar[bool] = ContextVar("owns_process", default=False)
+# Container allocations between two young-generation collections (CPython's default: 700).
+GEN0_THRESHOLD = 50_000
+
+
+def tune_gc_for_serving() -> None:
+    """Cheaper garbage collection for a started server; called once, when startup is done.
+
+    Why: every request allocates hundreds of container objects (ASGI messages, header lists,
+    futures, decoded Structs) that reference counting frees; at the default threshold the cyclic
+    collector still runs every few requests, and each older-generation pass walks everything the
+    process built at start (modules, the app, its views) again. Measured on the router: ~13% of
+    its CPU. gc.freeze() moves what is alive now (after one last collection, so no startup
+    garbage is kept) into a generation no collection visits; the higher threshold makes young
+    collections rare (real cycles are few, so little memory waits for them).
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -116,6 +141,7 @@ def service_main(
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     setup_logging(name, cfg.log_level, cfg.log_format)
+    _owns_process.set(True)  # the service's task runs in a copy of this context
     return run_service(lambda stop: serve(cfg, stop))
 
 
@@ -159,12 +185,15 @@ async def run_until_stopped(
     drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve HTTP; `start` spawns the loops and returns once the service is ready (it resolves
-    `started` there); on stop: `drain` (refuse newcomers, let the running finish), HTTP stops
-    (uvicorn's graceful shutdown), then the loops are cancelled: they serve until the last byte."""
+    `started` there; then a service process tunes its collector, tune_gc_for_serving); on stop:
+    `drain` (refuse newcomers, let the running finish), HTTP stops (uvicorn's graceful
+    shutdown), then the loops are cancelled: they serve until the last byte."""
     async with asyncio.TaskGroup() as group:
         http_task = group.create_task(http.serve())
         tasks = Tasks(group)
         await start(tasks)
+        if _owns_process.get():
+            tune_gc_for_serving()
         await stop.wait()
         if drain is not None:
             await drain()

@@ -57,6 +57,10 @@ class RouterConfig(ServiceConfig, frozen=True, kw_only=True):
     # worker's measured speed, the prompt blocks its prefix cache holds); least_busy = fewest
     # requests in flight and queued, ties to the smallest id (the policy before cost).
     policy: PolicyName = "cost"
+    # Log one in this many successful requests' `request` lines (each sampled line says how many
+    # it stands for, `one_in`); refusals and errors are always logged. 1: every line. A busy
+    # router spends a few % of its CPU on these lines; metrics count every request regardless.
+    request_log_every: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
     # The live fleet page at /dashboard (behind the API keys when there are any).
     dashboard: bool = True
     # At most one dashboard update per this many seconds per viewer, however busy the fleet.

@@ -5,7 +5,7 @@ one that no replica can start within its TTFT target is refused at once (deadlin
 waits at the gateway until a replica can take it in time (its first choice, made as it is
 admitted) or its patience is up; then each attempt sends (and a retry chooses again); a refusal or
 a connection error before the first byte is retried elsewhere; the answer is relayed intact. The
-request is counted and logged once, in `_finish`: a refusal as it is returned, a relayed answer
+request is counted and logged once (record.py): a refusal as it is returned, a relayed answer
 when its last byte is sent (the slot is held until then).
 """
 
@@ -15,26 +15,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
-import msgspec
 from starlette.responses import Response
 
 from schemas.codec import error_event
-from schemas.prefix import PromptFields, block_hashes, prompt_text
 from services.admission.gate import Abandoned, Rejected
 from services.common.errors import ApiError
-from services.common.http import GuardedStream, error_response
+from services.common.http import error_response
 from services.common.metrics import UNKNOWN
 from services.common.request_id import HEADER as REQUEST_ID
 from services.common.request_id import current_request_id
-from services.common.sampled_log import SampledLog
 from services.router.core import Choice, FleetView, NoReplica, UnknownModel
 from services.router.deadline import Placement, Targets, TooLate, patience
+from services.router.fields import RoutingFields, prompt_of
 from services.router.gateway import Gateway
 from services.router.metrics import RouterMetrics
 from services.router.policy import Prompt
+from services.router.record import Records, Tally
+from services.router.relay import Answer, Headers, Reply, Stream
 from services.router.rules import (
     RetryBudget,
     gateway_busy,
@@ -48,17 +48,11 @@ ORIGIN = "x-switchboard-origin"
 # Headers a worker's refusal must keep when relayed (status and body are kept as they are).
 RELAYED = ("retry-after", "content-type")
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
-_prompt_decoder = msgspec.json.Decoder(PromptFields)
-
-
-def prompt_of(body: bytes) -> Prompt:
-    """The prompt's estimated tokens and block hashes, for the replica choice. A body whose
-    prompt does not decode has none (the worker judges it; the body is forwarded as it is)."""
-    try:
-        text = prompt_text(_prompt_decoder.decode(body))
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError):
-        return Prompt()
-    return Prompt.of(len(text), block_hashes(text))
+# A non-streamed answer up to this size is read whole and sent with its Content-Length; a larger
+# one (or one of unknown length) is relayed as it comes, so the router never holds more.
+WHOLE_MAX_BYTES = 16 << 20
+_WORKER = (ORIGIN.encode(), b"worker")
+_SSE = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 
 
 def router_error(err: ApiError) -> Response:
@@ -75,16 +69,28 @@ def upstream_headers() -> dict[str, str]:
     return headers
 
 
-class Tally:
-    """What happened to one request so far, for its one `request` log line and the metrics."""
+def upstream_failed(detail: str) -> ApiError:
+    """The worker's connection broke while its (non-streamed) answer was being read."""
+    return ApiError(
+        status=502,
+        message=f"the worker failed while sending its answer: {detail}",
+        type="server_error",
+        code="upstream_failed",
+    )
 
-    def __init__(self, model: str, began: float) -> None:
-        self.model = model
-        self.label = model  # its metrics label: UNKNOWN when no worker serves the model
-        self.began = began
-        self.worker = ""
-        self.attempts = 0
-        self.ttfb_s: float | None = None
+
+class Held:
+    """A gateway slot, held until the answer's last byte is sent; released once."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: contextlib.AbstractAsyncContextManager[None]) -> None:
+        self.entry: contextlib.AbstractAsyncContextManager[None] | None = entry
+
+    async def release(self) -> None:
+        entry, self.entry = self.entry, None
+        if entry is not None:
+            await entry.__aexit__(None, None, None)
 
 
 class Forwarder:
@@ -102,7 +108,9 @@ class Forwarder:
         body_read_timeout_s: float,
         connect_timeout_s: float,
         targets: Targets | None = None,
+        request_log_every: int = 1,
     ) -> None:
+        """request_log_every: one in this many successful requests' `request` lines is logged."""
         self.view, self.gateway, self.metrics, self.clock = view, gateway, metrics, clock
         self.targets = targets or Targets()
         self.session = session
@@ -115,28 +123,28 @@ class Forwarder:
             sock_read=header_timeout_s,
         )
         self.body_read_timeout_s = body_read_timeout_s
-        self.busy_log = SampledLog(log)
+        self.records = Records(metrics, log, request_log_every)
 
     async def handle(
         self,
         path: str,
         body: bytes,
-        model: str,
+        fields: RoutingFields,
         *,
         priority: int,
         gone: Callable[[], Awaitable[object]],
         began: float,
         ttft_target_s: float | None = None,
-        slots: int = 1,
-    ) -> Response:
-        """The response to one request whose body the edge has read and checked.
-        ttft_target_s: the client's own target (x-switchboard-ttft-target-s), else configured;
-        slots: what it takes on a worker (n or best_of choices run at once)."""
+    ) -> Answer:
+        """The answer to one request whose body the edge has read and checked (its `fields`).
+        ttft_target_s: the client's own target (x-switchboard-ttft-target-s), else configured.
+        A request takes fields.slots on a worker (n or best_of choices run at once)."""
+        model, slots = fields.model, fields.slots
         tally = Tally(model, began)
         if not self.view.serves(model):
             tally.label = UNKNOWN  # a made-up name must not mint a metrics series
             return self._refuse(tally, no_choice_error(UnknownModel(model)))
-        prompt = prompt_of(body)  # hashed once, whatever the number of attempts
+        prompt = prompt_of(fields)  # hashed once, whatever the number of attempts
         placement = self._placement(model, priority, prompt, ttft_target_s, slots)
         if isinstance(placement, ApiError):
             return self._refuse(tally, placement)
@@ -144,25 +152,25 @@ class Forwarder:
         patience_s = None if placement is None else placement.patience_s
         fits = None if placement is None else placement.fits
         entry = gate.slot(priority, gone, patience_s=patience_s, fits=fits)
-        slot = contextlib.AsyncExitStack()
         try:
-            await slot.enter_async_context(entry)
+            await entry.__aenter__()
         except Rejected as rejected:
             busy = rejected.busy
             return self._refuse(tally, gateway_busy(model, busy.reason, busy.retry_after_s))
         except Abandoned:  # left while queued: its place is free and no worker sees it
-            self._finish(tally, 499, "router")
+            self.records.finish(tally, 499, "router")
             return Response(status_code=499)
+        slot = Held(entry)
         try:
             answer = await self._send(path, body, tally, prompt, placement, slots)
         except BaseException as exc:  # an unexpected error must not keep the slot
-            await slot.__aexit__(type(exc), exc, exc.__traceback__)
+            await entry.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         if isinstance(answer, Response):  # nobody took it: a worker's refusal or the router's
-            await slot.aclose()
-            self._finish(tally, answer.status_code, answer.headers[ORIGIN])
+            await slot.release()
+            self.records.finish(tally, answer.status_code, answer.headers[ORIGIN])
             return answer
-        return self._relay(answer, tally, slot)
+        return await self._relay(answer, tally, slot)
 
     def _placement(
         self, model: str, priority: int, prompt: Prompt, asked_s: float | None, slots: int
@@ -252,72 +260,58 @@ class Forwarder:
         resp.release()
         return Response(data, status_code=resp.status, headers={**headers, ORIGIN: "worker"})
 
-    def _relay(
-        self, resp: aiohttp.ClientResponse, tally: Tally, slot: contextlib.AsyncExitStack
-    ) -> Response:
-        status = resp.status  # what the log line says: 502 when the worker fails mid-response
+    async def _relay(self, resp: aiohttp.ClientResponse, tally: Tally, slot: Held) -> Answer:
+        """The worker's answer as the client gets it: a stream (SSE, or too large to hold) is
+        relayed as it comes; anything else is read whole and sent with its Content-Length."""
         content_type = resp.headers.get("Content-Type", "application/json")
-
-        async def chunks() -> AsyncIterator[bytes]:
-            nonlocal status
-            try:
-                while True:
-                    async with asyncio.timeout(self.body_read_timeout_s):
-                        chunk = await resp.content.readany()
-                    if not chunk:
-                        return
-                    yield chunk
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # After the first byte we cannot retry: end with an explicit error, never a hang.
-                log.warning("upstream %s failed mid-response: %r", tally.worker, exc)
-                self.view.connection_failed(tally.worker, self.clock())
-                status = 502
-                if content_type.startswith("text/event-stream"):
-                    yield error_event(
-                        f"the worker serving this stream failed: {exc!r}",
-                        "server_error",
-                        "upstream_failed",
-                    )
+        sse = content_type.startswith("text/event-stream")
+        size = resp.content_length
+        if sse or size is None or size > WHOLE_MAX_BYTES:
+            return self._stream(resp, tally, slot, content_type, sse)
+        try:
+            async with asyncio.timeout(self.body_read_timeout_s):
+                data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.release()  # its connection is closed: the answer was not read to its end
+            self._upstream_failed(tally, exc)
+            await slot.release()
+            return self._refuse(tally, upstream_failed(repr(exc)))
+        status = resp.status
+        resp.release()
 
         async def sent() -> None:
-            resp.release()
-            await slot.aclose()
-            self._finish(tally, status, "worker")
+            await slot.release()
+            self.records.finish(tally, status, "worker")
 
-        return GuardedStream(
-            chunks(),
-            sent,
-            status_code=resp.status,
-            headers={ORIGIN: "worker"},
-            media_type=content_type,
-        )
+        headers = [(b"content-type", content_type.encode("latin-1")), _WORKER]
+        return Reply(status, headers, data, sent)
+
+    def _stream(
+        self, resp: aiohttp.ClientResponse, tally: Tally, slot: Held, content_type: str, sse: bool
+    ) -> Stream:
+        def failed(exc: BaseException) -> bytes:
+            # After the first byte we cannot retry: end with an explicit error, never a hang.
+            self._upstream_failed(tally, exc)
+            if not sse:
+                return b""
+            message = f"the worker serving this stream failed: {exc!r}"
+            return error_event(message, "server_error", "upstream_failed")
+
+        async def sent(status: int) -> None:  # status: 502 when the worker failed mid-answer
+            await slot.release()
+            self.records.finish(tally, status, "worker")
+
+        headers: Headers = [(b"content-type", content_type.encode("latin-1"))]
+        if sse:
+            headers += _SSE
+        headers.append(_WORKER)
+        return Stream(resp, headers, idle_s=self.body_read_timeout_s, failed=failed, done=sent)
+
+    def _upstream_failed(self, tally: Tally, exc: BaseException) -> None:
+        log.warning("upstream %s failed mid-response: %r", tally.worker, exc)
+        self.view.connection_failed(tally.worker, self.clock())
 
     def _refuse(self, tally: Tally, err: ApiError) -> Response:
         """A refusal of the router's own, recorded before it is sent (it is small)."""
-        self._finish(tally, err.status, "router")
+        self.records.finish(tally, err.status, "router")
         return router_error(err)
-
-    def _finish(self, tally: Tally, status: int, origin: str) -> None:
-        """The request's one record: the metrics and its canonical `request` log line."""
-        busy = status in (429, 503)
-        outcome = "ok" if status < 400 else ("busy" if busy else f"http_{status}")
-        m = self.metrics
-        m.requests.labels(tally.label, outcome).inc()
-        if busy:
-            m.backpressure.labels(origin).inc()
-        duration = time.perf_counter() - tally.began
-        m.duration.labels(tally.label).observe(duration)
-        if tally.ttfb_s is not None:
-            m.ttfb.labels(tally.label).observe(tally.ttfb_s)
-        extra: dict[str, object] = {
-            "model": tally.model,
-            "status": status,
-            "origin": origin,
-            "worker_id": tally.worker,
-            "attempts": tally.attempts,
-            "duration_ms": round(duration * 1000, 2),
-        }
-        if busy:  # they come by the hundred when the fleet is full
-            self.busy_log.info("request", extra)
-        else:
-            log.info("request", extra=extra)

@@ -109,8 +109,8 @@ class Gateway:
 
     def _gate_moved(self, model: str) -> None:
         core = self.gates[model].core
-        self.metrics.queue_depth.labels(model).set(core.queue_depth)
-        self.metrics.in_flight.labels(model).set(core.in_flight)
+        self.metrics.queue_depth_of(model).set(core.queue_depth)
+        self.metrics.in_flight_of(model).set(core.in_flight)
         self.on_change()
 
     def drain(self) -> None:

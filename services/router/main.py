@@ -65,6 +65,7 @@ async def serve(
             body_read_timeout_s=cfg.body_read_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s,
             targets=cfg.targets(),
+            request_log_every=cfg.request_log_every,
         )
 
         def health() -> dict[str, object]:

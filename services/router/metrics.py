@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import BusMetrics
 
+M = TypeVar("M", Counter, Gauge, Histogram)
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -66,3 +69,31 @@ class RouterMetrics:
             "switchboard_router_dashboard_viewers", "Open /dashboard live feeds.", registry=registry
         )
         self.bus = BusMetrics(registry, "router")
+        # Labelled children the request path touches, made once: `.labels()` checks, joins and
+        # locks on every call. Keys come only from the label sets above (bounded likewise).
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: M, *labels: str) -> M:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return cast(M, child)
+
+    def requests_of(self, model: str, outcome: str) -> Counter:
+        return self._child(self.requests, model, outcome)
+
+    def duration_of(self, model: str) -> Histogram:
+        return self._child(self.duration, model)
+
+    def ttfb_of(self, model: str) -> Histogram:
+        return self._child(self.ttfb, model)
+
+    def backpressure_of(self, origin: str) -> Counter:
+        return self._child(self.backpressure, origin)
+
+    def queue_depth_of(self, model: str) -> Gauge:
+        return self._child(self.queue_depth, model)
+
+    def in_flight_of(self, model: str) -> Gauge:
+        return self._child(self.in_flight, model)
