@@ -1,4 +1,5 @@
-"""Fleet-page wire types: what the router streams to /dashboard (SSE, one JSON object per event)."""
+"""Fleet-page wire types: what the router streams to /dashboard (SSE, one JSON object per event):
+a FleetSnapshot ("fleet") when a viewer connects, then FleetDeltas ("delta") with what changed."""
 
 from __future__ import annotations
 
@@ -42,3 +43,19 @@ class FleetSnapshot(WireStruct, frozen=True, kw_only=True):
     registry_epoch: Annotated[int, msgspec.Meta(ge=0)] = 0
     registry_seq: Count = 0
     generated_at: float = 0.0  # unix seconds, display only
+
+
+class FleetDelta(WireStruct, frozen=True, kw_only=True):
+    """What changed since the feed's previous message; the page applies it to what it holds.
+
+    A worker row is sent whole when anything in it but its heartbeat age changed (status, load,
+    freshness, cooldown): a heartbeat that brings the same load is no news. Its age is as of
+    generated_at; the page ages it by itself."""
+
+    workers: tuple[DashboardWorker, ...] = ()  # added or changed rows
+    removed: tuple[WorkerId, ...] = ()
+    capacity: CapacityView | None = None  # None: unchanged (a router never forgets its view)
+    gateway: dict[ModelId, GatewayLoad] = msgspec.field(default_factory=dict)  # changed gates
+    registry_epoch: Annotated[int, msgspec.Meta(ge=0)] = 0
+    registry_seq: Count = 0
+    generated_at: float = 0.0

@@ -5,6 +5,9 @@ Pure, no I/O. Invariants:
 - While syncing, events are buffered (bounded) and replayed after the snapshot if newer than it.
 - Every way of losing events (gap, new epoch, beacon ahead, reconnect, slow consumer, buffer
   overflow) leads to exactly one Resync until a snapshot arrives.
+- `take_changes()` names the ids an event added, changed or removed since it was last called,
+  or None when a snapshot (or more changes than max_buffer) may have changed any of them, so a
+  follower can apply one event as one change instead of rebuilding from every record.
 """
 
 from __future__ import annotations
@@ -52,10 +55,22 @@ class RegistryMirror:
         self.buffer: list[Envelope[RegistryEvent]] = []
         self.max_buffer = max_buffer
         self.gaps = 0  # sequence gaps seen (a metric)
+        self.changed: set[str] | None = None  # see take_changes(); None: anything may have
 
     @property
     def position(self) -> tuple[int, int]:
         return self.tracker.position(SOURCE) or (0, 0)
+
+    def take_changes(self) -> set[str] | None:
+        """Ids added, changed or removed since the last call; None: any may have (a snapshot)."""
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def _touch(self, worker_id: str) -> None:
+        if self.changed is not None:
+            self.changed.add(worker_id)
+            if len(self.changed) > self.max_buffer:  # nobody takes them: stay bounded
+                self.changed = None
 
     def lost(self, reason: str) -> Resync:
         """The transport may have dropped events (reconnect, slow consumer, checkpoint)."""
@@ -95,6 +110,7 @@ class RegistryMirror:
         (re-buffering a bogus far-ahead event would re-snapshot forever).
         """
         self.records = {w.id: w for w in snap.workers}
+        self.changed = None
         self.tracker.reset(SOURCE, snap.epoch, snap.seq)
         self.syncing = False
         buffered, self.buffer = self.buffer, []
@@ -112,14 +128,18 @@ class RegistryMirror:
         match event:
             case WorkerRegistered(worker=record) | WorkerReplaced(new=record):
                 self.records[record.id] = record
+                self._touch(record.id)
             case WorkerStatusChanged(worker=WorkerRecord() as record):
                 self.records[record.id] = record
+                self._touch(record.id)
             case WorkerStatusChanged(worker_id=worker_id, new_status=status, revision=rev):
                 old = self.records.get(worker_id)
                 if old is not None:
                     self.records[worker_id] = msgspec.structs.replace(
                         old, status=status, revision=rev
                     )
+                    self._touch(worker_id)
             case WorkerRemoved(worker=record):
                 self.records.pop(record.id, None)
+                self._touch(record.id)
         return Applied()

@@ -26,17 +26,19 @@ class Changes:
     def __init__(self) -> None:
         self.version = 0
         self._event = asyncio.Event()
+        self._waited = False  # someone waits on _event: a heartbeat must not make one for nobody
 
     def notify(self) -> None:
         self.version += 1
-        self._event.set()
-        self._event = asyncio.Event()  # later waiters wait for the next change
+        if self._waited:
+            self._event.set()
+            self._event, self._waited = asyncio.Event(), False  # later waiters: the next change
 
     async def wait(self, timeout_s: float, since: int) -> None:
         """Until a change after version `since` (at once if one happened already) or timeout_s."""
         if self.version != since:
             return
-        event = self._event
+        event, self._waited = self._event, True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await event.wait()
@@ -81,6 +83,8 @@ class RouterShell:
             bus_metrics=metrics.bus,
             checkpoint_interval_s=checkpoint_interval_s,
         )
+        # Staleness moves with the clock, not with events: counted when scraped, never per event.
+        metrics.stale.set_function(lambda: self.view.stale_count(self.clock()))
 
     async def start(self) -> None:
         """Subscribe; main.py then runs follower.run() and gateway.fetch_capacity() as loops."""
@@ -115,12 +119,34 @@ class RouterShell:
         self.gateway.drain()
 
     async def _on_records(self) -> None:
-        self.view.set_records(dict(self.follower.mirror.records))
-        self.metrics.stale.set(self.view.stale_count(self.clock()))
+        mirror, view = self.follower.mirror, self.view
+        changed = mirror.take_changes()
+        # One event changes one record: the view takes that one (O(1)) when it can; a snapshot
+        # (changed None) replaces them all. The view keeps its own dict: the mirror's moves on.
+        set_record, drop_record = (
+            getattr(view, "set_record", None),
+            getattr(view, "drop_record", None),
+        )
+        if changed is None or set_record is None or drop_record is None:
+            view.set_records(dict(mirror.records))
+        else:
+            for worker_id in changed:
+                record = mirror.records.get(worker_id)
+                if record is None:
+                    drop_record(worker_id)
+                else:
+                    set_record(record)
         self.gateway.fleet_moved()
         self.changes.notify()
 
     async def _on_load(self, msg: Message) -> None:
+        self._take_load(msg)
+        # nats-py runs this subscription's queued messages back to back without yielding: a
+        # burst of heartbeats (a fleet started together beats in step) would hold a registry
+        # event queued behind it for the whole burst. Yield, so the event goes in between.
+        await asyncio.sleep(0)
+
+    def _take_load(self, msg: Message) -> None:
         env = decode_or_reject(codec.load_decoder, msg.data, self.metrics.bus, "load")
         if env is None:
             return

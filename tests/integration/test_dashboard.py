@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from schemas import codec
-from schemas.dashboard import FleetSnapshot
+from schemas.dashboard import FleetDelta, FleetSnapshot
 from schemas.registry import CommandOk, SetStatusRequest, WorkerStatus, WorkerStatusChanged
 from schemas.subjects import Subjects
 from services.common.bus import Bus
@@ -39,11 +40,14 @@ async def one_worker_fleet(
 
 
 class Feed:
-    """Reads /dashboard/events and keeps every snapshot."""
+    """Reads /dashboard/events: keeps every message, and the fleet as a viewer holds it (the
+    first snapshot with every delta applied since)."""
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self.resp = resp
         self.snapshots: list[FleetSnapshot] = []
+        self.deltas: list[FleetDelta] = []
+        self.held: FleetSnapshot | None = None
         self.task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -53,16 +57,37 @@ class Feed:
             if line.startswith("event: "):
                 event = line[len("event: ") :]
             elif line.startswith("data: ") and event == "fleet":
-                self.snapshots.append(codec.decode(line[len("data: ") :].encode(), FleetSnapshot))
+                snapshot = codec.decode(line[len("data: ") :].encode(), FleetSnapshot)
+                self.snapshots.append(snapshot)
+                self.held = snapshot
+            elif line.startswith("data: ") and event == "delta":
+                delta = codec.decode(line[len("data: ") :].encode(), FleetDelta)
+                self.deltas.append(delta)
+                self.held = applied(self.held, delta)
 
     @property
     def last(self) -> FleetSnapshot | None:
-        return self.snapshots[-1] if self.snapshots else None
+        return self.held
 
     def status_of(self, worker_id: str) -> WorkerStatus | None:
         last = self.last
         found = None if last is None else next((w for w in last.workers if w.id == worker_id), None)
         return None if found is None else found.status
+
+
+def applied(held: FleetSnapshot | None, delta: FleetDelta) -> FleetSnapshot:
+    """What the page does with a delta."""
+    assert held is not None, "a delta before the first snapshot"
+    rows = {w.id: w for w in held.workers if w.id not in delta.removed}
+    rows.update((w.id, w) for w in delta.workers)
+    return msgspec.structs.replace(
+        held,
+        workers=tuple(rows[w] for w in sorted(rows)),
+        capacity=held.capacity if delta.capacity is None else delta.capacity,
+        gateway={**held.gateway, **delta.gateway},
+        registry_epoch=delta.registry_epoch,
+        registry_seq=delta.registry_seq,
+    )
 
 
 async def test_feed_streams_the_fleet_and_follows_a_status_change(
@@ -117,6 +142,44 @@ async def test_feed_streams_the_fleet_and_follows_a_status_change(
         assert isinstance(done, CommandOk), done
         await eventually(lambda: feed.status_of(worker.service.worker_id) == WorkerStatus.DRAINING)
         feed.task.cancel()
+
+
+async def heartbeats_go_by(router: Any, worker_id: str, count: int = 5) -> None:
+    """Until the router has taken `count` more heartbeats from the worker (0.2 s apart)."""
+    view = router.service.view
+    since = view.beats[worker_id].seq
+    await eventually(lambda: view.beats[worker_id].seq >= since + count)
+
+
+async def test_after_the_first_message_a_change_sends_only_the_worker_that_changed(
+    nats_url: str, prefix: str, bus: Bus
+) -> None:
+    worker = {"max_in_flight": 2, "models": ("sim-model",)}
+    async with (
+        fleet(nats_url, prefix, [worker, worker]) as (router, (a, b)),
+        aiohttp.ClientSession() as s,
+        s.get(router.url + "/dashboard/events") as resp,
+    ):
+        feed = Feed(resp)
+        await eventually(lambda: len(feed.snapshots) == 1)
+        first = feed.snapshots[0]
+        assert {w.id for w in first.workers} == {a.service.worker_id, b.service.worker_id}
+        assert all(w.fresh and w.load for w in first.workers)
+        await heartbeats_go_by(router, a.service.worker_id)  # the feed ticks meanwhile
+
+        done = await RegistryClient(bus, Subjects.for_prefix(prefix)).call(
+            SetStatusRequest(id=b.service.worker_id, status=WorkerStatus.DRAINING, reason="test")
+        )
+        assert isinstance(done, CommandOk), done
+        await eventually(lambda: feed.status_of(b.service.worker_id) == WorkerStatus.DRAINING)
+        await heartbeats_go_by(router, a.service.worker_id)
+        feed.task.cancel()
+        # Both workers heartbeat every 0.2 s with the same load meanwhile: that is no news, so
+        # the one change is the only row any message after the first carried.
+        sent = [w for d in feed.deltas for w in d.workers]
+        assert [(w.id, w.status) for w in sent] == [(b.service.worker_id, WorkerStatus.DRAINING)]
+        assert all(d.removed == () for d in feed.deltas)
+        assert feed.snapshots == [first]
 
 
 async def test_page_and_feed_need_the_api_key_when_keys_are_set(nats_url: str, prefix: str) -> None:

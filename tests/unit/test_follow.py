@@ -125,3 +125,26 @@ def test_lost_and_bounded_buffer() -> None:
     for seq in range(1, 6):
         small.observe(env(seq, WorkerRegistered(worker=rec(f"w{seq}"))))
     assert len(small.buffer) <= 2
+
+
+def test_changes_name_the_records_events_touched_and_none_after_a_snapshot() -> None:
+    m = synced(0, rec("a"), rec("b"))
+    assert m.take_changes() is None  # a snapshot may have changed any record
+    assert m.take_changes() == set()
+    m.observe(env(1, ready("a")))
+    m.observe(env(2, WorkerRegistered(worker=rec("c"))))
+    m.observe(env(3, WorkerRemoved(worker=rec("b"))))
+    assert m.take_changes() == {"a", "b", "c"}
+    assert m.take_changes() == set()
+    m.observe(env(5, ready("a", revision=3)))  # a gap: the snapshot replaces everything
+    m.apply_snapshot(RegistrySnapshot(epoch=1, seq=5, workers=(rec("a", S.READY, 3),)))
+    assert m.take_changes() is None
+
+
+def test_changes_nobody_takes_stay_bounded() -> None:
+    m = RegistryMirror(max_buffer=2)
+    m.apply_snapshot(RegistrySnapshot(epoch=1, seq=0, workers=()))
+    m.take_changes()
+    for seq in range(1, 6):
+        m.observe(env(seq, WorkerRegistered(worker=rec(f"w{seq}"))))
+    assert m.take_changes() is None  # more than max_buffer: "any may have changed"
