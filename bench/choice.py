@@ -8,7 +8,10 @@ are in one run. Fleets: N workers, worker i serving model m{i % M}, fresh heartb
 random load (4 slots, 8 queue places, measured 1 s / 5000 tok/s), every worker holding 200
 blocks of other prompts; "prefix": a 64-block prompt whose first 16 blocks 3 of m0's workers
 hold. "fits": choose as the gateway's Placement.fits asks (need_room, a budget). Rows marked
-"hetero" give every worker its own measured rates (the index scans the model's replicas then).
+"hetero" give every worker its own measured rates (as real workers report them: the columns,
+vector.py, choose then), "mixed" leave every 10th of those unmeasured (its rates: its peers'
+mean). "heartbeat": µs per heartbeat applied (a new load for one worker, round the fleet), after
+the choices above were asked (so the columns, where used, are kept in step).
 """
 
 from __future__ import annotations
@@ -28,9 +31,25 @@ SIZES = [(2, 1), (2, 10), (100, 1), (100, 10), (1000, 1), (1000, 10)]
 NOW = 1000.0
 
 
-def fleet(n: int, models: int, hetero: bool, seed: int = 1) -> Any:
+def model_load(i: int, models: int, kind: str, busy: int) -> Any:
+    from schemas.load import ModelLoad
+
+    hetero = kind != "same"
+    unmeasured = kind == "mixed" and i % 10 == 0
+    return ModelLoad(
+        id=f"m{i % models}",
+        in_flight=min(busy, 4),
+        queue_depth=max(busy - 4, 0),
+        max_in_flight=4,
+        max_queue_depth=8,
+        service_s=None if unmeasured else 1.0 + (i * 0.001 if hetero else 0.0),
+        prefill_tokens_per_s=None if unmeasured else 5000.0 + (i if hetero else 0),
+    )
+
+
+def fleet(n: int, models: int, kind: str, seed: int = 1) -> Any:
     from schemas.kv import KvBlocks
-    from schemas.load import ModelLoad, WorkerLoad
+    from schemas.load import WorkerLoad
     from schemas.registry import WorkerRecord, WorkerStatus
     from services.router.core import FleetView
 
@@ -50,16 +69,7 @@ def fleet(n: int, models: int, hetero: bool, seed: int = 1) -> Any:
         }
     )
     for i, w in enumerate(ids):
-        busy = rng.randint(0, 10)
-        load = ModelLoad(
-            id=f"m{i % models}",
-            in_flight=min(busy, 4),
-            queue_depth=max(busy - 4, 0),
-            max_in_flight=4,
-            max_queue_depth=8,
-            service_s=1.0 + (i * 0.001 if hetero else 0.0),
-            prefill_tokens_per_s=5000.0 + (i if hetero else 0),
-        )
+        load = model_load(i, models, kind, rng.randint(0, 10))
         beat = WorkerLoad(
             worker_id=w, url=f"http://{w}:1", status=WorkerStatus.READY, models=(load,)
         )
@@ -97,18 +107,51 @@ def row(view: Any, prompt: Any) -> dict[str, Any]:
     }
 
 
+def heartbeat_us(view: Any, n: int, models: int, kind: str) -> float:
+    """µs per heartbeat applied: each worker in turn reports a new load (seq increasing)."""
+    from schemas.load import WorkerLoad
+    from schemas.registry import WorkerStatus
+
+    rng = random.Random(2)
+    beats = [
+        (
+            f"w{i:04d}",
+            WorkerLoad(
+                worker_id=f"w{i:04d}",
+                url=f"http://w{i:04d}:1",
+                status=WorkerStatus.READY,
+                models=(model_load(i, models, kind, rng.randint(0, 10)),),
+            ),
+        )
+        for i in range(n)
+    ]
+    seq = iter(range(2, 1 << 40))
+
+    def one() -> None:
+        s = next(seq)
+        worker_id, load = beats[s % n]
+        view.heartbeat(worker_id, 1, s, load, NOW)
+
+    return per_call_us(one)
+
+
 def measure() -> list[dict[str, Any]]:
     from services.router.policy import Prompt
 
     rows = []
-    for (n, models), hetero in [(s, False) for s in SIZES] + [((1000, 1), True)]:
-        view, blocks = fleet(n, models, hetero)
+    shapes = [(s, "same") for s in SIZES] + [
+        ((1000, 1), "hetero"),
+        ((1000, 10), "hetero"),
+        ((1000, 1), "mixed"),
+    ]
+    for (n, models), kind in shapes:
+        view, blocks = fleet(n, models, kind)
         for prefix in (False, True):
             prompt = Prompt(tokens=4096, blocks=blocks) if prefix else Prompt(tokens=4096)
             rows.append(
-                row(view, prompt)
-                | {"workers": n, "models": models, "hetero": hetero, "prefix": prefix}
+                row(view, prompt) | {"workers": n, "models": models, "kind": kind, "prefix": prefix}
             )
+        rows[-1]["heartbeat"] = heartbeat_us(view, n, models, kind)
     return rows
 
 
@@ -141,13 +184,13 @@ def main() -> None:
         before = run_in(Path(tmp))
     after = run_in(ROOT)
     print("µs per call, before (HEAD) → after (working tree)")
-    print("| workers x models | prefix | choose | fits (room + budget) | best_estimate | serves |")
-    print("|---|---|---|---|---|---|")
+    keys = ("choose", "fits", "best_estimate", "serves", "heartbeat")
+    print("| workers x models | prefix | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
     for old, new in zip(before, after, strict=True):
-        shape = f"{new['workers']} x {new['models']}" + (" hetero" if new["hetero"] else "")
-        cells = [
-            f"{old[k]:.1f} → {new[k]:.1f}" for k in ("choose", "fits", "best_estimate", "serves")
-        ]
+        kind = "" if new["kind"] == "same" else f" {new['kind']}"
+        shape = f"{new['workers']} x {new['models']}{kind}"
+        cells = [f"{old[k]:.1f} → {new[k]:.1f}" if k in new else "" for k in keys]
         print(f"| {shape} | {'yes' if new['prefix'] else 'no'} | " + " | ".join(cells) + " |")
 
 

@@ -22,9 +22,12 @@ Choice (documented in docs/router.md; the policies themselves in policy.py):
 How (issue #17): every input updates a per-model index (index.py) of the eligible replicas by
 tier, profile and busy count, and what lapses with time (a heartbeat going stale, a cooldown
 ending) is applied when a read next looks at the clock (index.Timeline), so a choice costs
-O(profiles + prefix holders + tried replicas), not O(workers) (indexed.py says when it scans
-the model's replicas instead: scan.py, the same semantics literally). The clock is meant to
-be monotonic: a read at an earlier time than the last one rebuilds the index at that time.
+O(profiles + prefix holders + tried replicas), not O(workers) (indexed.py). Where replicas
+report their own measured rates (many profiles), or measured and unmeasured ones mix, the
+choice is vector.py's: the model's replicas as columns (table.py, kept in step by the index),
+a few numpy passes, exact like the index. scan.py is the semantics literally (the reference the
+tests hold both to). The clock is meant to be monotonic: a read at an earlier time than the
+last one rebuilds the index at that time.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from schemas.load import WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.common.seq import is_newer
 from services.registry.index import HEARTBEAT_LABEL
-from services.router import indexed, scan
+from services.router import indexed, scan, vector
 from services.router.choices import Choice, NoChoice, NoReplica, UnknownModel
 from services.router.index import ModelIndex
 from services.router.policy import Prompt
@@ -154,10 +157,11 @@ class FleetView(FleetState):
             return None
         self._advance(now)
         ask = self._ask(model, frozenset(), False, 1, prompt, None)
-        found = indexed.pool(self.index.get(model, NOWHERE), ask, self.defaults)
+        ix = self.index.get(model, NOWHERE)
+        found = indexed.pool(ix, ask, self.defaults, self.max_profiles)
         if isinstance(found, str):
-            self.scans += 1
-            return scan.best_estimate(self, model, now, prompt)
+            self.vectored += 1
+            return vector.best_estimate(ix, self.roster.serving[model], ask, self.defaults)
         return None if found is None else min(o.known_s for o in found.options)
 
     def choose(
@@ -176,18 +180,25 @@ class FleetView(FleetState):
             return UnknownModel(model)
         self._advance(now)
         ask = self._ask(model, exclude, need_room, slots, prompt, budget_s)
-        found = indexed.pool(self.index.get(model, NOWHERE), ask, self.defaults)
+        ix = self.index.get(model, NOWHERE)
+        found = indexed.pool(ix, ask, self.defaults, self.max_profiles)
+        picked: vector.Picked | vector.Late | None
         if isinstance(found, str):
-            self.scans += 1
-            return scan.choose(self, model, now, exclude, need_room, prompt, budget_s, slots)
-        if found is None:
+            self.vectored += 1
+            serving = self.roster.serving[model]
+            picked = vector.choose(ix, serving, ask, self.policy, self.defaults, self.draw)
+        elif found is None or not found.options:
+            picked = None if found is None else vector.LATE
+        else:
+            picked = indexed.chosen(found, self.policy, self.defaults, self.draw)
+        if picked is None:
             pending = self.roster.pending_of[model] > 0
             if self.roster.ready_left(model, exclude) == 0:
                 return NoReplica(model, pending, "no ready replica")
             return NoReplica(model, pending, "every replica is busy or unreachable")
-        if not found.options:  # usable replicas, none in time
+        if picked == vector.LATE:  # usable replicas, none in time
             return NoReplica(model, False, "no replica can start it within its deadline")
-        worker_id, busy, estimate = indexed.chosen(found, self.policy, self.defaults, self.draw)
+        worker_id, busy, estimate = picked
         fresh = self.is_fresh(worker_id, now)
         return Choice(worker_id, self.records[worker_id].url, busy, fresh, estimate)
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from heapq import heapify, heappop, heappush
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from services.router.table import Table
 
 
 class Profile(NamedTuple):
@@ -83,13 +86,14 @@ class Group:
 
 
 class ModelIndex:
-    """One model's indexed replicas."""
+    """One model's indexed replicas; their columns too (table.py), once vector.py reads them."""
 
-    __slots__ = ("slots", "tiers")
+    __slots__ = ("slots", "table", "tiers")
 
     def __init__(self) -> None:
         self.tiers: tuple[dict[Profile, Group], dict[Profile, Group]] = ({}, {})
         self.slots: dict[str, Slot] = {}
+        self.table: Table | None = None
 
     def add(self, worker_id: str, slot: Slot) -> None:
         groups = self.tiers[slot.tier]
@@ -98,6 +102,8 @@ class ModelIndex:
             group = groups[slot.profile] = Group()
         group.add(slot.busy, worker_id)
         self.slots[worker_id] = slot
+        if self.table is not None:
+            self.table.set(worker_id, slot)
 
     def remove(self, worker_id: str) -> None:
         slot = self.slots.pop(worker_id)
@@ -106,6 +112,8 @@ class ModelIndex:
         group.remove(slot.busy, worker_id)
         if not group.levels:
             del groups[slot.profile]
+        if self.table is not None:
+            self.table.clear(worker_id, slot)
 
 
 def nth(ids: list[str], skip: frozenset[str] | set[str], n: int) -> str:

@@ -10,8 +10,8 @@ their ids, sorted) then needs only those levels' id lists (index.pick).
 Cost: O(profiles x log + prefix holders + tried replicas), whatever the number of replicas, when
 a tier has at most MAX_PROFILES profiles. Otherwise (every replica reporting its own measured
 rates), and when unmeasured replicas' rates would be their peers' mean (policy.with_peers: a mix
-of measured and unmeasured replicas, for a few seconds after one starts), this answers None and
-the caller scans the model's replicas (O(replicas of the model), exact by construction).
+of measured and unmeasured replicas, for a few seconds after one starts), this answers FALLBACK
+and the caller chooses over the model's columns (vector.py: O(replicas) in numpy, exact too).
 """
 
 from __future__ import annotations
@@ -83,14 +83,16 @@ def peers_matter(profiles: list[Profile], tier: int) -> bool:
     return len(service) > 1 or len({bool(p.prefill_tokens_per_s) for p in heard}) > 1
 
 
-def pool(ix: ModelIndex, ask: Ask, defaults: Defaults) -> Pool | str | None:
+def pool(
+    ix: ModelIndex, ask: Ask, defaults: Defaults, max_profiles: int = MAX_PROFILES
+) -> Pool | str | None:
     """The first tier with a usable replica, its candidates (after the deadline), or None when
     no replica is usable, or FALLBACK."""
     skip = set(ask.exclude) | set(ask.hits)
     for tier, groups in enumerate(ix.tiers):
         if not groups:  # (a prefix holder is in a group of its tier too)
             continue
-        if len(groups) > MAX_PROFILES or peers_matter(list(groups), tier):
+        if len(groups) > max_profiles or peers_matter(list(groups), tier):
             return FALLBACK
         options: list[Option] = []
         usable = unheard = False

@@ -1,7 +1,7 @@
 """Replica choice by a scan of a model's replicas, the documented semantics literally. Pure, no I/O.
 
-core.FleetView answers from its index (indexed.py) and falls back to this where the index cannot
-be exact in less (see indexed.py); tests hold the index to it.
+core.FleetView answers from its index (indexed.py) or its columns (vector.py), never from this;
+tests hold both to it, and eligible/pool answer the view's reads of the same names.
 """
 
 from __future__ import annotations

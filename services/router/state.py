@@ -79,7 +79,8 @@ class FleetState:
         self.index: dict[str, ModelIndex] = {}
         self.placed: dict[str, dict[str, Slot]] = {}  # worker -> model -> where it is indexed
         self.timeline = Timeline()
-        self.scans = 0  # choices the index left to a scan of the model's replicas (indexed.py)
+        self.vectored = 0  # choices the groups left to the columns (indexed.py, vector.py)
+        self.max_profiles = indexed.MAX_PROFILES  # per tier, beyond which the columns choose
 
     @property
     def serving(self) -> dict[str, dict[str, WorkerRecord]]:

@@ -1,6 +1,7 @@
-"""The indexed replica choice equals the scan of the model's replicas (the documented semantics,
-scan.py) over random fleets, loads, cooldowns, suspects, prefixes, clocks and draws, as the
-inputs change one at a time; and the index's own pieces (levels, the n-th id, the timeline)."""
+"""The indexed replica choice and the vector one (the model's columns) each equal the scan of the
+model's replicas (the documented semantics, scan.py) over random fleets, loads, per-worker
+measured rates, cooldowns, suspects, prefixes, clocks and draws, as the inputs change one at a
+time; and the index's own pieces (levels, the n-th id, the timeline)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from schemas.load import ModelLoad, WorkerLoad
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.registry.index import HEARTBEAT_LABEL
 from services.router import scan
-from services.router.core import FleetView
+from services.router.core import Choice, FleetView
 from services.router.index import Group, Timeline, nth, pick
+from services.router.indexed import MAX_PROFILES
 from services.router.policy import Prompt
 
 S = WorkerStatus
@@ -25,6 +27,19 @@ Speed = tuple[int, int, float | None, float | None]
 MEASURED: list[Speed] = [(4, 4, 1.5, 4000.0), (2, 0, 3.0, 2500.0), (4, 4, 0.5, 20_000.0)]
 UNMEASURED: list[Speed] = [(4, 4, None, None), (1, 2, None, None)]
 MIXED: list[Speed] = [*MEASURED, *UNMEASURED, (4, 4, 1.0, None)]
+# "own": each heartbeat carries the worker's own rates (EWMAs, as services/worker measures them),
+# now and then unmeasured (None) or equal to another's (ties), slots and queue places at random
+RATE = st.one_of(
+    st.none(),
+    st.sampled_from([0.5, 1.0, 1.05, 3.0]),
+    st.floats(0.01, 10.0, allow_nan=False),
+)
+PREFILL = st.one_of(
+    st.none(),
+    st.sampled_from([2500.0, 4000.0, 4100.0]),
+    st.floats(100.0, 50_000.0, allow_nan=False),
+)
+OWN = st.tuples(st.integers(1, 4), st.integers(0, 4), RATE, PREFILL)
 
 
 WORKERS = st.lists(
@@ -63,7 +78,7 @@ class SameAsScan(RuleBasedStateMachine):
     """One FleetView fed random inputs; every query is answered by its index and by scan.py."""
 
     @initialize(
-        mode=st.sampled_from(["measured", "unmeasured", "mixed"]),
+        mode=st.sampled_from(["measured", "unmeasured", "mixed", "own", "own"]),
         policy=st.sampled_from(["cost", "cost", "least_busy"]),
         workers=WORKERS.filter(lambda ws: len(ws) >= 2),
     )
@@ -71,9 +86,12 @@ class SameAsScan(RuleBasedStateMachine):
         self, mode: str, policy: str, workers: list[tuple[str, S, tuple[str, ...], dict[str, str]]]
     ) -> None:
         self.mode = mode
-        self.speeds: list[Speed] = {"measured": MEASURED, "unmeasured": UNMEASURED, "mixed": MIXED}[
-            mode
-        ]
+        self.speeds: list[Speed] = {
+            "measured": MEASURED,
+            "unmeasured": UNMEASURED,
+            "mixed": MIXED,
+            "own": MIXED,
+        }[mode]
         self.draws = Draws()
         self.view = FleetView("cost" if policy == "cost" else "least_busy", draw=self.draws)
         self.now = 100.0
@@ -104,6 +122,7 @@ class SameAsScan(RuleBasedStateMachine):
         has_m=st.booleans(),
         age=st.sampled_from([0.0, 1.0, 2.5, 3.0, 4.0]),
         interval=st.sampled_from([1.0, 0.5]),
+        own=OWN,
     )
     def heartbeat(
         self,
@@ -114,8 +133,11 @@ class SameAsScan(RuleBasedStateMachine):
         has_m: bool,
         age: float,
         interval: float,
+        own: Speed,
     ) -> None:
-        mif, mq, service_s, prefill = self.speeds[speed % len(self.speeds)]
+        mif, mq, service_s, prefill = (
+            own if self.mode == "own" else self.speeds[speed % len(self.speeds)]
+        )
         models = [
             ModelLoad(
                 id=model,
@@ -200,19 +222,24 @@ class SameAsScan(RuleBasedStateMachine):
         draw: float,
     ) -> None:
         v = self.view
-        scans = v.scans
         self.draws.value, self.draws.calls = draw, 0
-        got = v.choose(model, self.now, exclude, need_room, prompt, budget, slots)
-        got_calls, self.draws.calls = self.draws.calls, 0
         want = scan.choose(v, model, self.now, exclude, need_room, prompt, budget, slots)
-        assert got == want
-        event(f"{type(got).__name__} by {'scan' if v.scans > scans else 'index'}")
-        assert got_calls == self.draws.calls  # the next draw is the same for both
-        estimate = v.best_estimate(model, self.now, prompt)
-        assert estimate == scan.best_estimate(v, model, self.now, prompt)
-        off = any(r.labels for r in v.records.values())  # no heartbeats: unmeasured
-        if self.mode == "unmeasured" or (self.mode == "measured" and not off):
-            assert v.scans == scans  # no mix of measured and unmeasured: the index answered
+        want_calls = self.draws.calls
+        want_estimate = scan.best_estimate(v, model, self.now, prompt)
+        for columns in (False, True):  # as the view chooses; then always by its columns
+            v.max_profiles = 0 if columns else MAX_PROFILES
+            vectored = v.vectored
+            self.draws.calls = 0
+            got = v.choose(model, self.now, exclude, need_room, prompt, budget, slots)
+            assert got == want
+            assert self.draws.calls == want_calls  # the next draw is the same for both
+            path = "vector" if v.vectored > vectored else "index"
+            event(f"{type(got).__name__} by {path}{' (forced)' if columns else ''}")
+            assert v.best_estimate(model, self.now, prompt) == want_estimate
+            off = any(r.labels for r in v.records.values())  # no heartbeats: unmeasured
+            if not columns and (self.mode == "unmeasured" or (self.mode == "measured" and not off)):
+                assert v.vectored == vectored  # no mix of measured and unmeasured: the index
+        v.max_profiles = MAX_PROFILES
 
     @invariant()
     def reads(self) -> None:
@@ -278,3 +305,59 @@ def test_a_record_written_in_place_is_indexed_like_set_records() -> None:
     assert v.models() == []
     del v.records["a"]
     assert not v.serves("m")
+
+
+def test_the_peers_mean_is_summed_in_the_records_order_as_the_scan_sums_it() -> None:
+    """(0.1 + 0.2) + 0.3 != (0.2 + 0.3) + 0.1: the columns are by id, the scan by record."""
+    v = FleetView(draw=lambda: 0.0)
+    rates = {"w2": 0.1, "w0": 0.2, "w1": 0.3, "w3": None}  # the records' order
+    v.set_records(
+        {
+            w: WorkerRecord(id=w, url=f"http://{w}:1", models=("m",), status=S.READY, revision=1)
+            for w in rates
+        }
+    )
+    for w, rate in rates.items():
+        busy = 2 if rate is None else 9  # the unmeasured one is the cheapest, at the peers' mean
+        m = ModelLoad(
+            id="m",
+            in_flight=1,
+            queue_depth=busy - 1,
+            max_in_flight=1,
+            max_queue_depth=9,
+            service_s=rate,
+        )
+        v.heartbeat(w, 1, 1, WorkerLoad(worker_id=w, url="u", status=S.READY, models=(m,)), 100.0)
+    v.max_profiles = 0  # the columns choose
+    got = v.choose("m", 100.0)
+    assert got == scan.choose(v, "m", 100.0)
+    assert isinstance(got, Choice)
+    assert got.worker_id == "w3"
+    assert got.estimate_s == 2 * ((0.1 + 0.2) + 0.3) / 3 != 2 * ((0.2 + 0.3) + 0.1) / 3
+
+
+def test_the_columns_keep_their_rows_through_cooldowns_and_new_records_of_the_same_workers() -> (
+    None
+):
+    """A replica leaving the index and coming back, or the registry rewriting its records, costs
+    no rebuild of the model's columns; a worker joining does."""
+    v = FleetView()
+    records = {
+        w: WorkerRecord(id=w, url="u", models=("m",), status=S.READY, revision=1) for w in IDS
+    }
+    v.set_records(records)
+    v.max_profiles = 0
+    v.choose("m", 100.0)
+    table = v.index["m"].table
+    v.busy("w1", 1.0, 100.0)
+    v.connection_failed("w2", 100.0)
+    assert v.choose("m", 100.5) == scan.choose(v, "m", 100.5)
+    assert v.choose("m", 101.5) == scan.choose(v, "m", 101.5)  # w1 is back
+    v.set_records(dict(records))
+    assert v.choose("m", 101.5) == scan.choose(v, "m", 101.5)
+    assert v.index["m"].table is table
+    v.set_records(
+        records | {"w9": WorkerRecord(id="w9", url="u", models=("m",), status=S.READY, revision=1)}
+    )
+    assert v.choose("m", 101.5) == scan.choose(v, "m", 101.5)
+    assert v.index["m"].table is not table
