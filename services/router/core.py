@@ -79,6 +79,20 @@ class FleetView(FleetState):
             if old.get(worker_id) != record:
                 self._reindex(worker_id)
 
+    def set_record(self, record: WorkerRecord) -> None:
+        """One record added or changed (a registry event): O(its models), unlike set_records."""
+        if self.records.get(record.id) != record:
+            self.records[record.id] = record  # Records keeps the roster and the index in step
+
+    def drop_record(self, worker_id: str) -> None:
+        """One record removed (a registry event): what the view knew of the worker goes too."""
+        if worker_id in self.records:
+            del self.records[worker_id]
+        for table in (self.beats, self.dispatched, self.cooldown_until, self.suspect_since):
+            table.pop(worker_id, None)
+        self.caches.forget(worker_id)
+        self._reindex(worker_id)
+
     def heartbeat(self, worker_id: str, epoch: int, seq: int, load: WorkerLoad, now: float) -> bool:
         """Latest wins; a fresh heartbeat resets our dispatch count and clears suspicion."""
         beat = self.beats.get(worker_id)

@@ -41,13 +41,13 @@ class Records(dict[str, WorkerRecord]):
         self.view = view
 
     def __setitem__(self, worker_id: str, record: WorkerRecord) -> None:
+        self.view.roster.replace(self.get(worker_id), record)
         super().__setitem__(worker_id, record)
-        self.view.roster = Roster(self)
         self.view._reindex(worker_id)
 
     def __delitem__(self, worker_id: str) -> None:
+        self.view.roster.replace(self[worker_id], None)
         super().__delitem__(worker_id)
-        self.view.roster = Roster(self)
         self.view._reindex(worker_id)
 
 

@@ -18,6 +18,7 @@ from services.router.core import Choice, FleetView
 from services.router.index import Group, Timeline, nth, pick
 from services.router.indexed import MAX_PROFILES
 from services.router.policy import Prompt
+from services.router.roster import Roster
 
 S = WorkerStatus
 IDS = [f"w{i}" for i in range(7)]
@@ -113,6 +114,22 @@ class SameAsScan(RuleBasedStateMachine):
                 for wid, status, models, labels in workers
             }
         )
+
+    @rule(worker=WORKERS.filter(bool).map(lambda ws: ws[0]), drop=st.booleans())
+    def one_record(
+        self, worker: tuple[str, S, tuple[str, ...], dict[str, str]], drop: bool
+    ) -> None:
+        """A registry event: one record added, changed or removed (set_record / drop_record)."""
+        wid, status, models, labels = worker
+        if drop:
+            self.view.drop_record(wid)
+            assert wid not in self.view.beats
+            assert wid not in self.view.dispatched
+            return
+        record = WorkerRecord(
+            id=wid, url=f"http://{wid}:1", models=models, status=status, revision=2, labels=labels
+        )
+        self.view.set_record(record)
 
     @rule(
         wid=st.sampled_from(IDS),
@@ -249,6 +266,13 @@ class SameAsScan(RuleBasedStateMachine):
         assert v.models() == sorted({m for r in ready for m in r.models})
         for model in ("m", "x", "y"):
             assert v.serves(model) is any(model in r.models for r in v.records.values())
+        # the roster kept up one record at a time is the one built from all the records
+        built = Roster(dict(v.records))
+        assert {m: set(rs) for m, rs in v.roster.serving.items()} == {
+            m: set(rs) for m, rs in built.serving.items()
+        }
+        assert {m: dict(rs) for m, rs in v.roster.serving.items()} == built.serving
+        assert (v.roster.ready_of, v.roster.pending_of) == (built.ready_of, built.pending_of)
 
 
 SameAsScan.TestCase.settings = settings(
