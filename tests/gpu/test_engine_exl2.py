@@ -195,6 +195,9 @@ async def test_logprobs_and_n_choices(exl2_worker: Any, demo_dir: Path) -> None:
             logprobs=5,
             extra_body={"top_k": 5},
         )
+        # three slots for n=3 even unpaged (max_batch 1: the generator then runs them in turn)
+        gate = exl2_worker.service.models[MODEL].gate
+        gate.set_limit(max(3, gate.core.limits.max_in_flight))
         many = await client.chat.completions.create(
             **ask, n=3, seed=1, temperature=0.8, stream=True, stream_options={"include_usage": True}
         )
