@@ -11,13 +11,11 @@ when its last byte is sent (the slot is held until then).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from starlette.responses import Response
 
 from schemas.codec import error_event
@@ -25,7 +23,6 @@ from services.admission.gate import Abandoned, Rejected
 from services.common.errors import ApiError
 from services.common.http import error_response
 from services.common.metrics import UNKNOWN
-from services.common.request_id import HEADER as REQUEST_ID
 from services.common.request_id import current_request_id
 from services.router.core import Choice, FleetView, NoReplica, UnknownModel
 from services.router.deadline import Placement, Targets, TooLate, patience
@@ -42,12 +39,11 @@ from services.router.rules import (
     parse_retry_after,
     upstream_unreachable,
 )
+from services.router.upstream import Upstream, UpstreamError, WorkerResponse
 
 log = logging.getLogger(__name__)
 ORIGIN = "x-switchboard-origin"
-# Headers a worker's refusal must keep when relayed (status and body are kept as they are).
-RELAYED = ("retry-after", "content-type")
-CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
+CONNECTION_ERRORS = (UpstreamError,)  # timeouts included (upstream.py)
 # A non-streamed answer up to this size is read whole and sent with its Content-Length; a larger
 # one (or one of unknown length) is relayed as it comes, so the router never holds more.
 WHOLE_MAX_BYTES = 16 << 20
@@ -58,15 +54,6 @@ _SSE = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 def router_error(err: ApiError) -> Response:
     """A refusal the router itself makes, marked as its own."""
     return error_response(err, {ORIGIN: "router"})
-
-
-def upstream_headers() -> dict[str, str]:
-    """The worker keeps the client's request id, so both services' log lines share it."""
-    headers = {"Content-Type": "application/json"}
-    rid = current_request_id()
-    if rid is not None:
-        headers[REQUEST_ID] = rid
-    return headers
 
 
 def upstream_failed(detail: str) -> ApiError:
@@ -99,29 +86,21 @@ class Forwarder:
         view: FleetView,
         gateway: Gateway,
         metrics: RouterMetrics,
-        session: aiohttp.ClientSession,
+        upstream: Upstream,
         *,
         clock: Callable[[], float],
         max_attempts: int,
         retry_budget_ratio: float,
-        header_timeout_s: float,
         body_read_timeout_s: float,
-        connect_timeout_s: float,
         targets: Targets | None = None,
         request_log_every: int = 1,
     ) -> None:
         """request_log_every: one in this many successful requests' `request` lines is logged."""
         self.view, self.gateway, self.metrics, self.clock = view, gateway, metrics, clock
         self.targets = targets or Targets()
-        self.session = session
+        self.upstream = upstream
         self.max_attempts = max_attempts
         self.budget = RetryBudget(ratio=retry_budget_ratio)
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=connect_timeout_s,
-            connect=connect_timeout_s,
-            sock_read=header_timeout_s,
-        )
         self.body_read_timeout_s = body_read_timeout_s
         self.records = Records(metrics, log, request_log_every)
 
@@ -203,7 +182,7 @@ class Forwarder:
         prompt: Prompt,
         placement: Placement | None,
         slots: int = 1,
-    ) -> Response | aiohttp.ClientResponse:
+    ) -> Response | WorkerResponse:
         """The first worker answer that is not a refusal (to relay), else the response to send
         instead: the last worker refusal, or the router's own. One choice per attempt (the first
         one made as the gateway admitted the request, when it judged it)."""
@@ -233,9 +212,8 @@ class Forwarder:
             tally.worker, tally.attempts = choice.worker_id, tally.attempts + 1
             last = tally.attempts >= self.max_attempts
             try:
-                resp = await self.session.post(
-                    choice.url + path, data=body, timeout=self.timeout, headers=upstream_headers()
-                )
+                # The worker keeps the client's request id: both services' log lines share it.
+                resp = await self.upstream.post(choice.url, path, body, current_request_id())
             except CONNECTION_ERRORS as exc:
                 log.warning("upstream %s unreachable: %r", choice.worker_id, exc)
                 self.view.connection_failed(choice.worker_id, self.clock())
@@ -251,27 +229,35 @@ class Forwarder:
                 return refused
             self.metrics.retries.labels("busy").inc()
 
-    async def _refusal(self, resp: aiohttp.ClientResponse, worker_id: str) -> Response:
-        """A worker's 429/503, kept to relay intact; the worker cools down for its Retry-After."""
-        data = await resp.read()
-        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-        self.view.busy(worker_id, retry_after, self.clock())
-        headers = {k: v for k, v in resp.headers.items() if k.lower() in RELAYED}
-        resp.release()
-        return Response(data, status_code=resp.status, headers={**headers, ORIGIN: "worker"})
+    async def _refusal(self, resp: WorkerResponse, worker_id: str) -> Response:
+        """A worker's 429/503, kept to relay intact (status, body, Retry-After, Content-Type);
+        the worker cools down for its Retry-After."""
+        try:
+            data = await resp.read(self.body_read_timeout_s)
+        except UpstreamError as exc:  # the refusal stands; its body is lost
+            log.warning("upstream %s failed sending its refusal: %r", worker_id, exc)
+            data = b""
+        finally:
+            resp.release()
+        self.view.busy(worker_id, parse_retry_after(resp.retry_after), self.clock())
+        headers = {ORIGIN: "worker"}
+        if resp.retry_after is not None:
+            headers["retry-after"] = resp.retry_after
+        if resp.content_type is not None:
+            headers["content-type"] = resp.content_type
+        return Response(data, status_code=resp.status, headers=headers)
 
-    async def _relay(self, resp: aiohttp.ClientResponse, tally: Tally, slot: Held) -> Answer:
+    async def _relay(self, resp: WorkerResponse, tally: Tally, slot: Held) -> Answer:
         """The worker's answer as the client gets it: a stream (SSE, or too large to hold) is
         relayed as it comes; anything else is read whole and sent with its Content-Length."""
-        content_type = resp.headers.get("Content-Type", "application/json")
+        content_type = resp.content_type or "application/json"
         sse = content_type.startswith("text/event-stream")
         size = resp.content_length
         if sse or size is None or size > WHOLE_MAX_BYTES:
             return self._stream(resp, tally, slot, content_type, sse)
         try:
-            async with asyncio.timeout(self.body_read_timeout_s):
-                data = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            data = await resp.read(self.body_read_timeout_s)
+        except UpstreamError as exc:
             resp.release()  # its connection is closed: the answer was not read to its end
             self._upstream_failed(tally, exc)
             await slot.release()
@@ -287,7 +273,7 @@ class Forwarder:
         return Reply(status, headers, data, sent)
 
     def _stream(
-        self, resp: aiohttp.ClientResponse, tally: Tally, slot: Held, content_type: str, sse: bool
+        self, resp: WorkerResponse, tally: Tally, slot: Held, content_type: str, sse: bool
     ) -> Stream:
         def failed(exc: BaseException) -> bytes:
             # After the first byte we cannot retry: end with an explicit error, never a hang.

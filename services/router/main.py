@@ -1,12 +1,10 @@
-"""Router process wiring: NATS followers, pooled aiohttp upstream client, ingress HTTP; drains."""
+"""Router process wiring: NATS followers, the upstream client (upstream.py), ingress; drains."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-
-import aiohttp
 
 from schemas.subjects import Subjects
 from services.common.bus import Bus
@@ -21,6 +19,7 @@ from services.router.http import create_app
 from services.router.metrics import RouterMetrics
 from services.router.rules import PriorityCaps
 from services.router.shell import RouterShell
+from services.router.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +32,16 @@ async def serve(
     subjects = Subjects.for_prefix(cfg.subject_prefix)
     registry = new_registry()
     bus = await Bus.connect(cfg.nats_url, "router", first_connect_s=cfg.nats_connect_timeout_s)
-    # keepalive shorter than the worker's; aiohttp enables TCP_NODELAY on its sockets.
-    connector = aiohttp.TCPConnector(
-        limit=cfg.upstream_pool_size,
-        keepalive_timeout=cfg.upstream_keepalive_s,
-        enable_cleanup_closed=True,
+    metrics = RouterMetrics(registry)
+    # keepalive shorter than the worker's (config.py); TCP_NODELAY on its sockets.
+    upstream = Upstream(
+        connect_timeout_s=cfg.connect_timeout_s,
+        header_timeout_s=cfg.header_timeout_s,
+        keepalive_s=cfg.upstream_keepalive_s,
+        max_connections=cfg.upstream_pool_size,
+        on_resend=metrics.retries.labels("stale_connection").inc,
     )
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     try:
-        metrics = RouterMetrics(registry)
         shell = RouterShell(
             bus,
             subjects,
@@ -57,13 +57,11 @@ async def serve(
             shell.view,
             shell.gateway,
             metrics,
-            session,
+            upstream,
             clock=shell.clock,
             max_attempts=cfg.max_attempts,
             retry_budget_ratio=cfg.retry_budget_ratio,
-            header_timeout_s=cfg.header_timeout_s,
             body_read_timeout_s=cfg.body_read_timeout_s,
-            connect_timeout_s=cfg.connect_timeout_s,
             targets=cfg.targets(),
             request_log_every=cfg.request_log_every,
         )
@@ -106,5 +104,5 @@ async def serve(
 
         await run_until_stopped(http, stop, start, drain)
     finally:
-        await session.close()
+        upstream.close()
         await bus.close()

@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from services.common.asgi import until_disconnect
+from services.router.upstream import UpstreamError, WorkerResponse
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -55,7 +55,7 @@ class Stream:
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: WorkerResponse,
         headers: Headers,
         *,
         idle_s: float,
@@ -71,35 +71,41 @@ class Stream:
             start = {"type": "http.response.start", "status": status}
             await send({**start, "headers": self.raw_headers})
             failure = await self._pump(receive, send)
-            if failure is not None:
+            if failure is True:
+                return  # its last chunk ended it
+            last = b""
+            if isinstance(failure, BaseException):
                 status = 502
                 last = self.failed(failure)
-                if last:
-                    await send({"type": "http.response.body", "body": last, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            # One message, so one write: the error event (if any) and the end of the body.
+            await send({"type": "http.response.body", "body": last})
         finally:
             self.resp.release()  # an unfinished answer's connection is closed: the worker stops
             await self.done(status)
 
-    async def _pump(self, receive: Receive, send: Send) -> BaseException | None:
+    async def _pump(self, receive: Receive, send: Send) -> BaseException | bool | None:
         """Chunks until the end; the failure that cut it short, else None (also when the client
-        left: nobody is there to tell)."""
-        read = self.resp.content.readany
+        left: nobody is there to tell), or True when the last chunk was sent as the end (the
+        worker's answer was whole with it: chunk and end go in one write)."""
+        resp = self.resp
         watch = _Watch(receive, self.idle_s)
         try:
             while True:
                 watch.reading_since = watch.loop.time()
-                chunk = await read()
+                chunk = await resp.chunk()
                 watch.reading_since = None
                 if not chunk:
                     return None
+                if resp.complete and not resp.body:
+                    await send({"type": "http.response.body", "body": chunk})
+                    return True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             # Ours (the watch's) unless someone else cancelled too: then it goes on up.
             if watch.why is None or watch.task.uncancel() > 0:
                 raise
             return watch.why if isinstance(watch.why, BaseException) else None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             return exc
         finally:
             watch.close()
