@@ -39,7 +39,9 @@ class RouterMetrics:
         )
         self.retries = Counter(
             "switchboard_router_upstream_retries_total",
-            "Retries on another replica.",
+            "Attempts sent again: on another replica (connect, busy), or once more to the same "
+            "worker on a fresh connection when a reused one closed before any byte "
+            "(stale_connection).",
             ["reason"],
             registry=registry,
         )
