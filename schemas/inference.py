@@ -53,34 +53,67 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
-    include_usage: bool = False
+    include_usage: bool | None = None  # None: false
+
+
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
-    """Fields chat and text completions share."""
+    """Fields chat and text completions share.
+
+    null is OpenAI's "the default" (the official client sends a None argument as null), so
+    every optional field takes it; the readers (services/worker/core.py, choices.py) apply the
+    defaults written in the comments."""
 
     model: ModelId
-    stream: bool = False
+    stream: bool | None = None  # None: false
     stream_options: StreamOptions | None = None
     max_tokens: MaxTokens | None = None
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    temperature: Temperature | None = None  # None: 1.0
+    top_p: TopP | None = None  # None: 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None  # vLLM's; None or 0: off
     seed: int | None = None
     stop: str | list[str] | None = None
-    # choices; the worker serves up to its max_n (and its model's max_in_flight)
-    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
+    # choices; the worker serves up to its max_n (and its model's max_in_flight). Read as
+    # `n` (the property below applies the default); declared apart so null decodes.
+    choices_asked: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] | None = msgspec.field(
+        default=None, name="n"
+    )
+    presence_penalty: Penalty | None = None  # None: 0
+    frequency_penalty: Penalty | None = None  # None: 0
     # {"<token id>": bias}; the worker checks the ids against its model's vocabulary
     logit_bias: dict[str, Bias] | None = None
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # vLLM's extension
-    # vLLM's structured-output extension (services/worker/engines/grammar.py checks them): a
-    # JSON Schema (or its text), a regex, one of these strings, a Lark grammar.
+    # vLLM's extensions. Served: repetition_penalty (None: 1.0), min_p (None: 0), min_tokens
+    # (None: 0), ignore_eos, stop_token_ids (checked against the vocabulary).
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    min_tokens: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: (
+        Annotated[
+            list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)
+        ]
+        | None
+    ) = None
+    # ... refused by name unless neutral (unsupported()):
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    use_beam_search: bool | None = None
+    # Structured output (services/worker/engines/grammar.py checks them): OpenAI's
+    # response_format (vLLM serves it on completions too), vLLM's guided_* (a JSON Schema or its
+    # text, a regex, one of these strings, a Lark grammar) and their successor
+    # structured_outputs ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}).
+    response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: Any = None
+
+    @property
+    def n(self) -> int:
+        return 1 if self.choices_asked is None else self.choices_asked
 
     def wanted_logprobs(self) -> int | None:
         """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
@@ -89,10 +122,12 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     def constraint_fields(self) -> dict[str, Any]:
         """The fields that may constrain the output's text (grammar.requested reads them)."""
         return {
+            "response_format": self.response_format,
             "guided_json": self.guided_json,
             "guided_regex": self.guided_regex,
             "guided_choice": self.guided_choice,
             "guided_grammar": self.guided_grammar,
+            "structured_outputs": self.structured_outputs,
         }
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -109,7 +144,11 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
         return next((param for param, yes in self._asked().items() if yes), None)
 
     def _asked(self) -> dict[str, bool]:
-        return {}
+        return {
+            "bad_words": bool(self.bad_words),
+            "prompt_logprobs": self.prompt_logprobs is not None,  # 0 asks for the prompt's
+            "use_beam_search": bool(self.use_beam_search),
+        }
 
 
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
@@ -122,21 +161,19 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # None: true, OpenAI's default
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
+    moderation: Any = None
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def constraint_fields(self) -> dict[str, Any]:
-        return {"response_format": self.response_format, **super().constraint_fields()}
-
     def _asked(self) -> dict[str, bool]:
         return {
+            **super()._asked(),
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none", "auto"),
             "audio": self.audio is not None,
@@ -145,12 +182,14 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
             # OpenAI refuses these on models that do not reason; none here does
             "reasoning_effort": self.reasoning_effort is not None,
             "verbosity": self.verbosity not in (None, "medium"),
+            # it asks to block flagged input or output; nothing here moderates
+            "moderation": self.moderation is not None,
         }
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
-    echo: bool = False
+    echo: bool | None = None  # None: false
     # the sampled token's logprob and this many alternatives' (0 asks for the sampled one's)
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     # candidates generated, of which the n likeliest are answered (not streamed)
@@ -162,7 +201,8 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
 
     def _asked(self) -> dict[str, bool]:
         return {
-            "echo": self.echo,
+            **super()._asked(),
+            "echo": bool(self.echo),
             "suffix": bool(self.suffix),
         }
 

@@ -154,6 +154,12 @@ def _choice(value: object, names: set[str]) -> tuple[Choice, str | None] | ApiEr
     return "named", name
 
 
+def forces(req: ChatCompletionRequest) -> bool:
+    """Whether tool_choice forces a call ("required" or a named function): a grammar
+    (constraint()), which a model that cannot constrain its output must refuse up front."""
+    return bool(req.tools) and req.tool_choice not in (None, "none", "auto")
+
+
 def finish_reason(reason: str | None, called: bool) -> str | None:
     """OpenAI's "tool_calls" when the reply ended by calling; a cut-off reply stays "length"."""
     return "tool_calls" if called and reason == "stop" else reason

@@ -19,6 +19,7 @@ from tests.integration.test_openai_fields import (
     NEUTRAL_CHAT,
     REFUSED_CHAT,
     REFUSED_TEXT,
+    REFUSED_VLLM,
     refusal,
 )
 from tests.integration.test_structured_output import SCHEMA, Obj, valid
@@ -158,3 +159,58 @@ async def test_the_tables_refusals_and_neutral_fields(api: openai.AsyncOpenAI) -
     plain = await api.chat.completions.create(**ask)
     same = await api.chat.completions.create(**ask, extra_body=NEUTRAL_CHAT)
     assert same.choices[0].message.content == plain.choices[0].message.content
+
+
+async def test_vllm_extensions(api: openai.AsyncOpenAI, demo_dir: Path) -> None:
+    """min_p (exllamav2's own), stop_token_ids and ignore_eos (its stop_conditions), min_tokens
+    (its min_new_tokens), structured_outputs and completions' response_format (the filter
+    hook), and the ones no engine has, refused by name: as on sim and transformers
+    (tests/integration/test_openai_fields.py)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo_dir), local_files_only=True)
+    eos = str(tok.eos_token_id)
+    ask: dict[str, Any] = {"model": MODEL, "messages": HI, "max_tokens": 4, "temperature": 0}
+    no_end: dict[str, Any] = {"logit_bias": {eos: -100}}
+    greedy = await api.chat.completions.create(**ask, **no_end)
+    first = tok.encode(greedy.choices[0].message.content or "", add_special_tokens=False)[0]
+    stop: dict[str, Any] = {"stop_token_ids": [first]}
+    got = await api.chat.completions.create(**ask, **no_end, extra_body=stop)
+    assert (got.choices[0].message.content, got.choices[0].finish_reason) == ("", "stop")
+    held = await api.chat.completions.create(**ask, **no_end, extra_body=stop | {"min_tokens": 2})
+    held_ids = tok.encode(held.choices[0].message.content or "", add_special_tokens=False)
+    assert held_ids[:1] != [first]
+    # the end token forced: it ends at once; min_tokens holds it back; ignore_eos ignores it
+    forced: dict[str, Any] = {"logit_bias": {eos: 100}}
+    usage: dict[str, tuple[int, str | None]] = {}
+    extra: dict[str, Any]
+    for name, extra in (
+        ("plain", {}),
+        ("min", {"min_tokens": 2}),
+        ("ignore", {"ignore_eos": True}),
+    ):
+        ended = await api.chat.completions.create(**ask, **forced, extra_body=extra)
+        assert ended.usage is not None
+        usage[name] = (ended.usage.completion_tokens, ended.choices[0].finish_reason)
+    assert usage == {"plain": (1, "stop"), "min": (3, "stop"), "ignore": (4, "length")}
+    # min_p 1 keeps only the likeliest token: greedy, each logprob 0
+    sharp = await api.chat.completions.create(
+        **ask | {"temperature": 1.0}, **no_end, seed=3, logprobs=True, extra_body={"min_p": 1.0}
+    )
+    assert sharp.choices[0].message.content == greedy.choices[0].message.content
+    lp = sharp.choices[0].logprobs
+    assert lp is not None
+    assert [round(t.logprob, 3) for t in lp.content or []] == [0.0] * 4
+    so: dict[str, Any] = {"structured_outputs": {"choice": ["yes", "no"]}}
+    chosen = await api.chat.completions.create(**ask | {"max_tokens": 5}, extra_body=so)
+    assert chosen.choices[0].message.content in ("yes", "no")
+    text = await api.completions.create(
+        model=MODEL,
+        prompt="json please",
+        max_tokens=60,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert text.choices[0].text.startswith("{")
+    for field, value in REFUSED_VLLM:
+        err = await refusal(api.chat.completions.create(**ask, extra_body={field: value}))
+        assert (err.code, err.param) == ("unsupported_parameter", field), field

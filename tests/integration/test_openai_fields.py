@@ -7,6 +7,7 @@ test_openai_conformance.py and test_worker_penalties.py check on the sim alone."
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ REFUSED_CHAT: list[tuple[str, Any]] = [
     ("web_search_options", {}),
     ("reasoning_effort", "low"),
     ("verbosity", "low"),
+    ("moderation", {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}}),
 ]
 REFUSED_TEXT: list[tuple[str, Any]] = [("echo", True), ("suffix", "and so on")]
 
@@ -462,64 +464,121 @@ async def test_backpressure_is_a_503_the_client_would_retry(
         assert f.api._should_retry(busy.value.response)  # openai's own rule: retried
 
 
-# ---- found while writing the table: asked for, answered as if not asked ----
+# ---- found while writing the table (were answered as if not asked): now served or refused ----
 
-# vLLM's sampling and output extensions that change the answer, which no engine here reads:
-# schemas/inference.py does not declare them, so msgspec drops them as unknown fields and the
-# request is served as if they had not been sent (docs/worker.md: "not read").
-UNREAD: list[tuple[str, Any]] = [
-    ("min_p", 0.5),
-    ("min_tokens", 4),
-    ("ignore_eos", True),
-    ("stop_token_ids", [1]),
+# vLLM's extensions no engine here has: refused by name unless neutral.
+REFUSED_VLLM: list[tuple[str, Any]] = [
     ("bad_words", ["fleet"]),
     ("prompt_logprobs", 1),
     ("use_beam_search", True),
-    ("structured_outputs", {"choice": ["yes", "no"]}),  # vLLM >= 0.10's guided_*
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas/inference.py drops unknown fields: a vLLM extension it does not declare "
-    "is served as if not asked instead of refused by name (unsupported_parameter)",
-)
-@pytest.mark.parametrize(("field", "value"), UNREAD, ids=[f for f, _ in UNREAD])
-async def test_unread_vllm_extensions_are_refused_by_name(
-    sim_api: openai.AsyncOpenAI, field: str, value: Any
-) -> None:
-    err = await refusal(content(sim_api, SIM, max_tokens=2, extra_body={field: value}))
-    assert (err.code, err.param) == ("unsupported_parameter", field)
+@pytest.mark.parametrize("model", MODELS)
+async def test_vllm_extensions_no_engine_has_are_refused_by_name(fl: Fleet, model: str) -> None:
+    for field, value in REFUSED_VLLM:
+        err = await refusal(content(fl.api, model, max_tokens=2, extra_body={field: value}))
+        assert (err.code, err.param) == ("unsupported_parameter", field), field
+        text: dict[str, Any] = {"model": model, "prompt": "x", "max_tokens": 1}
+        err = await refusal(fl.api.completions.create(**text, extra_body={field: value}))
+        assert (err.code, err.param) == ("unsupported_parameter", field), field
+    neutral: dict[str, Any] = {"bad_words": [], "prompt_logprobs": None, "use_beam_search": False}
+    assert await content(fl.api, model, max_tokens=3, extra_body=neutral) == await content(
+        fl.api, model, max_tokens=3
+    )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="moderation (openai 3.57) is not declared in ChatCompletionRequest, so a request "
-    "asking to block flagged input or output is answered unmoderated",
-)
-async def test_moderation_is_refused_by_name(sim_api: openai.AsyncOpenAI) -> None:
-    policy = {"input": {"mode": "block"}, "output": {"mode": "block"}}
-    moderation = {"model": "omni-moderation-latest", "policy": policy}
-    err = await refusal(content(sim_api, SIM, max_tokens=2, extra_body={"moderation": moderation}))
-    assert (err.code, err.param) == ("unsupported_parameter", "moderation")
+@pytest.mark.parametrize("model", MODELS)
+async def test_stop_token_ids_and_min_tokens(fl: Fleet, model: str) -> None:
+    speak = fl.speakers[model]
+    ask: dict[str, Any] = {"model": model, "messages": HI, "temperature": 0, "max_tokens": 4}
+    ask["logit_bias"] = speak.no_end
+    plain = speak.ids(await content(fl.api, **ask))
+    # the first token is a stop token: the answer ends there, its text left out
+    stop = {"stop_token_ids": [plain[0]]}
+    got = await fl.api.chat.completions.create(**ask, extra_body=stop)
+    assert (got.choices[0].message.content, got.choices[0].finish_reason) == ("", "stop")
+    assert got.usage is not None
+    assert got.usage.completion_tokens == 1
+    # ... which min_tokens holds back: another first token
+    held = speak.ids(await content(fl.api, **ask, extra_body=stop | {"min_tokens": 2}))
+    assert held
+    assert held[0] != plain[0]
+    for extra, param in (
+        ({"stop_token_ids": [fl.engine(model).vocab_size]}, "stop_token_ids"),
+        ({"min_tokens": 5}, "min_tokens"),  # past max_tokens
+        ({"min_tokens": 1, "stop": ["x"]}, "min_tokens"),
+    ):
+        err = await refusal(fl.api.chat.completions.create(**ask, extra_body=extra))
+        assert err.param == param, extra
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CompletionRequest does not read response_format (vLLM serves it on completions "
-    "too): the sim's words come back where JSON was asked for",
-)
-async def test_completions_response_format_is_served_or_refused(
-    sim_api: openai.AsyncOpenAI,
-) -> None:
-    ask: dict[str, Any] = {"model": SIM, "prompt": "json please", "max_tokens": 40}
+async def test_min_tokens_and_ignore_eos_hold_the_end_token_back(fl: Fleet) -> None:
+    """The demo model's end token, forced by logit_bias, ends the answer at once; min_tokens
+    holds it back that many tokens, and ignore_eos makes it an ordinary token."""
+    eos = fl.speakers[HF].tokenizer.eos_token_id
+    ask: dict[str, Any] = {"model": HF, "messages": HI, "temperature": 0, "max_tokens": 6}
+    ask["logit_bias"] = {str(eos): 100}
+    usage: dict[str, tuple[int, str | None]] = {}
+    for name, extra in (
+        ("plain", {}),
+        ("min", {"min_tokens": 3}),
+        ("ignore", {"ignore_eos": True}),
+    ):
+        got = await fl.api.chat.completions.create(**ask, extra_body=extra)
+        assert got.usage is not None
+        usage[name] = (got.usage.completion_tokens, got.choices[0].finish_reason)
+    assert usage == {"plain": (1, "stop"), "min": (4, "stop"), "ignore": (6, "length")}
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_min_p(fl: Fleet, model: str) -> None:
+    """min_p 1 keeps only the likeliest token: sampling is then greedy, and each token's logprob
+    (of the distribution sampled from) is 0."""
+    ask: dict[str, Any] = {"model": model, "messages": HI, "max_tokens": 5, "seed": 3}
+    ask["logit_bias"] = fl.speakers[model].no_end
+    greedy = await content(fl.api, **ask)
+    sharp = await fl.api.chat.completions.create(
+        **ask, temperature=1.0, logprobs=True, extra_body={"min_p": 1.0}
+    )
+    assert sharp.choices[0].message.content == greedy
+    lp = sharp.choices[0].logprobs
+    assert lp is not None
+    assert lp.content is not None
+    assert [round(t.logprob, 4) for t in lp.content] == [0.0] * 5
+    loose = await fl.api.chat.completions.create(**ask, temperature=1.0, logprobs=True)
+    assert loose.choices[0].logprobs is not None
+    assert any(t.logprob < -1e-3 for t in loose.choices[0].logprobs.content or [])
+    err = await refusal(content(fl.api, model, max_tokens=1, extra_body={"min_p": 1.5}))
+    assert (err.code, err.param) == ("invalid_value", "min_p")
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_structured_outputs_is_served_as_guided(fl: Fleet, model: str) -> None:
+    """vLLM >= 0.10's structured_outputs, on both APIs."""
+    so = {"structured_outputs": {"choice": ["yes", "no"]}}
+    assert await content(fl.api, model, max_tokens=5, extra_body=so) in ("yes", "no")
+    text = await fl.api.completions.create(model=model, prompt="ok?", max_tokens=5, extra_body=so)
+    assert text.choices[0].text in ("yes", "no")
+    bad = {"structured_outputs": {"structural_tag": "{}"}}
+    err = await refusal(content(fl.api, model, max_tokens=5, extra_body=bad))
+    assert (err.code, err.param) == ("invalid_value", "structured_outputs")
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_completions_response_format_is_served(fl: Fleet, model: str) -> None:
+    """vLLM serves response_format on completions too."""
+    ask: dict[str, Any] = {"model": model, "prompt": "json please", "max_tokens": 60}
     json_object = {"response_format": {"type": "json_object"}}
-    try:
-        got = await sim_api.completions.create(**ask, extra_body=json_object)
-        answer, param = got.choices[0].text, None
-    except openai.BadRequestError as err:
-        answer, param = "", err.param
-    assert param == "response_format" or answer.startswith("{")
+    got = await fl.api.completions.create(**ask, extra_body=json_object)
+    answer = got.choices[0].text
+    assert answer.startswith("{")
+    if got.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(answer), dict)
+    err = await refusal(
+        fl.api.completions.create(**ask, extra_body={"response_format": {"type": "xml"}})
+    )
+    assert (err.code, err.param) == ("invalid_value", "response_format")
 
 
 # Optional in openai's own types (and null is OpenAI's "the default"); the client sends a None
@@ -527,12 +586,18 @@ async def test_completions_response_format_is_served_or_refused(
 NULLABLE = ["temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SamplingFields declares these without None (temperature: float = 1.0, ...): a "
-    "null is 400 invalid_value instead of the default",
-)
 @pytest.mark.parametrize("field", NULLABLE)
-async def test_null_means_the_default(sim_api: openai.AsyncOpenAI, field: str) -> None:
-    plain = await content(sim_api, SIM, max_tokens=2, seed=1)
-    assert await content(sim_api, SIM, max_tokens=2, seed=1, **{field: None}) == plain
+async def test_null_means_the_default(fl: Fleet, field: str) -> None:
+    """To the worker itself: the router refuses "stream": null (its own RoutingFields), which is
+    the router's to change."""
+    worker = fl.workers[SIM]
+    api = openai.AsyncOpenAI(base_url=worker.url + "/v1", api_key="unused", max_retries=0)
+    async with api:
+        plain = await content(api, SIM, max_tokens=2, seed=1)
+        assert await content(api, SIM, max_tokens=2, seed=1, **{field: None}) == plain
+        if field != "stream":  # through the router as well
+            assert await content(fl.api, SIM, max_tokens=2, seed=1, **{field: None}) == plain
+        text: dict[str, Any] = {"model": SIM, "prompt": "once", "max_tokens": 2, "seed": 1}
+        alone = await api.completions.create(**text)
+        nulled = await api.completions.create(**text, extra_body={field: None, "echo": None})
+        assert nulled.choices[0].text == alone.choices[0].text

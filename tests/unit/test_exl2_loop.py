@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.worker.engines import logprobs
+from services.worker.engines import grammar, logprobs
 from services.worker.engines.base import Chunk, EngineError, Job, SamplingParams
 from services.worker.engines.exl2_logprobs import job_options, result_logprobs
 from services.worker.engines.exl2_loop import (
@@ -28,6 +28,7 @@ from services.worker.engines.exl2_loop import (
     chunk_for,
     needs_bias,
     sampler_settings,
+    stop_conditions,
 )
 from services.worker.engines.logprobs import StepLogprobs, TokenLogprob
 from tests.helpers import eventually
@@ -110,16 +111,16 @@ PENALTIES_OFF = {
     [
         (
             SamplingParams(max_tokens=8, temperature=0),
-            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, **PENALTIES_OFF},
+            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "min_p": 0.0, **PENALTIES_OFF},
         ),
         # OpenAI defaults: plain sampling, every exllamav2 filter and penalty off
         (
             SamplingParams(max_tokens=8),
-            {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **PENALTIES_OFF},
+            {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, **PENALTIES_OFF},
         ),
         (
             SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=40, seed=3),
-            {"temperature": 0.7, "top_k": 40, "top_p": 0.9, **PENALTIES_OFF},
+            {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.0, **PENALTIES_OFF},
         ),
         # repetition over the whole sequence (prompt too); exllamav2's frequency and presence
         # penalties stay off whatever was asked (they would count the prompt): the token bias
@@ -133,13 +134,27 @@ PENALTIES_OFF = {
                 presence_penalty=-1.0,
                 logit_bias=((5, 10.0),),
             ),
-            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, **PENALTIES_OFF}
+            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "min_p": 0.0, **PENALTIES_OFF}
             | {"token_repetition_penalty": 1.3},
         ),
         (
             SamplingParams(max_tokens=8, temperature=1.2, repetition_penalty=0.9),
-            {"temperature": 1.2, "top_k": 0, "top_p": 1.0, **PENALTIES_OFF}
+            {"temperature": 1.2, "top_k": 0, "top_p": 1.0, "min_p": 0.0, **PENALTIES_OFF}
             | {"token_repetition_penalty": 0.9},
+        ),
+        # vLLM's min_p: exllamav2's own (applied after top-k and top-p, as logprobs.py's rule);
+        # 1 keeps only the likeliest, which exllamav2 would read as off: top_k 1 says it
+        (
+            SamplingParams(max_tokens=8, min_p=0.1, top_k=40),
+            {"temperature": 1.0, "top_k": 40, "top_p": 1.0, "min_p": 0.1, **PENALTIES_OFF},
+        ),
+        (
+            SamplingParams(max_tokens=8, min_p=1.0),
+            {"temperature": 1.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, **PENALTIES_OFF},
+        ),
+        (  # greedy: nothing to filter
+            SamplingParams(max_tokens=8, temperature=0, min_p=0.5),
+            {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "min_p": 0.0, **PENALTIES_OFF},
         ),
     ],
 )
@@ -147,6 +162,27 @@ def test_sampler_settings_say_exactly_what_the_request_asked(
     params: SamplingParams, settings: dict[str, float]
 ) -> None:
     assert sampler_settings(params) == settings
+
+
+JSON = grammar.json_object()
+
+
+@pytest.mark.parametrize(
+    ("params", "stops"),
+    [
+        (SamplingParams(max_tokens=8, stop=("x",)), [2, "x"]),
+        (SamplingParams(max_tokens=8, stop_token_ids=(5, 7), stop=("x",)), [2, 5, 7, "x"]),
+        # ignore_eos: the end token is an ordinary token; under a grammar its end still ends
+        (SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=(5,)), [5]),
+        (SamplingParams(max_tokens=8, ignore_eos=True, constraint=JSON), [2]),
+    ],
+)
+def test_stop_conditions_end_on_the_end_token_and_stop_token_ids(
+    params: SamplingParams, stops: list[int | str]
+) -> None:
+    """exllamav2 ends a job on these, and holds the token ids among them back until
+    min_new_tokens (min_tokens) are generated."""
+    assert stop_conditions(params, eos=2) == stops
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,8 @@ def valid(text: str) -> bool:
 
 # ---- reading a request ----
 
+SO = "structured_outputs"
+
 ACCEPTED: list[tuple[dict[str, Any], Constraint | None]] = [
     ({}, None),
     ({"response_format": {"type": "text"}}, None),
@@ -66,6 +68,21 @@ ACCEPTED: list[tuple[dict[str, Any], Constraint | None]] = [
     ({"guided_regex": "[a-c]+"}, grammar.regex("[a-c]+", param="guided_regex")),
     ({"guided_choice": ["yes", "no"]}, grammar.choice(["yes", "no"], param="guided_choice")),
     ({"guided_grammar": 'start: "hi"'}, grammar.lark('start: "hi"', param="guided_grammar")),
+    # vLLM >= 0.10's structured_outputs: guided_*'s successor, one kind of them (options that
+    # change nothing here accepted)
+    ({"structured_outputs": {"json": OBJ}}, grammar.json_schema(OBJ, False, param=SO)),
+    ({"structured_outputs": {"json": json.dumps(OBJ)}}, grammar.json_schema(OBJ, False, param=SO)),
+    ({"structured_outputs": {"regex": "[a-c]+", "choice": None}}, grammar.regex("[a-c]+", SO)),
+    ({"structured_outputs": {"choice": ["y", "n"]}}, grammar.choice(["y", "n"], param=SO)),
+    ({"structured_outputs": {"grammar": 'start: "hi"'}}, grammar.lark('start: "hi"', SO)),
+    (
+        {"structured_outputs": {"json_object": True, "disable_any_whitespace": True}},
+        grammar.json_object(SO),
+    ),
+    (
+        {"structured_outputs": {"choice": ["y"], "json_object": False, "disable_fallback": True}},
+        grammar.choice(["y"], param=SO),
+    ),
 ]
 
 
@@ -108,6 +125,19 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
         {"response_format": {"type": "json_object"}, "guided_regex": "a"},
         "guided_regex",
         "not several (response_format, guided_regex)",
+    ),
+    ({"structured_outputs": {}}, SO, "exactly one of json, regex"),
+    ({"structured_outputs": "json"}, SO, "must be an object"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, SO, "exactly one of"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, SO, "structural_tag is not supported"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, SO, "whitespace_pattern"),
+    ({"structured_outputs": {"regex": "a(b"}}, SO, "unclosed group"),
+    ({"structured_outputs": {"json": "{not json"}}, SO, "structured_outputs: Expecting"),
+    ({"structured_outputs": {"choice": "yes"}}, SO, "wrong type or size"),
+    (
+        {"guided_regex": "a", "structured_outputs": {"regex": "a"}},
+        SO,
+        "not several (guided_regex, structured_outputs)",
     ),
 ]
 

@@ -355,6 +355,16 @@ TEXT_BASE: dict[str, Any] = {"model": "m", "prompt": "hi"}
         (CHAT_BASE, {"functions": [{"name": "f"}]}, "functions"),
         (TEXT_BASE, {"echo": True}, "echo"),
         (TEXT_BASE, {"suffix": "}"}, "suffix"),
+        (CHAT_BASE, {"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+        (CHAT_BASE, {"moderation": None}, None),
+        # vLLM's extensions: served, or named unless neutral
+        (TEXT_BASE, {"min_p": 0.1, "min_tokens": 2, "ignore_eos": True}, None),
+        (TEXT_BASE, {"stop_token_ids": [2], "structured_outputs": {"regex": "a"}}, None),
+        (TEXT_BASE, {"response_format": {"type": "json_object"}}, None),
+        (TEXT_BASE, {"bad_words": [], "use_beam_search": False, "prompt_logprobs": None}, None),
+        (TEXT_BASE, {"bad_words": ["x"]}, "bad_words"),
+        (CHAT_BASE, {"prompt_logprobs": 0}, "prompt_logprobs"),
+        (CHAT_BASE, {"use_beam_search": True}, "use_beam_search"),
     ],
 )
 def test_unsupported_openai_features_are_named(
@@ -399,3 +409,47 @@ def test_penalties_out_of_range_fail_validation_by_name(extra: dict[str, Any], p
 def test_penalties_in_range_decode(extra: dict[str, Any]) -> None:
     req = codec.decode(codec.encode({**CHAT_BASE, **extra}), ChatCompletionRequest)
     assert {k: getattr(req, k) for k in extra} == extra
+
+
+NULLS = [
+    "stream",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+]
+
+
+def test_null_decodes_as_not_sent() -> None:
+    """null is OpenAI's "the default": decoded as if the field were not sent."""
+    for base, type_ in ((CHAT_BASE, ChatCompletionRequest), (TEXT_BASE, CompletionRequest)):
+        nulls = dict.fromkeys(NULLS) | ({"echo": None} if type_ is CompletionRequest else {})
+        sent = codec.decode(codec.encode({**base, **nulls}), type_)
+        assert sent == codec.decode(codec.encode(base), type_)
+        assert (sent.n, sent.stream) == (1, None)
+    assert codec.decode(codec.encode({**CHAT_BASE, "n": 3}), ChatCompletionRequest).n == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 0}, "n"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
+def test_vllm_extensions_out_of_range_fail_by_name(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(msgspec.ValidationError) as failed:
+        codec.decode(codec.encode({**TEXT_BASE, **extra}), CompletionRequest)
+    assert codec.error_field(str(failed.value)) == param

@@ -4,14 +4,17 @@ its prefix cache."""
 from __future__ import annotations
 
 import asyncio
+import math
 
+import msgspec
 import pytest
 
 from schemas.inference import ChatMessage
 from services.worker.engines.base import Chunk, Job, PrefixUse, SamplingParams
-from services.worker.engines.sim import SimEngine, SimSettings, prefill_s, prefix_use
+from services.worker.engines.sim import VOCAB, SimEngine, SimSettings, prefill_s, prefix_use
 from tests.helpers import eventually
 
+LEFT_OUT = -math.inf
 FAST = SimSettings(ttft_s=0.0, tokens_per_s=5000.0, max_batch=4)
 
 
@@ -48,6 +51,51 @@ async def test_eos_and_chat_template() -> None:
     prompt = engine.chat_prompt([ChatMessage(role="user", content="hi")])
     assert prompt.endswith("<|assistant|>")
     assert "<|user|> hi" in prompt
+
+
+async def test_vllm_end_controls() -> None:
+    """min_tokens holds the end (eos_after) and stop_token_ids back; ignore_eos makes the end an
+    ordinary token; a stop token ends the job ("stop") without its text."""
+    engine = SimEngine("m", SimSettings(ttft_s=0.0, tokens_per_s=5000.0, eos_after=3))
+
+    async def ask(**p: object) -> tuple[list[int], str | None, str]:
+        chunks = await run(engine, "x", SamplingParams(max_tokens=40, seed=2, **p))  # type: ignore[arg-type]
+        text = "".join(c.text for c in chunks)
+        return [VOCAB.index(w) for w in text.split()], chunks[-1].finish_reason, text
+
+    plain, reason, _ = await ask()
+    assert (len(plain), reason) == (3, "stop")
+    held, reason, _ = await ask(min_tokens=6)
+    assert (len(held), reason) == (6, "stop")
+    assert held[:3] == plain
+    ignored, reason, _ = await ask(ignore_eos=True)
+    assert (len(ignored), reason) == (40, "length")
+    stopped, reason, _ = await ask(ignore_eos=True, stop_token_ids=(ignored[4], 0))
+    first = min(i for i, t in enumerate(ignored) if t in (ignored[4], 0))
+    assert (stopped, reason) == (ignored[:first], "stop")
+    # before min_tokens a stop token cannot be sampled: another token comes in its place
+    late, reason, _ = await ask(ignore_eos=True, stop_token_ids=(ignored[0],), min_tokens=2)
+    assert late[0] != ignored[0]
+    assert ignored[0] not in late[:2]
+    assert reason == "stop" or len(late) == 40
+
+
+async def test_min_p_shapes_the_logprobs_of_what_is_spoken() -> None:
+    """The sim speaks its likeliest token either way; min_p leaves tokens out of the
+    distribution its logprobs are of (after temperature, top-k, top-p)."""
+    engine = SimEngine("m", FAST)
+    params = SamplingParams(max_tokens=4, seed=5, logprobs=20)
+    wide = await run(engine, "p", params)
+    narrow = await run(engine, "p", msgspec.structs.replace(params, min_p=0.97))
+    assert [c.text for c in wide] == [c.text for c in narrow]
+    for w, n in zip(wide, narrow, strict=True):
+        (ws,), (ns,) = w.logprobs, n.logprobs
+        assert ns.chosen.logprob > ws.chosen.logprob  # less mass left out of its share
+        kept = [t for t in ns.top if t.logprob > LEFT_OUT]
+        assert 1 <= len(kept) < len([t for t in ws.top if t.logprob > LEFT_OUT])
+        top = ws.top[0].logprob
+        # the kept ones: probability >= 0.97 x the likeliest's
+        assert all(t.logprob >= top + math.log(0.97) - 1e-9 for t in ws.top[: len(kept)])
 
 
 async def test_runs_a_batch_concurrently_and_cancels() -> None:

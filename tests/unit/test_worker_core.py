@@ -15,6 +15,7 @@ from schemas.registry import WorkerRecord, WorkerStatus
 from services.admission.core import Admission, AdmissionLimits, Busy
 from services.common.errors import ApiError
 from services.worker import choices, core
+from services.worker.engines import grammar
 from services.worker.engines.params import EngineLimits, SamplingParams
 
 S = WorkerStatus
@@ -221,6 +222,23 @@ def test_prompt_blocks_are_the_ones_the_router_names(body: dict[str, Any]) -> No
 
 # ---- shaping one request ----
 
+NULLABLE = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stream",
+    "stream_options",
+    "min_p",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+)
+CHOSEN = "structured_outputs"
+
 SHAPES: list[tuple[str, Any, int, int, tuple[int, str, str | None] | SamplingParams]] = [
     # (case, request, prompt tokens, default_max_tokens, refusal or the params it becomes)
     ("no max_tokens: the rest of the context", chat(), 10, 0, SamplingParams(max_tokens=90)),
@@ -340,6 +358,85 @@ SHAPES: list[tuple[str, Any, int, int, tuple[int, str, str | None] | SamplingPar
         0,
         refusal("invalid_value", "logit_bias"),
     ),
+    (
+        "null is the default (OpenAI's meaning; the official client sends None as null)",
+        chat(**dict.fromkeys(NULLABLE), max_tokens=3),
+        10,
+        0,
+        SamplingParams(max_tokens=3),
+    ),
+    (
+        "vLLM's min_p, min_tokens, ignore_eos, stop_token_ids",
+        text(max_tokens=5, min_p=0.2, min_tokens=3, ignore_eos=True, stop_token_ids=[4, 1]),
+        10,
+        0,
+        SamplingParams(
+            max_tokens=5, min_p=0.2, min_tokens=3, ignore_eos=True, stop_token_ids=(4, 1)
+        ),
+    ),
+    (
+        "a stop token id past the vocabulary",
+        chat(max_tokens=1, stop_token_ids=[1, VOCAB]),
+        10,
+        0,
+        refusal("invalid_value", "stop_token_ids"),
+    ),
+    (
+        "min_tokens past max_tokens",
+        chat(max_tokens=2, min_tokens=3),
+        10,
+        0,
+        refusal("invalid_value", "min_tokens"),
+    ),
+    (
+        "min_tokens past the default max_tokens (the context's rest)",
+        chat(min_tokens=91),
+        10,
+        0,
+        refusal("invalid_value", "min_tokens"),
+    ),
+    (
+        "min_tokens when every token would stop",
+        chat(max_tokens=2, min_tokens=1, stop_token_ids=list(range(VOCAB))),
+        10,
+        0,
+        refusal("invalid_value", "min_tokens"),
+    ),
+    (
+        "min_tokens with stop strings (vLLM and exllamav2 disagree)",
+        chat(max_tokens=4, min_tokens=1, stop="x"),
+        10,
+        0,
+        refusal("unsupported_parameter", "min_tokens"),
+    ),
+    (
+        "min_tokens with a grammar (its end cannot wait)",
+        chat(max_tokens=4, min_tokens=1, guided_regex="a+"),
+        10,
+        0,
+        refusal("unsupported_parameter", "min_tokens"),
+    ),
+    (
+        "completions' response_format (vLLM serves it there)",
+        text(max_tokens=4, response_format={"type": "json_object"}),
+        10,
+        0,
+        SamplingParams(max_tokens=4, constraint=grammar.json_object()),
+    ),
+    (
+        "structured_outputs: guided_*'s successor",
+        chat(max_tokens=4, structured_outputs={"choice": ["yes", "no"]}),
+        10,
+        0,
+        SamplingParams(max_tokens=4, constraint=grammar.choice(["yes", "no"], CHOSEN)),
+    ),
+    (
+        "structured_outputs and guided_* together",
+        chat(max_tokens=4, structured_outputs={"regex": "a"}, guided_regex="a"),
+        10,
+        0,
+        refusal("invalid_value", "structured_outputs"),
+    ),
 ]
 
 
@@ -362,6 +459,38 @@ def test_sampling(
         assert got == expected
 
 
+WEATHER = {"type": "function", "function": {"name": "weather"}}
+UNCONSTRAINED = EngineLimits(max_batch=4, max_context=100, constrains_output=False)
+
+
+@pytest.mark.parametrize(
+    ("req", "param"),
+    [
+        (chat(max_tokens=2, response_format={"type": "json_object"}), "response_format"),
+        (text(max_tokens=2, guided_choice=["a", "b"]), "guided_choice"),
+        (chat(max_tokens=2, structured_outputs={"regex": "a+"}), "structured_outputs"),
+        (chat(max_tokens=2, tools=[WEATHER], tool_choice="required"), "tool_choice"),
+        (chat(max_tokens=2, tools=[WEATHER], tool_choice={"type": "function"}), "tool_choice"),
+        # nothing to constrain: served
+        (chat(max_tokens=2, response_format={"type": "text"}), None),
+        (chat(max_tokens=2, tools=[WEATHER], tool_choice="auto"), None),
+        (chat(max_tokens=2, tools=[WEATHER]), None),
+        (chat(max_tokens=2, tool_choice="required"), None),  # no tools: tools.plan refuses it
+    ],
+)
+def test_a_model_that_cannot_constrain_refuses_constraints_by_name(
+    req: Any, param: str | None
+) -> None:
+    """An exllamav2 checkpoint without tokenizer.json: a 400 up front, never a failed job."""
+    got = core.sampling(req, 10, UNCONSTRAINED, VOCAB)
+    if param is None:
+        assert isinstance(got, SamplingParams)
+    else:
+        assert isinstance(got, ApiError)
+        assert (got.status, got.code, got.param) == (400, "unsupported_parameter", param)
+        assert isinstance(core.sampling(req, 10, LIMITS, VOCAB), SamplingParams)
+
+
 @pytest.mark.parametrize(
     ("req", "max_in_flight", "expected"),
     [
@@ -376,6 +505,8 @@ def test_sampling(
         (text(best_of=3, stream=True), 4, "best_of"),  # the best are known only at the end
         (text(best_of=9), 16, "best_of"),
         (text(best_of=4, n=2), 3, "best_of"),
+        (chat(n=None, stream=None), 1, 1),  # null: the defaults
+        (text(best_of=2, n=None, stream=None), 2, 2),
     ],
 )
 def test_candidates(req: Any, max_in_flight: int, expected: int | str) -> None:
@@ -459,6 +590,14 @@ def test_refused_content(messages: list[dict[str, Any]], images: bool, param: st
         (chat(tools=[{"type": "function"}]), None),  # served (#18): the tools module judges it
         (chat(functions=[{"name": "f"}]), "functions"),
         (text(echo=True), "echo"),
+        (text(echo=None, suffix=None), None),
+        (chat(moderation=None), None),
+        (chat(moderation={"model": "omni-moderation-latest"}), "moderation"),
+        # vLLM's extensions no engine here has: their neutral values are served
+        (chat(bad_words=[], prompt_logprobs=None, use_beam_search=False), None),
+        (chat(bad_words=["fleet"]), "bad_words"),
+        (text(prompt_logprobs=0), "prompt_logprobs"),  # 0: the prompt's own logprobs
+        (text(use_beam_search=True), "use_beam_search"),
     ],
 )
 def test_unsupported_is_refused_by_name(req: Any, param: str | None) -> None:

@@ -5,12 +5,14 @@ on exl2_loop's thread; the event loop only hands jobs over and receives chunks t
 Paged mode (true continuous batching) needs flash-attn >= 2.5.7; without it exllamav2's unpaged
 fallback runs one job at a time, max_batch (what admission and capacity use) says so, and the
 log warns. Structured output: llguidance (grammar.py) through exllamav2's filter hook
-(exl2_loop.GuideFilter), with the tokenizer read from the checkpoint's tokenizer.json.
+(exl2_loop.GuideFilter), with the tokenizer read from the checkpoint's tokenizer.json (a checkpoint
+without one: limits.constrains_output is False, and such requests are refused).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ from services.worker.engines.exl2_loop import (
     GuideFilter,
     needs_bias,
     sampler_settings,
+    stop_conditions,
 )
 from services.worker.engines.memory import checkpoint_bytes, require_room
 from services.worker.engines.template import ChatTemplate
@@ -51,6 +54,20 @@ def cuda_ready() -> tuple[bool, str]:
     except Exception as exc:  # a failed JIT build raises all sorts of errors
         return False, f"exllamav2 does not import: {exc}"
     return True, ""
+
+
+@functools.cache
+def filter_class() -> type:
+    """GuideFilter mixed into exllamav2's ExLlamaV2Filter (built once, on first use: exllamav2
+    is imported only when chosen)."""
+    from exllamav2.generator.filters import ExLlamaV2Filter
+
+    class Filter(GuideFilter, ExLlamaV2Filter):  # type: ignore[misc]
+        def __init__(self, guide: grammar.Guide, width: int, model: Any, tok: Any) -> None:
+            ExLlamaV2Filter.__init__(self, model, tok)
+            GuideFilter.__init__(self, guide, width)
+
+    return Filter
 
 
 class ExLlamaV2Engine:
@@ -129,7 +146,18 @@ class ExLlamaV2Engine:
             paged=self.paged,
         )
         self._template = ChatTemplate.from_model_dir(self.model_dir)
-        self.limits = EngineLimits(max_batch=batch, max_context=context)
+        # llguidance reads the tokenizer from tokenizer.json; without it nothing is constrained
+        # and such requests are refused up front (core.sampling), not failed at job creation
+        constrains = self._tokenizer_json.is_file()
+        self.limits = EngineLimits(
+            max_batch=batch, max_context=context, constrains_output=constrains
+        )
+        if not constrains:
+            log.warning(
+                "%s has no tokenizer.json: structured output (response_format, guided_*, "
+                "structured_outputs, a forced tool_choice) is refused for this model",
+                self.model_dir,
+            )
         log.info(
             "exllamav2 loaded",
             extra={
@@ -186,34 +214,30 @@ class ExLlamaV2Engine:
         return ExLlamaV2DynamicJob(
             input_ids=ids,
             max_new_tokens=params.max_tokens,
+            min_new_tokens=params.min_tokens,
             gen_settings=settings,
             seed=params.seed,
-            stop_conditions=[self.tokenizer.eos_token_id, *params.stop],
+            stop_conditions=stop_conditions(params, int(self.tokenizer.eos_token_id)),
             identifier=key,
             filters=filters,
             **job_options(params),
         )
 
+    @property
+    def _tokenizer_json(self) -> Path:
+        return self.model_dir / "tokenizer.json"
+
     def _filter(self, constraint: grammar.Constraint) -> Any:
         """A fresh grammar filter for one job (on the loop's thread: compiling never blocks the
         event loop). GrammarError fails the job alone (the loop's enqueue catches it)."""
-        from exllamav2.generator.filters import ExLlamaV2Filter
-
         if self._grammars is None:
-            tokenizer_json = self.model_dir / "tokenizer.json"
-            if not tokenizer_json.is_file():
-                raise grammar.GrammarError(f"structured output needs {tokenizer_json}")
+            if not self.limits.constrains_output:  # core.sampling refuses these before
+                raise grammar.GrammarError(f"structured output needs {self._tokenizer_json}")
             eos = int(self.tokenizer.eos_token_id)
-            llt = grammar.json_tokenizer(tokenizer_json.read_text(), self.vocab_size, eos)
-            self._grammars = grammar.Grammars(llt)
-
-        class Filter(GuideFilter, ExLlamaV2Filter):  # type: ignore[misc]
-            def __init__(self, guide: grammar.Guide, width: int, model: Any, tok: Any) -> None:
-                ExLlamaV2Filter.__init__(self, model, tok)
-                GuideFilter.__init__(self, guide, width)
-
+            text = self._tokenizer_json.read_text()
+            self._grammars = grammar.Grammars(grammar.json_tokenizer(text, self.vocab_size, eos))
         guide = self._grammars.guide(constraint)
-        return Filter(guide, self._logits_width, self._model, self.tokenizer)
+        return filter_class()(guide, self._logits_width, self._model, self.tokenizer)
 
     # The loop's counters, under the names the other engines use.
     @property

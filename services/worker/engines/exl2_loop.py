@@ -34,7 +34,8 @@ def sampler_settings(params: SamplingParams) -> dict[str, float | int]:
     exllamav2's own defaults (temperature 0.8, top_k 50, top_p 0.8, repetition penalty 1.025)
     are a chat UI's taste, not the OpenAI API's, and would make the GPU engine answer differently
     from the CPU one; so every one of them is set. top_k 0 and top_p 1.0 switch those filters
-    off in exllamav2's sampler; temperature 0 is greedy (its Settings.greedy()).
+    off in exllamav2's sampler; temperature 0 is greedy (its Settings.greedy()). min_p is
+    applied after top-k and top-p there, as in engines/logprobs.py's rule.
 
     repetition_penalty maps onto exllamav2's own over the whole sequence (range -1, no decay:
     prompt and completion, as penalties.py). Its frequency and presence penalties stay 0: they
@@ -49,13 +50,23 @@ def sampler_settings(params: SamplingParams) -> dict[str, float | int]:
         "token_presence_penalty": 0.0,
     }
     if params.temperature == 0:
-        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, **penalty}
+        return {"temperature": 1.0, "top_k": 1, "top_p": 0.0, "min_p": 0.0, **penalty}
     return {
         "temperature": params.temperature,
-        "top_k": params.top_k,
+        # min_p 1 keeps only the likeliest token; exllamav2 reads min_p >= 1 as off
+        "top_k": 1 if params.min_p >= 1.0 else params.top_k,
         "top_p": params.top_p,
+        "min_p": params.min_p if params.min_p < 1.0 else 0.0,
         **penalty,
     }
+
+
+def stop_conditions(params: SamplingParams, eos: int) -> list[int | str]:
+    """The job's stop_conditions: the end token (unless ignore_eos; under a grammar, whose end
+    is the end token, it stays), vLLM's stop_token_ids, the stop strings. exllamav2 cannot
+    sample the tokens among them before min_new_tokens (min_tokens) are generated."""
+    ends = [] if params.ignore_eos and params.constraint is None else [eos]
+    return [*ends, *params.stop_token_ids, *params.stop]
 
 
 def needs_bias(params: SamplingParams) -> bool:

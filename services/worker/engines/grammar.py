@@ -16,7 +16,8 @@ The engine-independent API (what a request handler or the tool-calling code buil
     json_object(), json_schema(schema, strict), regex(p), choice(options), lark(grammar),
     wrapped_json(before, schema, after)  build them (wrapped_json: the tool-call shape above)
     problem(c) -> str | None             why c cannot be served (the 400's message), cached
-    requested(req) -> Constraint | Problem | None   a request's response_format / guided_*
+    requested(req) -> Constraint | Problem | None   a request's response_format, guided_* or
+                                                    structured_outputs
 
 and on the engine side, one Grammars per tokenizer (sim_tokenizer() or hf_tokenizer()):
 
@@ -154,8 +155,9 @@ def _short(message: str, limit: int = 500) -> str:
 
 
 def requested(fields: Mapping[str, Any]) -> Constraint | Problem | None:
-    """The constraint a request's fields ask for: OpenAI's response_format, or vLLM's guided_json,
-    guided_regex, guided_choice, guided_grammar (at most one of all these); checked."""
+    """The constraint a request's fields ask for: OpenAI's response_format, vLLM's guided_json,
+    guided_regex, guided_choice, guided_grammar, or their successor structured_outputs (at most
+    one of all these); checked."""
     asked = [(k, v) for k, v in fields.items() if v is not None]
     if not asked:
         return None
@@ -177,16 +179,48 @@ def requested(fields: Mapping[str, Any]) -> Constraint | Problem | None:
 def _build(param: str, value: Any) -> Constraint | Problem | None:
     if param == "response_format":
         return _response_format(value)
-    if param == "guided_json":
+    if param == "structured_outputs":
+        return _structured(value)
+    return _guided(param.removeprefix("guided_"), value, param)
+
+
+def _guided(kind: str, value: Any, param: str) -> Constraint | Problem:
+    """vLLM's guided_<kind> (and structured_outputs' <kind>): json, regex, choice, grammar."""
+    if kind == "json":
         schema = json.loads(value) if isinstance(value, str) else value
         return json_schema(schema, strict=False, param=param)
-    if param == "guided_regex" and isinstance(value, str):
+    if kind == "regex" and isinstance(value, str):
         return regex(value, param)
-    if param == "guided_choice" and isinstance(value, list) and len(value) <= MAX_CHOICES:
+    if kind == "choice" and isinstance(value, list) and len(value) <= MAX_CHOICES:
         return choice(value, param)
-    if param == "guided_grammar" and isinstance(value, str):
+    if kind == "grammar" and isinstance(value, str):
         return lark(value, param)
     return Problem(message=f"{param} has the wrong type or size", param=param)
+
+
+STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")
+# Options that change nothing here: no other backend to fall back to, and JSON is always
+# compact (no whitespace but none).
+STRUCTURED_NEUTRAL = ("disable_fallback", "disable_any_whitespace")
+
+
+def _structured(value: Any) -> Constraint | Problem:
+    """vLLM's structured_outputs (>= 0.10): exactly one of STRUCTURED; any other option it
+    sets (structural_tag, whitespace_pattern, disable_additional_properties) is refused."""
+    param = "structured_outputs"
+    if not isinstance(value, dict):
+        return Problem(message=f"{param} must be an object", param=param)
+    asked = {k: v for k, v in value.items() if v is not None and v is not False}
+    other = [k for k in asked if k not in STRUCTURED and k not in STRUCTURED_NEUTRAL]
+    if other:
+        return Problem(message=f"{param}.{other[0][:64]} is not supported here", param=param)
+    kinds = [k for k in asked if k in STRUCTURED]
+    if len(kinds) != 1:
+        message = f"{param} asks for exactly one of {', '.join(STRUCTURED)}"
+        return Problem(message=message, param=param)
+    if kinds[0] == "json_object":
+        return json_object(param)
+    return _guided(kinds[0], asked[kinds[0]], param)
 
 
 def _response_format(value: Any) -> Constraint | Problem | None:

@@ -129,6 +129,7 @@ class TransformersEngine:
         eos = self._model.config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         guide = None if params.constraint is None else self._guide(params.constraint, eos_ids)
+        ending = stop_tokens(params, eos_ids, constrained=guide is not None)
         rng = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "big")
         )
@@ -151,11 +152,13 @@ class TransformersEngine:
                 logits = out.logits[0, -1]
                 if penalties.active(params):
                     logits = penalize(logits, ids, generated, params)
+                if len(generated) < params.min_tokens:  # the tokens that would end it: not yet
+                    logits = ban(logits, ending)
                 if guide is not None:
                     logits = constrain(logits, guide.allowed())
                 token = sample(logits, params, rng)
                 step_input = torch.tensor([[token]], dtype=torch.long)
-                if token in eos_ids:
+                if token in ending:
                     job.push(Chunk(text=scanner.flush(), tokens=1, finish_reason="stop"))
                     return
                 if guide is not None and not guide.advance(token):
@@ -246,6 +249,24 @@ def penalize(logits: Any, prompt: list[int], completion: list[int], params: Samp
     return out
 
 
+def stop_tokens(params: SamplingParams, eos_ids: set[int], constrained: bool) -> frozenset[int]:
+    """The tokens that end a job: the model's end tokens (unless ignore_eos; a grammar's end
+    still ends it) and vLLM's stop_token_ids."""
+    ends = set() if params.ignore_eos and not constrained else eos_ids
+    return frozenset(ends.union(params.stop_token_ids))
+
+
+def ban(logits: Any, tokens: frozenset[int]) -> Any:
+    """One step's logits with the given tokens at -inf (those past the logits' width ignored)."""
+    width = logits.numel()
+    index = [t for t in tokens if t < width]
+    if not index:
+        return logits
+    out = logits.clone()
+    out[index] = float("-inf")
+    return out
+
+
 def constrain(logits: Any, allowed: bytes) -> Any:
     """One step's logits with the tokens the grammar forbids (allowed[t] == 0, or t past the
     tokenizer's vocabulary: the head's padding) at -inf."""
@@ -288,7 +309,7 @@ def torch_topk(logprobs: Any, k: int) -> list[tuple[int, float]]:
 
 
 def probabilities(logits: Any, params: SamplingParams) -> Any:
-    """What sampling at temperature > 0 draws from: temperature, then top-k, then top-p."""
+    """What sampling at temperature > 0 draws from: temperature, then top-k, top-p, min-p."""
     import torch
 
     scores = logits.float() / params.temperature
@@ -300,5 +321,8 @@ def probabilities(logits: Any, params: SamplingParams) -> Any:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs = probs / probs.sum()
+    if params.min_p > 0:  # vLLM's min_p, last as in exllamav2's sampler
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
         probs = probs / probs.sum()
     return probs

@@ -3,7 +3,7 @@ reports per generated token. Pure, no I/O.
 
 The distribution (docs/worker.md, "Log probabilities"), the one the sampler draws from: the step's
 logits after penalties and logit_bias (penalties.py); at temperature T > 0 divided by T, then
-top-k and top-p keep their tokens (the rest get -inf) and the kept ones renormalize. Greedy
+top-k, top-p and min-p keep their tokens (the rest get -inf) and the kept ones renormalize. Greedy
 (temperature 0) draws from nothing, so it reports the processed logits at temperature 1,
 untruncated. Both are vLLM's `--logprobs-mode processed_logprobs`.
 """
@@ -46,12 +46,17 @@ def log_softmax(scores: Sequence[float]) -> list[float]:
 
 
 def distribution(
-    logits: Sequence[float], temperature: float, top_k: int = 0, top_p: float = 1.0
+    logits: Sequence[float],
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> list[float]:
     """The logprob of every token id at one step, from its processed logits (see above).
 
     top-k keeps every score >= the k-th largest; top-p keeps tokens, most likely first, while
-    the probability before them is < top_p (hf.sample's rules, the same in torch)."""
+    the probability before them is < top_p; then min-p keeps those of probability >= min_p x
+    the likeliest's (hf.sample's rules, the same in torch; exllamav2's order)."""
     if temperature == 0:
         return log_softmax(logits)
     scores = [x / temperature for x in logits]
@@ -68,6 +73,9 @@ def distribution(
             kept.add(i)
             mass += math.exp(logp[i])
         logp = log_softmax([x if i in kept else -math.inf for i, x in enumerate(logp)])
+    if min_p > 0:
+        floor = max(logp) + math.log(min_p)
+        logp = log_softmax([x if x >= floor else -math.inf for x in logp])
     return logp
 
 

@@ -12,6 +12,10 @@ class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_context: int  # prompt + completion tokens per sequence
     # Chat image parts (image_url) reach the engine; False: they are refused, never dropped.
     accepts_images: bool = False
+    # Structured output (grammar.Constraint) can be enforced; False (an exllamav2 checkpoint
+    # without tokenizer.json): response_format, guided_*, structured_outputs and a forced
+    # tool_choice are refused up front (core.sampling), never failed at job creation.
+    constrains_output: bool = True
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -19,8 +23,18 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # vLLM's min_p: after top-k and top-p, only tokens of probability >= min_p x the likeliest's
+    # are kept (0: off). Applied last, as exllamav2's sampler does (vLLM applies it before top-k
+    # and top-p: the two differ only when top_p < 1 is sent too).
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # vLLM's: tokens that end the job ("stop") as the end token does (their text is not part
+    # of the answer); before min_tokens are generated they, and the end token, cannot be
+    # sampled; ignore_eos: the end token is an ordinary token (a grammar's end still ends).
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
     # Penalties and logit bias: every engine applies engines/penalties.py.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

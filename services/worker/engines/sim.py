@@ -1,8 +1,9 @@
 """Simulator engine: deterministic text at configurable speed, for tests and fleet-scale benches.
 
 A real Engine implementation (not a mock): it tokenizes, applies a chat template, enforces context
-limits, honours stop strings, max_tokens, penalties and logit_bias (over VOCAB), reports
-logprobs of its distribution (engines/logprobs.py) when asked, runs up to
+limits, honours stop strings, max_tokens, penalties and logit_bias (over VOCAB), vLLM's
+min_p (in its logprobs), min_tokens, ignore_eos (its end token is eos_after) and
+stop_token_ids, reports logprobs of its distribution (engines/logprobs.py) when asked, runs up to
 max_batch sequences at once and slows down as the batch grows, so fleets of hundreds of workers
 fit on one machine.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import hashlib
+import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -201,12 +203,16 @@ class SimEngine:
         logits = [b / 256 for b in digest]
         if penalties.active(params):
             logits = penalties.apply(logits, context, completion, params)
+        if len(completion) < params.min_tokens:  # its stop tokens cannot come yet
+            logits = [-math.inf if t in params.stop_token_ids else x for t, x in enumerate(logits)]
         if guide is not None:
             logits = grammar.mask_list(logits, guide.allowed())
         token = max(range(len(logits)), key=logits.__getitem__)  # the first of equals
         if params.logprobs is None:
             return token, None
-        dist = logprobs.distribution(logits, params.temperature, params.top_k, params.top_p)
+        dist = logprobs.distribution(
+            logits, params.temperature, params.top_k, params.top_p, params.min_p
+        )
         first = not completion
         name = describe_grammar if guide is not None else lambda t: describe(t, first)
         return token, logprobs.step(dist, token, params.logprobs, name)
@@ -243,7 +249,9 @@ class SimEngine:
                     job.push(CANCELLED)
                     return
                 token, step = self._token(prompt, params, context, completion, guide)
-                if guide is not None and token == END:  # the grammar allowed the end: it chose it
+                # the grammar allowed the end and it chose it, or a stop token: its text is no
+                # part of the answer
+                if (guide is not None and token == END) or token in params.stop_token_ids:
                     text = scanner.feed(utf8.decode(b"", final=True)) + scanner.flush()
                     job.push(Chunk(text=text, tokens=1, finish_reason="stop"))
                     return
@@ -262,7 +270,7 @@ class SimEngine:
                     job.push(Chunk(text=out, tokens=1, finish_reason="stop", logprobs=lp))
                     return
                 complete = guide is not None and guide.done  # nothing may follow: it ends here
-                eos = complete or (s.eos_after is not None and i + 1 >= s.eos_after)
+                eos = complete or self._eos(params, i + 1)
                 last = i + 1 == params.max_tokens
                 reason = "stop" if eos else "length" if last else None
                 if reason:
@@ -274,6 +282,13 @@ class SimEngine:
                 await self.sleep(delay)
         finally:
             self.running -= 1
+
+    def _eos(self, params: SamplingParams, generated: int) -> bool:
+        """Whether the sim speaks its end token (eos_after) after `generated` tokens."""
+        after = self.settings.eos_after
+        if after is None or params.ignore_eos:
+            return False
+        return generated >= max(after, params.min_tokens)
 
     async def close(self) -> None:
         for task in list(self._tasks):
