@@ -17,7 +17,7 @@ class RoutingFields(msgspec.Struct, frozen=True):
     """The parts of a request that route it (a bad one is the router's 400)."""
 
     model: str
-    stream: bool = False
+    stream: bool | None = None  # null: the default, as OpenAI reads it (unused for routing)
     # Choices run at once on the worker, each in a slot. Read leniently: the worker judges the
     # values (a bad one is its 400), the router only counts plausible ones.
     n: object = 1

@@ -36,6 +36,14 @@ def test_fields_and_prompt_in_one_decode_with_the_old_errors() -> None:
         assert new.value.error == old.value.error
 
 
+@pytest.mark.parametrize("body", [b'{"model": "m", "stream": null}', b'{"model": "m", "n": null}'])
+def test_null_routing_fields_mean_their_defaults(body: bytes) -> None:
+    """The official client may send null for a field it leaves unset: it routes like one left
+    out (the worker reads null as the default too)."""
+    fields = read_fields(body)
+    assert (fields.model, fields.slots) == ("m", 1)
+
+
 def test_metric_children_are_made_once_and_count_in_the_registry() -> None:
     registry = new_registry()
     metrics = RouterMetrics(registry)
