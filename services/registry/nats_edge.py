@@ -7,6 +7,8 @@ answered `invalid` and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
+
 from schemas import codec
 from schemas.registry import COMMANDS, Command, CommandError, CommandReply
 from services.common.bus import Message, decode_or_reject, reply
@@ -69,5 +71,9 @@ class NatsEdge:
             return
         if parsed is None or parsed[1] != env.body.worker_id:
             self.metrics.bus.rejected.labels("load").inc()
-            return
-        await self.registry.heartbeat(env.body, parsed[0])
+        else:
+            await self.registry.heartbeat(env.body, parsed[0])
+        # nats-py runs this subscription's queued messages back to back, and a heartbeat that
+        # changes nothing never waits: a burst (a fleet started together beats in step) would
+        # hold every command queued behind it for the whole burst. Yield, so they go in between.
+        await asyncio.sleep(0)

@@ -4,6 +4,8 @@ One asyncio lock orders all mutations in this process, so the publish order equa
 Memory changes only after the KV writes succeeded. A CAS conflict (another registry process wrote
 first) reloads the book from KV and retries once; any other failure answers `unavailable`, and a
 write whose fate is unknown (cut off mid-way) makes the next change reload from KV first.
+A heartbeat that changes no record (nearly all of them) only restarts its worker's liveness clock,
+without the lock, when memory is known to be what the locked path would plan on (`_settled`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from services.common.logging import clip
 from services.common.metrics import BusMetrics
 from services.common.seq import Sequencer
 from services.registry.core import OPERATOR, RegistryBook
-from services.registry.effects import Effect
+from services.registry.effects import DeleteRecord, Effect, PutRecord
 from services.registry.store import RegistryStore, StoreConflict, StoreUnavailable, UrlTaken
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,15 @@ def _unavailable(message: str) -> Effect:
     return Effect(reply=CommandError(code="unavailable", message=message))
 
 
+def _records_written(effect: Effect) -> frozenset[str]:
+    """The workers whose records the effect's writes put or delete (URL claims change none)."""
+    return frozenset(
+        w.record.id if isinstance(w, PutRecord) else w.worker_id
+        for w in effect.writes
+        if isinstance(w, PutRecord | DeleteRecord)
+    )
+
+
 class Registry:
     """The registry process: core state + KV store + event publication."""
 
@@ -94,6 +105,8 @@ class Registry:
         # Bounds one change's KV writes (each a JetStream request with a 5 s timeout of its own).
         self.write_timeout_s = write_timeout_s
         self.unsure = False  # a write was cut off: KV may hold more than memory does
+        self.reloading = False  # memory is being rebuilt from KV
+        self.writing: frozenset[str] | None = None  # records the change in flight writes
         self.reconnects_seen = self._reconnects()
         self.refusals_logged_at = float("-inf")
         self.heard_at: dict[str, float] = {}
@@ -111,7 +124,11 @@ class Registry:
         )
 
     async def _reload(self) -> None:
-        records = await self.store.load()
+        self.reloading = True
+        try:
+            records = await self.store.load()
+        finally:
+            self.reloading = False
         self.book.load(records, self.clock())
         self.sequencer = Sequencer("registry", self.store.meta.epoch, self.store.meta.seq)
         self.unsure = False
@@ -164,6 +181,7 @@ class Registry:
                 return effect
             if self.unsure:
                 return _unavailable("registry cannot reach its KV store (NATS)")
+            self.writing = _records_written(effect)
             try:
                 first = await self._persist(effect)
             except StoreConflict as exc:
@@ -181,6 +199,8 @@ class Registry:
             except Exception as exc:  # any failure: memory stays as it was, the client is told
                 log.warning("kv write failed (%r); memory unchanged, KV will be re-read", exc)
                 return _unavailable("registry could not persist the change (NATS trouble)")
+            finally:
+                self.writing = None
             self.book.commit(effect)
             await self._publish(effect, first)
             return effect
@@ -233,11 +253,21 @@ class Registry:
             )
 
     async def heartbeat(self, load: WorkerLoad, principal: str = OPERATOR) -> None:
+        """One that changes no record restarts the liveness clock at once: 1000 workers beating
+        at 1 Hz must not queue commands behind them. One that changes a status (NotReady ->
+        Ready), or one heard while memory may not be what the lock would show it, takes the path
+        every change takes."""
         now = self.clock()
-        async with self.lock:
-            effect = await self._commit(
-                lambda b: b.heartbeat(load.worker_id, load.status, now, principal)
-            )
+
+        def plan(book: RegistryBook) -> Effect:
+            return book.heartbeat(load.worker_id, load.status, now, principal)
+
+        effect = plan(self.book) if self._settled(load.worker_id) else None
+        if effect is not None and not effect.writes and not effect.events:
+            self.book.commit(effect)  # its beat only (or nothing: a refusal)
+        else:
+            async with self.lock:
+                effect = await self._commit(plan)
         if isinstance(effect.reply, CommandError):
             if effect.reply.code == "forbidden":
                 self._refused_heartbeat(principal, load.worker_id, now)
@@ -246,6 +276,18 @@ class Registry:
             # bounded: removed workers' entries are dropped once they outnumber the live ones
             if len(self.heard_at) > 2 * len(self.book.records) + 16:
                 self.heard_at = {k: v for k, v in self.heard_at.items() if k in self.book.records}
+
+    def _settled(self, worker_id: str) -> bool:
+        """Whether the book, as it is, is what the locked path would plan this worker's heartbeat
+        on: no reload under way or owed (a write cut off, a reconnect's grace to give), and no
+        change in flight that writes this worker's record (a heartbeat planned on its old record
+        could miss the transition the new one calls for)."""
+        if self.reloading or self._reconnects() != self.reconnects_seen:
+            return False
+        if self.writing is None:
+            return not self.unsure
+        # `unsure` is then the write's own mark: _commit writes nothing while it is set before.
+        return worker_id not in self.writing
 
     def _refused_heartbeat(self, principal: str, worker_id: str, now: float) -> None:
         """Counted every time, logged at most every 10 s: a misbehaving worker floods neither."""

@@ -4,7 +4,7 @@ can take it in time (the fleet view decides) or an operator's capacity override 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from schemas import codec
 from schemas.capacity import MAX_CAPACITY, CapacityView
@@ -88,10 +88,18 @@ class Gateway:
         """What the model's gate holds at most: the share of an operator's override, else no cap."""
         return capacity_cap(self.capacity, model, self.capacity_share)
 
-    def fleet_moved(self) -> None:
-        """A heartbeat or registry change: queued requests a replica can now take go."""
-        for gate in self.gates.values():
-            gate.recheck()
+    def fleet_moved(self, models: Iterable[str] | None = None) -> None:
+        """What the fleet view knows moved: queued requests a replica can now take go. `models`:
+        a heartbeat's worker's (what it reports is about their replicas only, and 1000 workers
+        beat 1000 times a second); None: every model's (a registry event or snapshot)."""
+        if models is None:
+            for gate in self.gates.values():
+                gate.recheck()
+            return
+        for model in models:
+            waiting = self.gates.get(model)
+            if waiting is not None:
+                waiting.recheck()
 
     def gate(self, model: str) -> Gate:
         """The model's gate, made on first use (only for models some worker serves)."""

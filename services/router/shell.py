@@ -121,21 +121,17 @@ class RouterShell:
     async def _on_records(self) -> None:
         mirror, view = self.follower.mirror, self.view
         changed = mirror.take_changes()
-        # One event changes one record: the view takes that one (O(1)) when it can; a snapshot
+        # One event changes one record: the view takes that one (O(its models)); a snapshot
         # (changed None) replaces them all. The view keeps its own dict: the mirror's moves on.
-        set_record, drop_record = (
-            getattr(view, "set_record", None),
-            getattr(view, "drop_record", None),
-        )
-        if changed is None or set_record is None or drop_record is None:
+        if changed is None:
             view.set_records(dict(mirror.records))
         else:
             for worker_id in changed:
                 record = mirror.records.get(worker_id)
                 if record is None:
-                    drop_record(worker_id)
+                    view.drop_record(worker_id)
                 else:
-                    set_record(record)
+                    view.set_record(record)
         self.gateway.fleet_moved()
         self.changes.notify()
 
@@ -163,7 +159,8 @@ class RouterShell:
             self.metrics.bus.rejected.labels("load.not_owner").inc()
             return
         if self.view.heartbeat(env.body.worker_id, env.epoch, env.seq, env.body, self.clock()):
-            self.gateway.fleet_moved()  # a replica may have room now for a request waiting here
+            # One of its replicas may have room now for a request waiting here.
+            self.gateway.fleet_moved(record.models)
             self.changes.notify()
 
     async def _on_kv(self, msg: Message) -> None:
