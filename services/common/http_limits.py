@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import resource
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from schemas.codec import error_body
 from services.common.config import ServiceConfig
+from services.common.head_join import HeadJoin
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,10 +100,12 @@ class LimitedProtocol(HttpToolsProtocol):
 
     uvicorn 0.54 has no such deadline (encode/uvicorn#157 is still open): it arms no timer on a
     new connection, and the first byte of a keep-alive request cancels the only one it has.
+    Everything it writes goes through a HeadJoin, so a response's head and body leave together.
     """
 
     limits: ClassVar[HttpLimits]
     admitted: ClassVar[set[LimitedProtocol]]
+    _out: HeadJoin  # the transport as this protocol and its cycles see it (connection_made)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -114,6 +117,9 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Set before any request is parsed, so each cycle (given self.transport) writes through it.
+        self._out = HeadJoin(transport, self.loop)
+        self.transport = cast(asyncio.Transport, self._out)
         if len(self.admitted) < self.limits.max_connections:
             self.admitted.add(self)
             self._arm(self.limits.header_timeout_s)
@@ -160,6 +166,7 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # A pipelined request queued behind this response keeps the connection busy.
         idle = self._phase == "busy" and not self.pipeline
+        self._out.next_is_head()
         super().on_response_complete()
         if idle:
             self._phase = "head"

@@ -4,7 +4,10 @@ client strings bounded in logs and metric labels; no uvicorn colour codes in the
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 
 from schemas import codec
 from services.common.logging import JsonFormatter, TextFormatter
+from services.common.request_id import safe_request_id
 from tests.helpers import eventually, post
 from tests.integration.fleet_fixtures import fleet
 
@@ -131,3 +135,39 @@ async def test_logs_carry_no_colour_codes(nats_url: str, prefix: str, lines: Lin
     assert not [x for x in lines.json if "color_message" in x]
     assert not [t for t in lines.text if "\x1b" in t or "\n" in t or "color_message" in t]
     assert any("model=x\\x1b[31m\\x0aforged" in t for t in lines.text)
+
+
+MADE = re.compile(r"[0-9a-f]{32}")  # a uuid4's hex: what clients and logs have always seen
+MAKE = "from services.common.request_id import safe_request_id as f; print(f(None), f(None))"
+
+
+def made_elsewhere() -> list[str]:
+    """Two ids made by a fresh process (as after a restart)."""
+    done = subprocess.run([sys.executable, "-c", MAKE], capture_output=True, check=True)
+    return done.stdout.decode().split()
+
+
+def made_in_a_fork() -> list[str]:
+    """Two ids made by a child forked after this process made its own (a forked worker)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, f"{safe_request_id(None)} {safe_request_id('')}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        made = pipe.read().split()
+    os.waitpid(pid, 0)
+    return made
+
+
+def test_made_ids_are_unique_across_processes_restarts_and_forks() -> None:
+    mine = [safe_request_id(None) for _ in range(1000)]
+    others = made_elsewhere() + made_elsewhere() + made_in_a_fork()
+    mine += [safe_request_id(None) for _ in range(2)]  # the parent goes on past the fork
+    every = mine + others
+    assert all(MADE.fullmatch(rid) for rid in every)
+    assert len(set(every)) == len(every)
+    # unique by a per-process prefix, not by luck in the counted part
+    prefixes = {rid[:16] for rid in every}
+    assert len(prefixes) == 4
