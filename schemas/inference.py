@@ -96,6 +96,11 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
         ]
         | None
     ) = None
+    # include_stop_str_in_output (None: false): the stop string (or stop_token_ids token) that
+    # ended the text stays in it; skip_special_tokens (None: true): special tokens' text is
+    # left out of the answer.
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
     # ... refused by name unless neutral (unsupported()):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
@@ -109,6 +114,7 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # the regex JSON's whitespace matches
     structured_outputs: Any = None
 
     @property
@@ -167,6 +173,16 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     reasoning_effort: str | None = None
     verbosity: str | None = None
     moderation: Any = None
+    # vLLM's chat extensions. How the prompt is rendered (services/worker/shaping.py reads
+    # them): add_generation_prompt (None: true) opens the assistant's turn; continue_final_message
+    # (None: false) continues the last message instead; chat_template_kwargs, extra variables for
+    # the template. echo (None: false): the reply starts with the last message when it is of the
+    # reply's role. A client's own chat_template is refused (unsupported()).
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool | None = None
+    chat_template: str | None = None
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -184,6 +200,8 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
             "verbosity": self.verbosity not in (None, "medium"),
             # it asks to block flagged input or output; nothing here moderates
             "moderation": self.moderation is not None,
+            # a template is code: a client's would run in the worker (docs/worker.md)
+            "chat_template": bool(self.chat_template),
         }
 
 

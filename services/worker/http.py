@@ -33,10 +33,10 @@ from services.common.http import (
 )
 from services.common.request_id import RequestIds
 from services.common.sampled_log import SampledLog
-from services.worker import choices, core, tool_replies, tools
+from services.worker import choices, core, shaping, tool_replies, tools
 from services.worker.engines.base import EngineError
 from services.worker.metrics import WorkerMetrics
-from services.worker.openai import DONE, Answer, Shape, best, chars, usage
+from services.worker.openai import DONE, Answer, Reply, Shape, best, chars, usage
 from services.worker.run import Run, merged
 from services.worker.served import ServedModel, admissions, stats
 from services.worker.tool_formats import call_id
@@ -84,19 +84,24 @@ class WorkerApi:
 
     async def _decode(self, request: Request, type_: type[Req]) -> Req:
         req = decode_body(await read_body(request, self.body_limit), type_)
-        refuse(core.unsupported(req))
+        refuse(shaping.unsupported(req))
         return req
 
     async def chat(self, request: Request) -> Response:
         req = await self._decode(request, ChatCompletionRequest)
         served = self._model(req.model)
-        refuse(core.refused_content(req, served.engine.limits.accepts_images))
+        refuse(shaping.refused_content(req, served.engine.limits.accepts_images))
+        options = shaping.chat_options(req)
+        if isinstance(options, ApiError):
+            raise Refused(options)
         chat_template, model_tools = self.prompts.of(req.model, served.engine)
         plan = tools.plan(req, model_tools, req.model)
         if isinstance(plan, ApiError):
             raise Refused(plan)
-        prompt = self.prompts.prompt(served.engine, req, chat_template, plan)
-        return await self._generate(request, served, req, prompt, plan)
+        prompt = self.prompts.prompt(served.engine, req, chat_template, plan, options)
+        role = shaping.reply_role(req, options)
+        reply = Reply(role=role, echo=shaping.echoed(req, role))
+        return await self._generate(request, served, req, prompt, plan, reply)
 
     async def completions(self, request: Request) -> Response:
         req = await self._decode(request, CompletionRequest)
@@ -110,9 +115,10 @@ class WorkerApi:
         req: ChatCompletionRequest | CompletionRequest,
         prompt: str,
         plan: tools.ToolPlan | None = None,
+        reply: Reply | None = None,
     ) -> Response:
         engine = served.engine
-        params = core.sampling(
+        params = shaping.sampling(
             req,
             engine.count_tokens(prompt),
             engine.limits,
@@ -138,6 +144,7 @@ class WorkerApi:
             created=int(time.time()),
             model=req.model,
             logprobs=wanted,
+            reply=reply or Reply(),
         )
         # Only an engine with a prefix cache needs the blocks (hashing costs ~1 us per block).
         blocks = core.prompt_blocks(req) if served.prefix_cache is not None else ()

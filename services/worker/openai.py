@@ -117,22 +117,40 @@ def text_logprobs(steps: Sequence[StepLogprobs], offset: int = 0) -> TextLogprob
     )
 
 
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat reply's role and, with vLLM's echo, the text every choice starts with (None: no
+    echo), as shaping.reply_role and shaping.echoed say."""
+
+    role: str = "assistant"
+    echo: str | None = None
+
+
 class Shape(msgspec.Struct, frozen=True, kw_only=True):
-    """Identity of one response: chat or text, the ids every chunk repeats, and whether its
-    choices carry logprobs."""
+    """Identity of one response: chat or text, the ids every chunk repeats, whether its
+    choices carry logprobs, and (chat) its reply's role and echo."""
 
     chat: bool
     id: str
     created: int
     model: str
     logprobs: bool = False
+    reply: Reply = Reply()
+
+    def message(self, answer: Answer) -> AssistantMessage:
+        """A chat choice's message: its text (or what tool calls made of it), echo first."""
+        message = answer.reply or AssistantMessage(content=answer.text)
+        echo = self.reply.echo
+        if echo is None and self.reply.role == "assistant":
+            return message
+        content = message.content if echo is None else echo + (message.content or "")
+        return msgspec.structs.replace(message, role=self.reply.role, content=content)
 
     def full(self, answers: Sequence[Answer], use: Usage) -> object:
         if self.chat:
             choices = [
                 ChatChoice(
                     index=i,
-                    message=a.reply or AssistantMessage(content=a.text),
+                    message=self.message(a),
                     finish_reason=a.finish_reason,
                     logprobs=chat_logprobs(a.steps) if self.logprobs else None,
                 )
@@ -155,14 +173,16 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
         )
 
     def first(self, n: int = 1) -> bytes:
-        """Chat streams open with the assistant role, once per choice; text streams with
-        nothing."""
+        """Chat streams open with the reply's role, once per choice, then (echo) the echoed
+        text, once per choice, as vLLM streams it; text streams with nothing."""
         if not self.chat:
             return b""
-        return b"".join(
-            sse(self._chunk(ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))))
-            for i in range(n)
-        )
+        role = Delta(role=self.reply.role, content="")
+        opening = [sse(self._chunk(ChatChunkChoice(index=i, delta=role))) for i in range(n)]
+        if self.reply.echo:
+            echo = Delta(content=self.reply.echo)
+            opening += [sse(self._chunk(ChatChunkChoice(index=i, delta=echo))) for i in range(n)]
+        return b"".join(opening)
 
     def piece(
         self,

@@ -11,7 +11,12 @@ from services.worker import tools
 from services.worker.engines.base import Engine
 from services.worker.engines.demo_model import CHAT_TEMPLATE
 from services.worker.engines.sim import SimEngine
-from services.worker.engines.template import ChatTemplate, is_template_error
+from services.worker.engines.template import (
+    DEFAULT_OPTIONS,
+    ChatOptions,
+    ChatTemplate,
+    is_template_error,
+)
 from services.worker.tool_formats import detect
 
 
@@ -49,13 +54,16 @@ class ChatPrompts:
         req: ChatCompletionRequest,
         chat_template: ChatTemplate | None,
         plan: tools.ToolPlan | None,
+        options: ChatOptions = DEFAULT_OPTIONS,
     ) -> str:
         """The engine's own prompt, or (tools, calls or their results in play) the template's,
-        which writes them; a template that refuses the messages is a 400 (Refused)."""
+        which writes them, each rendered as options say; a template that refuses the messages
+        is a 400 (Refused)."""
         try:
             if chat_template is not None and (plan is not None or tools.in_history(req)):
-                return chat_template.render(req.messages, None if plan is None else plan.tools)
-            return engine.chat_prompt(req.messages)
+                calls = None if plan is None else plan.tools
+                return chat_template.render(req.messages, calls, options)
+            return engine.chat_prompt(req.messages, options)
         except Exception as exc:
             if not is_template_error(exc):
                 raise

@@ -20,6 +20,7 @@ from openai.types.chat import ChatCompletion
 
 from schemas.inference import ChatMessage
 from services.worker.engines.sim import VOCAB
+from services.worker.engines.template import ChatOptions
 from tests.integration.fleet_fixtures import fleet
 
 pytestmark = pytest.mark.integration
@@ -125,6 +126,7 @@ REFUSED_CHAT: list[tuple[str, Any]] = [
     ("reasoning_effort", "low"),
     ("verbosity", "low"),
     ("moderation", {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}}),
+    ("chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}"),  # code: not run
 ]
 REFUSED_TEXT: list[tuple[str, Any]] = [("echo", True), ("suffix", "and so on")]
 
@@ -599,3 +601,126 @@ async def test_null_means_the_default(fl: Fleet, field: str) -> None:
         alone = await api.completions.create(**text)
         nulled = await api.completions.create(**text, extra_body={field: None, "echo": None})
         assert nulled.choices[0].text == alone.choices[0].text
+
+
+# ---- vLLM's decoding and chat-template fields ----
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_include_stop_str_in_output(fl: Fleet, model: str) -> None:
+    """The stop string, or a stop_token_ids token's text, stays in the answer; both APIs."""
+    speak = fl.speakers[model]
+    ask: dict[str, Any] = {"model": model, "messages": HI, "temperature": 0, "max_tokens": 8}
+    ask["logit_bias"] = speak.no_end
+    plain = await content(fl.api, **ask)
+    stop = plain[len(plain) // 2 :][:2]
+    at = plain.index(stop)
+    keep = {"include_stop_str_in_output": True}
+    assert await content(fl.api, **ask, stop=[stop]) == plain[:at]
+    assert await content(fl.api, **ask, stop=[stop], extra_body=keep) == plain[: at + len(stop)]
+    ids = speak.ids(plain)
+    ended = {"stop_token_ids": [ids[0]]}
+    assert await content(fl.api, **ask, extra_body=ended) == ""
+    assert await content(fl.api, **ask, extra_body=ended | keep) == speak.text(ids[:1])
+    text: dict[str, Any] = {"model": model, "prompt": "once upon", "max_tokens": 8}
+    text |= {"temperature": 0, "logit_bias": speak.no_end}
+    whole = (await fl.api.completions.create(**text)).choices[0].text
+    stop = whole[len(whole) // 2 :][:2]
+    at = whole.index(stop)
+    got = await fl.api.completions.create(**text, stop=[stop], extra_body=keep)
+    assert got.choices[0].text == whole[: at + len(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_skip_special_tokens(fl: Fleet, model: str) -> None:
+    """false: special tokens' text is part of the answer (the demo's <|user|>, forced); the sim
+    has none, so it answers the same."""
+    speak = fl.speakers[model]
+    ask: dict[str, Any] = {"model": model, "messages": HI, "temperature": 0, "max_tokens": 2}
+    if model == HF:
+        special = speak.tokenizer.convert_tokens_to_ids("<|user|>")
+        ask["logit_bias"] = {str(special): 100}
+    skipped = await content(fl.api, **ask)
+    kept = await content(fl.api, **ask, extra_body={"skip_special_tokens": False})
+    if model == HF:
+        assert (skipped, kept) == ("", "<|user|><|user|>")
+    else:
+        assert kept == skipped
+    assert await content(fl.api, **ask, extra_body={"skip_special_tokens": True}) == skipped
+
+
+SAID: list[Any] = [
+    {"role": "user", "content": "say hi"},
+    {"role": "assistant", "content": "the fleet"},
+]
+
+
+def prompt_tokens(engine: Any, options: ChatOptions) -> int:
+    said = [ChatMessage(**m) for m in SAID]
+    return int(engine.count_tokens(engine.chat_prompt(said, options)))
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_chat_template_controls(fl: Fleet, model: str) -> None:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs shape the prompt
+    (its usage is the engine's count of that prompt); a reply that continues the last message
+    has its role; echo starts every choice with it, streamed too."""
+    engine = fl.engine(model)
+    ask: dict[str, Any] = {"model": model, "messages": SAID, "temperature": 0, "max_tokens": 3}
+    ask["logit_bias"] = fl.speakers[model].no_end
+    going = {"add_generation_prompt": False, "continue_final_message": True}
+    cases: list[tuple[dict[str, Any], ChatOptions]] = [
+        ({}, ChatOptions()),
+        ({"add_generation_prompt": False}, ChatOptions(add_generation_prompt=False)),
+        (going, ChatOptions(add_generation_prompt=False, continue_final_message=True)),
+        (
+            {"chat_template_kwargs": going | {"unused": 1}},
+            ChatOptions(add_generation_prompt=False, continue_final_message=True),
+        ),
+    ]
+    counts = []
+    for extra, options in cases:
+        got = await fl.api.chat.completions.create(**ask, extra_body=extra)
+        assert got.usage is not None
+        assert got.usage.prompt_tokens == prompt_tokens(engine, options), extra
+        counts.append(got.usage.prompt_tokens)
+    assert counts[0] != counts[2]
+    more = await content(fl.api, **ask, extra_body=going)
+    echoed = await content(fl.api, **ask, extra_body=going | {"echo": True})
+    assert echoed == "the fleet" + more
+    stream = await fl.api.chat.completions.create(
+        **ask, n=2, stream=True, extra_body=going | {"echo": True}
+    )
+    texts = ["", ""]
+    async for chunk in stream:
+        for c in chunk.choices:
+            assert c.delta.role in (None, "assistant")
+            texts[c.index] += c.delta.content or ""
+    assert texts == [echoed, echoed]
+    raw = await fl.api.chat.completions.with_raw_response.create(
+        model=model, messages=HI, max_tokens=1, extra_body={"add_generation_prompt": False}
+    )
+    assert json.loads(raw.text)["choices"][0]["message"]["role"] == "user"  # vLLM's rule
+    for extra, param in (
+        ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ):
+        err = await refusal(fl.api.chat.completions.create(**ask, extra_body=extra))
+        assert (err.code, err.param) == ("invalid_value", param), extra
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_guided_whitespace_pattern(fl: Fleet, model: str) -> None:
+    """Served with a JSON constraint (the answer is JSON all the same); refused without one."""
+    ask: dict[str, Any] = {"model": model, "messages": HI, "max_tokens": 40, "temperature": 0}
+    spaced = {"response_format": {"type": "json_object"}, "guided_whitespace_pattern": "[ ]?"}
+    got = await fl.api.chat.completions.create(**ask, extra_body=spaced)
+    answer = got.choices[0].message.content or ""
+    assert answer.startswith("{")
+    if got.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(answer), dict)
+    err = await refusal(
+        fl.api.chat.completions.create(**ask, extra_body={"guided_whitespace_pattern": " "})
+    )
+    assert (err.code, err.param) == ("invalid_value", "guided_whitespace_pattern")

@@ -565,3 +565,27 @@ async def test_unreadable_logprobs_fail_that_job_alone() -> None:
     finally:
         loop.stop()
     assert gen.cancelled == [2]
+
+
+def _ended(reason: str, **extra: Any) -> dict[str, Any]:
+    """A job's last result as exllamav2 0.3.2 emits it (text "" on a stop token: it holds its
+    text back, with the token's own piece, under "held")."""
+    return {"stage": "streaming", "eos": True, "eos_reason": reason, "new_tokens": 3, **extra}
+
+
+@pytest.mark.parametrize(
+    ("result", "kept"),
+    [
+        (_ended("stop_string", text="a", eos_triggering_string="END"), "aEND"),
+        (_ended("stop_token", text="", held={"text": "ab<x>"}, eos_triggering_token_id=7), "ab<x>"),
+        (_ended("stop_token", text=""), ""),  # nothing held
+        (_ended("max_new_tokens", text="z"), "z"),
+    ],
+)
+def test_include_stop_str_keeps_what_ended_the_job(result: dict[str, Any], kept: str) -> None:
+    chunk, _ = chunk_for(result, 0, include_stop=True)
+    assert chunk is not None
+    assert chunk.text == kept
+    plain, _ = chunk_for(result, 0)
+    assert plain is not None
+    assert plain.text == result["text"]  # without it: what exllamav2 emitted, as before

@@ -12,6 +12,7 @@ import pytest
 from schemas.inference import ChatMessage
 from services.worker.engines.base import Chunk, Job, PrefixUse, SamplingParams
 from services.worker.engines.sim import VOCAB, SimEngine, SimSettings, prefill_s, prefix_use
+from services.worker.engines.template import ChatOptions
 from tests.helpers import eventually
 
 LEFT_OUT = -math.inf
@@ -222,3 +223,39 @@ async def test_a_job_cancelled_during_prefill_stores_nothing() -> None:
     assert [c.finish_reason async for c in job] == ["cancelled"]
     assert engine.prefix_cache is not None
     assert len(engine.prefix_cache) == 0
+
+
+async def test_chat_prompt_options() -> None:
+    """add_generation_prompt false leaves the assistant's turn unopened; continue_final_message
+    ends inside the last message; template variables change nothing (no template)."""
+    engine = SimEngine("m")
+    said = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="the")]
+    assert engine.chat_prompt(said).endswith("<|assistant|> the\n<|assistant|>")
+    shut = ChatOptions(add_generation_prompt=False)
+    assert engine.chat_prompt(said, shut) == "<|user|> hi\n<|assistant|> the"
+    going = ChatOptions(add_generation_prompt=False, continue_final_message=True)
+    assert engine.chat_prompt(said, going) == "<|user|> hi\n<|assistant|> the"
+    assert engine.chat_prompt(said, ChatOptions(variables={"x": 1})) == engine.chat_prompt(said)
+
+
+async def test_include_stop_str_in_output() -> None:
+    """The stop string, or a stop_token_ids token's word, stays in the text."""
+    engine = SimEngine("m", SimSettings(ttft_s=0.0, tokens_per_s=5000.0))
+    full = "".join(c.text for c in await run(engine, "p", SamplingParams(max_tokens=6, seed=3)))
+    words = full.split()
+    stop = " " + words[2]
+    at = full.index(stop)
+    for include, text in ((False, full[:at]), (True, full[: at + len(stop)])):
+        params = SamplingParams(
+            max_tokens=6, seed=3, stop=(stop,), include_stop_str_in_output=include
+        )
+        assert "".join(c.text for c in await run(engine, "p", params)) == text
+    k = next(i for i in range(1, len(words)) if words[i] not in words[:i])  # its first time
+    token = VOCAB.index(words[k])
+    for include, text in ((False, " ".join(words[:k])), (True, " ".join(words[: k + 1]))):
+        params = SamplingParams(
+            max_tokens=6, seed=3, stop_token_ids=(token,), include_stop_str_in_output=include
+        )
+        chunks = await run(engine, "p", params)
+        assert "".join(c.text for c in chunks) == text
+        assert sum(c.tokens for c in chunks) == k + 1

@@ -31,3 +31,22 @@ def test_flush_releases_held_back_text() -> None:
     assert scanner.feed("the E") == "the "
     assert scanner.flush() == "E"
     assert scanner.flush() == ""
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "emitted"),
+    [
+        (("END",), ["one END two"], ["one END"]),
+        (("END",), ["one E", "N", "D two"], ["one ", "", "END"]),  # split across pieces
+        (("ab", "b"), ["xa", "b c"], ["x", "ab"]),  # the earliest stop, kept whole
+        (("abc", "ab"), ["xabcd"], ["xabc"]),  # two start there: the first the request lists
+    ],
+)
+def test_include_keeps_the_stop_string(
+    stops: tuple[str, ...], pieces: list[str], emitted: list[str]
+) -> None:
+    """vLLM's include_stop_str_in_output: the text ends after the stop string, not before."""
+    scanner = StopScanner(stops, include=True)
+    assert [scanner.feed(p) for p in pieces] == emitted
+    assert scanner.stopped
+    assert scanner.flush() == ""

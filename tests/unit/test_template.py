@@ -13,6 +13,7 @@ from schemas.inference import ChatMessage
 from services.worker.engines.demo_model import CHAT_TEMPLATE
 from services.worker.engines.sim import SimEngine
 from services.worker.engines.template import (
+    ChatOptions,
     ChatTemplate,
     TemplateFailed,
     is_template_error,
@@ -128,3 +129,50 @@ def test_the_sim_renders_tools_with_the_demo_template() -> None:
     assert template is not None
     assert template.source == CHAT_TEMPLATE
     assert for_engine(object()) is None
+
+
+CONTINUED: list[Any] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "It is "},  # trailing space: the template keeps it
+]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ChatOptions(add_generation_prompt=False),
+        ChatOptions(add_generation_prompt=False, continue_final_message=True),
+        ChatOptions(variables={"unused": [1, 2]}),
+    ],
+)
+def test_options_render_as_transformers_renders_them(options: ChatOptions) -> None:
+    """add_generation_prompt, continue_final_message (transformers' cut) and extra variables."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    ours = ChatTemplate(CHAT_TEMPLATE, "<s>", "</s>")
+    for raw, tools in ((CONTINUED, None), (HISTORY, [WEATHER])):
+        dicts = [message_dict(m) for m in messages(raw)]
+        theirs = render_jinja_template(
+            [dicts],
+            tools=tools,
+            chat_template=CHAT_TEMPLATE,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
+            bos_token="<s>",
+            eos_token="</s>",
+            **options.variables,
+        )[0][0]
+        assert ours.render(messages(raw), tools, options) == theirs
+    continued = ours.render(messages(CONTINUED), None, options)
+    if options.continue_final_message:
+        assert continued.endswith("<|assistant|>\nIt is ")
+
+
+def test_variables_reach_the_template_and_a_lost_final_message_is_refused() -> None:
+    template = ChatTemplate("{{ greeting }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    hi = messages([{"role": "user", "content": "hi"}])
+    assert template.render(hi, options=ChatOptions(variables={"greeting": "yo "})) == "yo hi"
+    dropped = ChatTemplate("{% for m in messages[:-1] %}{{ m['content'] }}{% endfor %}")
+    going = ChatOptions(add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(TemplateFailed, match="final message"):
+        dropped.render(messages(CONTINUED), options=going)

@@ -14,7 +14,7 @@ from schemas.prefix import PromptFields, block_hashes, prompt_text
 from schemas.registry import WorkerRecord, WorkerStatus
 from services.admission.core import Admission, AdmissionLimits, Busy
 from services.common.errors import ApiError
-from services.worker import choices, core
+from services.worker import choices, core, shaping
 from services.worker.engines import grammar
 from services.worker.engines.params import EngineLimits, SamplingParams
 
@@ -451,7 +451,7 @@ def test_sampling(
     default: int,
     expected: tuple[int, str, str | None] | SamplingParams,
 ) -> None:
-    got = core.sampling(req, prompt_tokens, LIMITS, VOCAB, default)
+    got = shaping.sampling(req, prompt_tokens, LIMITS, VOCAB, default)
     if isinstance(got, ApiError):
         assert got.type == "invalid_request_error"
         assert (got.status, got.code, got.param) == expected, got.message
@@ -482,13 +482,13 @@ def test_a_model_that_cannot_constrain_refuses_constraints_by_name(
     req: Any, param: str | None
 ) -> None:
     """An exllamav2 checkpoint without tokenizer.json: a 400 up front, never a failed job."""
-    got = core.sampling(req, 10, UNCONSTRAINED, VOCAB)
+    got = shaping.sampling(req, 10, UNCONSTRAINED, VOCAB)
     if param is None:
         assert isinstance(got, SamplingParams)
     else:
         assert isinstance(got, ApiError)
         assert (got.status, got.code, got.param) == (400, "unsupported_parameter", param)
-        assert isinstance(core.sampling(req, 10, LIMITS, VOCAB), SamplingParams)
+        assert isinstance(shaping.sampling(req, 10, LIMITS, VOCAB), SamplingParams)
 
 
 @pytest.mark.parametrize(
@@ -572,7 +572,7 @@ CONTENT: list[tuple[str, list[dict[str, Any]], bool, str | None]] = [
     ("messages", "images", "param"), [c[1:] for c in CONTENT], ids=[c[0] for c in CONTENT]
 )
 def test_refused_content(messages: list[dict[str, Any]], images: bool, param: str | None) -> None:
-    err = core.refused_content(chat(messages=messages), images)
+    err = shaping.refused_content(chat(messages=messages), images)
     if param is None:
         assert err is None
     else:
@@ -601,7 +601,7 @@ def test_refused_content(messages: list[dict[str, Any]], images: bool, param: st
     ],
 )
 def test_unsupported_is_refused_by_name(req: Any, param: str | None) -> None:
-    err = core.unsupported(req)
+    err = shaping.unsupported(req)
     if param is None:
         assert err is None
     else:

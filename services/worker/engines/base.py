@@ -19,6 +19,7 @@ from services.worker.engines.logprobs import StepLogprobs
 # The pure values live apart so the worker's core can shape requests without importing asyncio.
 from services.worker.engines.params import EngineLimits as EngineLimits
 from services.worker.engines.params import SamplingParams as SamplingParams
+from services.worker.engines.template import DEFAULT_OPTIONS, ChatOptions
 from services.worker.prefix_cache import PrefixCache
 
 
@@ -100,8 +101,12 @@ class Engine(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """Apply the model's chat template, ending where the assistant's reply begins."""
+    def chat_prompt(
+        self, messages: Sequence[ChatMessage], options: ChatOptions = DEFAULT_OPTIONS
+    ) -> str:
+        """Apply the model's chat template, ending where the assistant's reply begins (or as
+        options say: vLLM's add_generation_prompt, continue_final_message,
+        chat_template_kwargs); template.TemplateFailed when the request's cannot be rendered."""
         ...
 
     def start(self, prompt: str, params: SamplingParams) -> Job:

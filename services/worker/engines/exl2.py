@@ -32,7 +32,7 @@ from services.worker.engines.exl2_loop import (
     stop_conditions,
 )
 from services.worker.engines.memory import checkpoint_bytes, require_room
-from services.worker.engines.template import ChatTemplate
+from services.worker.engines.template import DEFAULT_OPTIONS, ChatOptions, ChatTemplate
 
 log = logging.getLogger(__name__)
 PAGE = 256  # exllamav2's page size; cache lengths are multiples of it
@@ -190,9 +190,11 @@ class ExLlamaV2Engine:
     def count_tokens(self, text: str) -> int:
         return int(self._encode(text).shape[-1])
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    def chat_prompt(
+        self, messages: Sequence[ChatMessage], options: ChatOptions = DEFAULT_OPTIONS
+    ) -> str:
         assert self._template is not None
-        return self._template.render(messages)
+        return self._template.render(messages, options=options)
 
     def start(self, prompt: str, params: SamplingParams) -> Job:
         ids = self._encode(prompt)
@@ -220,6 +222,7 @@ class ExLlamaV2Engine:
             stop_conditions=stop_conditions(params, int(self.tokenizer.eos_token_id)),
             identifier=key,
             filters=filters,
+            decode_special_tokens=not params.skip_special_tokens,
             **job_options(params),
         )
 

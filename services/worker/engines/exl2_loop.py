@@ -150,11 +150,14 @@ def filter_error(exjob: Any) -> str:
     )
 
 
-def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, int]:
+def chunk_for(
+    result: Mapping[str, Any], counted: int, include_stop: bool = False
+) -> tuple[Chunk | None, int]:
     """One generator result for a job as (the chunk to push or None, tokens counted so far).
 
     Token counts come from the result's token_ids; the final result's new_tokens is the job's
     true total, so the last chunk carries whatever the streamed ones did not (usage adds up).
+    include_stop: vLLM's include_stop_str_in_output (the text keeps what ended it).
     """
     if result.get("stage") != "streaming":
         return None, counted
@@ -164,25 +167,41 @@ def chunk_for(result: Mapping[str, Any], counted: int) -> tuple[Chunk | None, in
     if result.get("eos"):
         total = int(result.get("new_tokens", counted + n))
         reason = "length" if result.get("eos_reason") == "max_new_tokens" else "stop"
+        if include_stop:
+            text += stop_text(result)
         return Chunk(text=text, tokens=max(total - counted, 0), finish_reason=reason), total
     if text or n:
         return Chunk(text=text, tokens=n), counted + n
     return None, counted
 
 
+def stop_text(result: Mapping[str, Any]) -> str:
+    """What ended a job, as include_stop_str_in_output keeps it: the stop string exllamav2
+    matched, or after a stop token the text it held back, which ends with that token's
+    (decoded as the job's decode_special_tokens says: an end token's is "" unless asked)."""
+    reason = result.get("eos_reason")
+    if reason == "stop_string":
+        return str(result.get("eos_triggering_string", ""))
+    if reason == "stop_token":
+        held = result.get("held")
+        return str(held.get("text", "")) if isinstance(held, Mapping) else ""
+    return ""
+
+
 class _Live:
     """A job the generator is running: ours, exllamav2's, and the tokens streamed so far."""
 
-    __slots__ = ("counted", "exjob", "job", "logprobs", "penalty")
+    __slots__ = ("counted", "exjob", "include_stop", "job", "logprobs", "penalty")
 
     def __init__(
-        self, job: Job, exjob: Any, penalty: CompletionPenalty | None, logprobs: int | None
+        self, job: Job, exjob: Any, penalty: CompletionPenalty | None, params: SamplingParams
     ) -> None:
         self.job = job
         self.exjob = exjob
         self.counted = 0
         self.penalty = penalty
-        self.logprobs = logprobs  # SamplingParams.logprobs
+        self.logprobs = params.logprobs
+        self.include_stop = params.include_stop_str_in_output
 
     def penalize(self) -> None:
         """Fold the tokens sampled since the last step into the job's token_bias. Reads the
@@ -270,7 +289,7 @@ class GeneratorLoop:
         penalty = None
         if params.frequency_penalty or params.presence_penalty:
             penalty = CompletionPenalty(params, int(ids.shape[-1]))
-        self._live[key] = _Live(job, exjob, penalty, params.logprobs)
+        self._live[key] = _Live(job, exjob, penalty, params)
 
     def _drop_cancelled(self) -> None:
         for key, live in list(self._live.items()):
@@ -318,7 +337,7 @@ class GeneratorLoop:
         live = self._live.get(result.get("identifier"))  # type: ignore[arg-type]
         if live is None:
             return
-        chunk, live.counted = chunk_for(result, live.counted)
+        chunk, live.counted = chunk_for(result, live.counted, live.include_stop)
         if chunk is None:
             return
         if live.logprobs is not None:

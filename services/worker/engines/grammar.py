@@ -76,6 +76,9 @@ class Constraint(msgspec.Struct, frozen=True, kw_only=True):
     text: str = ""
     strict: bool = True  # json_schema only: refuse what cannot be enforced (else ignore it)
     param: str = PARAM  # the request field that asked for it (named in a 400)
+    # JSON kinds only: a regex the whitespace between JSON's tokens matches (vLLM's
+    # guided_whitespace_pattern); None: no whitespace (JSON_OPTIONS)
+    whitespace: str | None = None
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,10 +120,13 @@ def _dumps(value: object) -> str:
 
 def grammar_text(c: Constraint) -> str:
     """c as the grammar llguidance takes; ValueError when c's text is not what its kind needs."""
+    options: JsonCompileOptions = {**JSON_OPTIONS}
+    if c.whitespace is not None:
+        options["whitespace_pattern"] = c.whitespace
     if c.kind == "json_object":
-        return LLMatcher.grammar_from_json_schema('{"type":"object"}', overrides=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema('{"type":"object"}', overrides=options)
     if c.kind == "json_schema":
-        options: JsonCompileOptions = {**JSON_OPTIONS, "lenient": not c.strict}
+        options["lenient"] = not c.strict
         return LLMatcher.grammar_from_json_schema(c.text, overrides=options)
     if c.kind == "regex":
         return LLMatcher.grammar_from_regex(c.text)
@@ -154,13 +160,16 @@ def _short(message: str, limit: int = 500) -> str:
 # ---- reading a request ----
 
 
-def requested(fields: Mapping[str, Any]) -> Constraint | Problem | None:
+def requested(
+    fields: Mapping[str, Any], whitespace: str | None = None
+) -> Constraint | Problem | None:
     """The constraint a request's fields ask for: OpenAI's response_format, vLLM's guided_json,
     guided_regex, guided_choice, guided_grammar, or their successor structured_outputs (at most
-    one of all these); checked."""
+    one of all these); checked. whitespace: vLLM's guided_whitespace_pattern, which shapes
+    JSON output only (with no JSON kind asked for it is refused, not ignored)."""
     asked = [(k, v) for k, v in fields.items() if v is not None]
     if not asked:
-        return None
+        return None if whitespace is None else _json_only(WHITESPACE)
     if len(asked) > 1:
         names = ", ".join(k for k, _ in asked)
         message = f"ask for one output constraint, not several ({names})"
@@ -172,8 +181,30 @@ def requested(fields: Mapping[str, Any]) -> Constraint | Problem | None:
         return Problem(message=f"{param}: {exc}", param=param)
     if built is None or isinstance(built, Problem):
         return built
+    if whitespace is not None:
+        if built.kind not in JSON_KINDS:
+            return _json_only(WHITESPACE)
+        if built.whitespace is not None:
+            message = f"send one whitespace pattern, not {WHITESPACE} and {param}'s"
+            return Problem(message=message, param=WHITESPACE)
+        built, param = msgspec.structs.replace(built, whitespace=whitespace), WHITESPACE
+    if built.whitespace is not None and len(built.whitespace.encode()) > MAX_WHITESPACE:
+        return Problem(message=f"{param}: over {MAX_WHITESPACE} bytes", param=param)
     why = problem(built)
     return built if why is None else Problem(message=why, param=param)
+
+
+JSON_KINDS = ("json_object", "json_schema")
+WHITESPACE = "guided_whitespace_pattern"
+MAX_WHITESPACE = 256  # bytes of a whitespace regex (llguidance's limits bound its work too)
+
+
+def _json_only(param: str) -> Problem:
+    message = (
+        f"{param} shapes JSON output only: send it with guided_json, a JSON response_format "
+        "or structured_outputs' json or json_object"
+    )
+    return Problem(message=message, param=param.split(".")[0])
 
 
 def _build(param: str, value: Any) -> Constraint | Problem | None:
@@ -199,28 +230,41 @@ def _guided(kind: str, value: Any, param: str) -> Constraint | Problem:
 
 
 STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")
-# Options that change nothing here: no other backend to fall back to, and JSON is always
-# compact (no whitespace but none).
+# Options that change nothing here: no other backend to fall back to, and JSON is compact
+# (no whitespace but none) unless whitespace_pattern says otherwise.
 STRUCTURED_NEUTRAL = ("disable_fallback", "disable_any_whitespace")
+STRUCTURED_OPTIONS = (*STRUCTURED_NEUTRAL, "whitespace_pattern")
 
 
 def _structured(value: Any) -> Constraint | Problem:
-    """vLLM's structured_outputs (>= 0.10): exactly one of STRUCTURED; any other option it
-    sets (structural_tag, whitespace_pattern, disable_additional_properties) is refused."""
+    """vLLM's structured_outputs (>= 0.10): exactly one of STRUCTURED, and its
+    whitespace_pattern (as guided_whitespace_pattern); any other option it sets
+    (structural_tag, disable_additional_properties) is refused."""
     param = "structured_outputs"
     if not isinstance(value, dict):
         return Problem(message=f"{param} must be an object", param=param)
     asked = {k: v for k, v in value.items() if v is not None and v is not False}
-    other = [k for k in asked if k not in STRUCTURED and k not in STRUCTURED_NEUTRAL]
+    other = [k for k in asked if k not in STRUCTURED and k not in STRUCTURED_OPTIONS]
     if other:
         return Problem(message=f"{param}.{other[0][:64]} is not supported here", param=param)
     kinds = [k for k in asked if k in STRUCTURED]
     if len(kinds) != 1:
         message = f"{param} asks for exactly one of {', '.join(STRUCTURED)}"
         return Problem(message=message, param=param)
-    if kinds[0] == "json_object":
-        return json_object(param)
-    return _guided(kinds[0], asked[kinds[0]], param)
+    whitespace = asked.get("whitespace_pattern")
+    if whitespace is not None and not isinstance(whitespace, str):
+        return Problem(message=f"{param}.whitespace_pattern must be a string", param=param)
+    whitespace = whitespace or None  # "": the default
+    if whitespace is not None and kinds[0] not in ("json", "json_object"):
+        return _json_only(f"{param}.whitespace_pattern")
+    built = (
+        json_object(param)
+        if kinds[0] == "json_object"
+        else _guided(kinds[0], asked[kinds[0]], param)
+    )
+    if isinstance(built, Problem) or whitespace is None or built.kind not in JSON_KINDS:
+        return built
+    return msgspec.structs.replace(built, whitespace=whitespace)
 
 
 def _response_format(value: Any) -> Constraint | Problem | None:

@@ -31,6 +31,7 @@ from services.worker.engines.demo_model import is_model_dir
 from services.worker.engines.logprobs import StepLogprobs, TokenLogprob, byte_level
 from services.worker.engines.memory import available_ram_bytes, checkpoint_bytes, require_room
 from services.worker.engines.stops import StopScanner
+from services.worker.engines.template import DEFAULT_OPTIONS, ChatOptions, TemplateFailed
 
 _STOP = object()
 
@@ -93,12 +94,19 @@ class TransformersEngine:
         # The chat template writes its own special tokens; adding more would change the prompt.
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        rendered = self._tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text()} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+    def chat_prompt(
+        self, messages: Sequence[ChatMessage], options: ChatOptions = DEFAULT_OPTIONS
+    ) -> str:
+        try:
+            rendered = self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in messages],
+                tokenize=False,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                **options.variables,
+            )
+        except ValueError as exc:  # e.g. a final message the template does not write
+            raise TemplateFailed(str(exc)) from None
         return str(rendered)
 
     def start(self, prompt: str, params: SamplingParams) -> Job:
@@ -133,7 +141,7 @@ class TransformersEngine:
         rng = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "big")
         )
-        scanner = StopScanner(params.stop)
+        scanner = StopScanner(params.stop, params.include_stop_str_in_output)
         generated: list[int] = []
         emitted = ""
         # One cache per job, owned here and grown in place by every forward pass: nothing is read
@@ -159,14 +167,20 @@ class TransformersEngine:
                 token = sample(logits, params, rng)
                 step_input = torch.tensor([[token]], dtype=torch.long)
                 if token in ending:
-                    job.push(Chunk(text=scanner.flush(), tokens=1, finish_reason="stop"))
+                    # its text (an end token's is "" unless skip_special_tokens is false) only
+                    # when include_stop_str_in_output keeps it
+                    kept = ""
+                    if params.include_stop_str_in_output:
+                        whole = self._decoded([*generated, token], params)
+                        kept = scanner.feed("" if whole is None else whole[len(emitted) :])
+                    job.push(Chunk(text=kept + scanner.flush(), tokens=1, finish_reason="stop"))
                     return
                 if guide is not None and not guide.advance(token):
                     raise EngineError(f"the grammar refused a token it allowed: {guide.error}")
                 lp = () if params.logprobs is None else (self._logprobs(logits, params, token),)
                 generated.append(token)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                text = self._decoded(generated, params)
+                if text is None:  # an incomplete UTF-8 sequence: wait for more bytes
                     piece = ""
                 else:
                     piece, emitted = text[len(emitted) :], text
@@ -183,6 +197,11 @@ class TransformersEngine:
                     job.push(Chunk(text=text, tokens=1, finish_reason="length", logprobs=lp))
                     return
                 job.push(Chunk(text=out_text, tokens=1, logprobs=lp))
+
+    def _decoded(self, generated: list[int], params: SamplingParams) -> str | None:
+        """The generated tokens' text; None while it ends in an incomplete UTF-8 sequence."""
+        text = self._tokenizer.decode(generated, skip_special_tokens=params.skip_special_tokens)
+        return None if text.endswith("\ufffd") else str(text)
 
     def _guide(self, constraint: grammar.Constraint, eos_ids: set[int]) -> grammar.Guide:
         """A fresh grammar state (the tokenizer is read once, about 1 s for 128k tokens)."""

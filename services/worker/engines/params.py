@@ -29,6 +29,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # vLLM's: the stop string (or stop_token_ids token, or end token) that ended the job stays
+    # in its text; skip_special_tokens False: special tokens' text is part of the answer.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # vLLM's: tokens that end the job ("stop") as the end token does (their text is not part
     # of the answer); before min_tokens are generated they, and the end token, cannot be
     # sampled; ignore_eos: the end token is an ordinary token (a grammar's end still ends).

@@ -45,6 +45,7 @@ from services.worker.engines.base import (
 )
 from services.worker.engines.logprobs import StepLogprobs
 from services.worker.engines.stops import StopScanner
+from services.worker.engines.template import DEFAULT_OPTIONS, ChatOptions
 from services.worker.prefix_cache import PrefixCache
 
 # One token per run of non-space. Not \s*\S+ (same count): on a long run of whitespace it
@@ -116,6 +117,14 @@ def describe_grammar(token: int) -> tuple[str, bytes]:
     return raw.decode("utf-8", "replace"), raw
 
 
+def _piece(
+    token: int, first: bool, guide: grammar.Guide | None, utf8: codecs.IncrementalDecoder
+) -> str:
+    """The text a token adds: a word, or under a grammar its bytes (a character may span
+    tokens: the decoder holds its first bytes)."""
+    return describe(token, first)[0] if guide is None else utf8.decode(GRAMMAR_TOKENS[token])
+
+
 def prefix_use(prompt_tokens: int, blocks: int, hits: int) -> PrefixUse:
     """The share of the prompt a cache holding `hits` of its `blocks` leading blocks spares."""
     cached = prompt_tokens * hits // blocks if blocks else 0
@@ -157,9 +166,14 @@ class SimEngine:
     def count_tokens(self, text: str) -> int:
         return len(_TOKEN.findall(text))
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    def chat_prompt(
+        self, messages: Sequence[ChatMessage], options: ChatOptions = DEFAULT_OPTIONS
+    ) -> str:
+        """Its own format, one `<|role|> text` line a message; it has no template, so
+        options.variables change nothing (with tools in play the demo template renders)."""
         lines = [f"<|{m.role}|> {m.text()}" for m in messages]
-        return "\n".join([*lines, "<|assistant|>"])
+        opened = options.add_generation_prompt and not options.continue_final_message
+        return "\n".join([*lines, "<|assistant|>"] if opened else lines)
 
     def start(
         self, prompt: str, params: SamplingParams, prefix_blocks: tuple[int, ...] = ()
@@ -240,7 +254,7 @@ class SimEngine:
         self.peak_running = max(self.peak_running, self.running)
         try:
             await self._prefill(job, blocks)
-            scanner = StopScanner(params.stop)
+            scanner = StopScanner(params.stop, params.include_stop_str_in_output)
             context = [_IDS[w] for w in _TOKEN.findall(prompt) if w in _IDS]
             completion: list[int] = []
             utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # byte tokens may split one
@@ -250,9 +264,11 @@ class SimEngine:
                     return
                 token, step = self._token(prompt, params, context, completion, guide)
                 # the grammar allowed the end and it chose it, or a stop token: its text is no
-                # part of the answer
+                # part of the answer, unless include_stop_str_in_output keeps a stop token's
+                kept = params.include_stop_str_in_output and token in params.stop_token_ids
                 if (guide is not None and token == END) or token in params.stop_token_ids:
-                    text = scanner.feed(utf8.decode(b"", final=True)) + scanner.flush()
+                    said = _piece(token, i == 0, guide, utf8) if kept else ""
+                    text = scanner.feed(said + utf8.decode(b"", final=True)) + scanner.flush()
                     job.push(Chunk(text=text, tokens=1, finish_reason="stop"))
                     return
                 if guide is not None and not guide.advance(token):
@@ -260,12 +276,7 @@ class SimEngine:
                     return
                 completion.append(token)
                 lp = () if step is None else (step,)
-                piece = (
-                    describe(token, i == 0)[0]
-                    if guide is None
-                    else utf8.decode(GRAMMAR_TOKENS[token])
-                )
-                out = scanner.feed(piece)
+                out = scanner.feed(_piece(token, i == 0, guide, utf8))
                 if scanner.stopped:
                     job.push(Chunk(text=out, tokens=1, finish_reason="stop", logprobs=lp))
                     return

@@ -1,15 +1,18 @@
 """Stop-string scanning over streamed text. Pure.
 
 Text that could be the beginning of a stop string is held back until the next piece shows whether
-it is, so a stop string split across two pieces is never half-emitted.
+it is, so a stop string split across two pieces is never half-emitted. The text ends before the
+stop string, or (vLLM's include_stop_str_in_output) after it.
 """
 
 from __future__ import annotations
 
 
 class StopScanner:
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], include: bool = False) -> None:
+        """include: the stop string that ends the text stays in it."""
         self.stops = tuple(s for s in stops if s)
+        self.include = include
         self.pending = ""  # received but not yet emitted
         self.stopped = False
 
@@ -18,11 +21,15 @@ class StopScanner:
         if self.stopped:
             return ""
         text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        # the earliest stop string; of those starting there, the first the request lists
+        hit = min(
+            ((i, k) for k, s in enumerate(self.stops) if (i := text.find(s)) >= 0), default=None
+        )
+        if hit is not None:
             self.stopped = True
             self.pending = ""
-            return text[: min(hits)]
+            at, k = hit
+            return text[: at + len(self.stops[k])] if self.include else text[:at]
         keep = self._partial_suffix(text)
         self.pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]

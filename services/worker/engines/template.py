@@ -11,6 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from schemas.inference import ChatMessage
 
 IMAGE_PART = "image_url"
@@ -21,6 +23,22 @@ DEFAULT_TEMPLATE = (
 )
 # What tells whether a template renders tools: a tool of this name shows in its prompt.
 _PROBE = "switchboard_probe_tool"
+
+
+# transformers' marker for continue_final_message: the prompt is cut where it lands
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+class ChatOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How one request's chat prompt is rendered (vLLM's request fields, as transformers'
+    apply_chat_template takes them)."""
+
+    add_generation_prompt: bool = True  # open the assistant's turn after the messages
+    continue_final_message: bool = False  # end inside the last message, for the model to go on
+    variables: dict[str, Any] = msgspec.field(default_factory=dict)  # chat_template_kwargs
+
+
+DEFAULT_OPTIONS = ChatOptions()
 
 
 class TemplateFailed(ValueError):
@@ -99,27 +117,42 @@ class ChatTemplate:
         return cls(source, _token(config.get("bos_token")), _token(config.get("eos_token")))
 
     def render(
-        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[dict[str, Any]] | None = None,
+        options: ChatOptions = DEFAULT_OPTIONS,
     ) -> str:
-        """The prompt up to where the assistant's reply begins; tools: OpenAI's tool objects
-        (None: the template is told of none). TemplateFailed when it cannot."""
-        return self.render_dicts([message_dict(m) for m in messages], tools)
+        """The prompt up to where the assistant's reply begins (or, options saying so, where
+        its last message would go on); tools: OpenAI's tool objects (None: the template is told
+        of none). TemplateFailed when it cannot."""
+        return self.render_dicts([message_dict(m) for m in messages], tools, options)
 
     def render_dicts(
-        self, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+        self,
+        messages: list[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        options: ChatOptions = DEFAULT_OPTIONS,
     ) -> str:
+        final = ""
+        if options.continue_final_message:  # as transformers does it: mark where to cut
+            if not messages or "content" not in self.source:
+                raise TemplateFailed("continue_final_message: the template writes no content")
+            final = messages[-1]["content"]
+            messages = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE_TAG}]
         try:
-            return str(
+            rendered = str(
                 self.template.render(
+                    **options.variables,  # first: what the worker sets below wins
                     messages=messages,
                     tools=list(tools) if tools else None,
-                    add_generation_prompt=True,
+                    add_generation_prompt=options.add_generation_prompt,
                     bos_token=self.bos_token,
                     eos_token=self.eos_token,
                 )
             )
         except Exception as exc:  # any Jinja error is the request's or the template's, not ours
             raise TemplateFailed(f"the model's chat template failed: {exc}") from exc
+        return _continued(rendered, final) if options.continue_final_message else rendered
 
     @cached_property
     def renders_tools(self) -> bool:
@@ -130,6 +163,19 @@ class ChatTemplate:
         except TemplateFailed:
             return False
         return _PROBE in rendered
+
+
+def _continued(rendered: str, final: str) -> str:
+    """The prompt cut where the last message's text ends (transformers' rule)."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise TemplateFailed(
+            "continue_final_message: the chat template does not write the final message"
+        )
+    at = rendered.rindex(tag)
+    if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:at]
+    return rendered[:at].rstrip()  # the template trimmed the message's trailing space
 
 
 def message_dict(m: ChatMessage) -> dict[str, Any]:
