@@ -6,17 +6,22 @@ Without --model-dir it builds the demo checkpoint in a temp dir. auto = exllamav
 transformers on CPU. Raw loop: transformers' generate() once per stream (batch 1, as the engine),
 or exllamav2's dynamic generator driven directly. Ratio = engine / raw (1.0 = no overhead).
 
---mask [--vocab N ...]: llguidance (engines/grammar.py) walking a JSON document of a schema token
-by token, over the demo checkpoint's tokenizer (or --model-dir's) and byte-level BPE tokenizers of
-N tokens trained here on the standard library's sources (no download): per token the mask
-(compute), its application to a logits tensor (hf.constrain) and the consume; plus the tokenizer's
-conversion and the schema's first compile (later requests hit the cache).
+--mask [--vocab N ...] [--peers]: llguidance (engines/grammar.py) walking a JSON document of a
+schema token by token, over the demo checkpoint's tokenizer (or --model-dir's) and byte-level BPE
+tokenizers of up to N tokens trained here on the standard library's sources (no download): per
+token the mask (compute), its application to a logits tensor (hf.constrain) and the advance; plus
+the tokenizer's conversion and the schema's first compile (later requests hit the cache). --peers:
+xgrammar, outlines-core and lm-format-enforcer side by side, from .bench/grammar-peers (not
+project dependencies; bench/grammar_peers.py says how to install them). Each engine on each
+tokenizer runs in its own process, stopped after --timeout seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +30,9 @@ from typing import Any
 from schemas.inference import ChatMessage
 from services.worker.engines.base import SamplingParams
 
+ROOT = Path(__file__).resolve().parent.parent
+# What the peers' own dependencies would bring along: never from .bench/grammar-peers.
+SHADOWED = {"torch", "transformers", "tokenizers", "numpy", "pydantic", "triton", "llguidance"}
 PROMPT = [ChatMessage(role="user", content="Route this request to the least busy worker.")]
 
 
@@ -174,71 +182,51 @@ def stdlib_bpe(vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
 
 
-def mask_costs(hf_tok: Any, label: str) -> None:
-    import statistics
+def run_case(engine: str, tokenizer_dir: Path, label: str, timeout: float) -> Any:
+    """One engine on one tokenizer, in its own process (bench/grammar_peers.py): a Row."""
+    from bench.grammar_peers import Row, parse_row
 
-    import torch
-
-    from services.worker.engines import grammar
-    from services.worker.engines.hf import constrain
-
-    began = time.perf_counter()
-    llt = grammar.hf_tokenizer(hf_tok)
-    convert_s = time.perf_counter() - began
-    c = grammar.json_schema(MASK_SCHEMA)
-    grammars = grammar.Grammars(llt)
-    began = time.perf_counter()
-    grammars.guide(c)
-    compile_s = time.perf_counter() - began
-    ids = hf_tok.encode(MASK_DOC, add_special_tokens=False)
-    logits = torch.zeros(llt.vocab_size)
-    masks, applies, consumes, cold = list[float](), list[float](), list[float](), 0.0
-    for walk in range(6):  # the first walk builds llguidance's lexer states: reported as cold
-        guide = grammars.guide(c)
-        if walk == 1:
-            cold = sum(masks) / len(masks)
-            masks, applies, consumes = list[float](), list[float](), list[float]()
-        for t in ids:
-            t0 = time.perf_counter()
-            allowed = guide.allowed()
-            t1 = time.perf_counter()
-            constrain(logits, allowed)
-            t2 = time.perf_counter()
-            assert guide.advance(t), guide.error
-            t3 = time.perf_counter()
-            masks.append(t1 - t0)
-            applies.append(t2 - t1)
-            consumes.append(t3 - t2)
-    us = 1e6
-    p99 = sorted(masks)[int(len(masks) * 0.99)]
-    print(
-        f"{label:>16} {llt.vocab_size:>6} {len(ids):>6} {convert_s * 1e3:>8.0f} "
-        f"{compile_s * 1e3:>8.1f} {cold * us:>6.0f} {statistics.median(masks) * us:>6.0f} "
-        f"{statistics.mean(masks) * us:>6.0f} {p99 * us:>6.0f} "
-        f"{statistics.median(applies) * us:>6.0f} {statistics.median(consumes) * us:>7.0f}"
-    )
+    command = [sys.executable, "-m", "bench.grammar_peers", engine, str(tokenizer_dir), label]
+    try:
+        done = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return Row(engine=engine, tokenizer=label, error=f"over {timeout:.0f} s (stopped)")
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return Row(engine=engine, tokenizer=label, error=f"exit {done.returncode}: {tail}")
+    return parse_row(done.stdout, engine, label)
 
 
-def mask_bench(model_dir: Path | None, vocabs: list[int]) -> None:
-    from transformers import AutoTokenizer
-
+def mask_bench(model_dir: Path | None, vocabs: list[int], peers: bool, timeout: float) -> None:
+    if str(ROOT) not in sys.path:  # run as bench/engine.py: the bench package is beside it
+        sys.path.insert(0, str(ROOT))
+    from bench.grammar_peers import DISTS, HEADER, PEERS_DIR, format_row
     from services.worker.engines.demo_model import make_demo_model
 
+    engines = list(DISTS) if peers else ["llguidance"]
+    if peers and not PEERS_DIR.is_dir():
+        raise SystemExit(f"{PEERS_DIR} is missing: see bench/grammar_peers.py to install it")
+    shadowing = [p.name for p in PEERS_DIR.glob("*") if p.name in SHADOWED] if peers else []
+    if shadowing:
+        raise SystemExit(f"{PEERS_DIR} holds {shadowing}: reinstall it with --no-deps")
     print(
-        f"document: {len(MASK_DOC)} bytes. convert, compile: ms. Per token, us: mask (cold: the "
-        "first walk's mean; then median, mean, p99 of 5 more walks), apply and consume (median)"
+        f"document: {len(MASK_DOC)} bytes. MB: installed (engine and what .venv lacks); convert "
+        "(tokenizer info), compile (the schema's first): ms. Per token, us: mask (cold: the first "
+        "walk's mean; then median and p99 of 5 more walks), apply and advance (median)"
     )
-    cols = ("tokenizer", "vocab", "tokens", "convert", "compile", "cold", "median", "mean")
-    print(
-        f"{cols[0]:>16} {cols[1]:>6} {cols[2]:>6} {cols[3]:>8} {cols[4]:>8} {cols[5]:>6} "
-        f"{cols[6]:>6} {cols[7]:>6} {'p99':>6} {'apply':>6} {'consume':>7}"
-    )
+    print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         directory = model_dir or make_demo_model(Path(tmp) / "demo")
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        mask_costs(tok, directory.name)
-    for vocab in vocabs:
-        mask_costs(stdlib_bpe(vocab), f"stdlib BPE {vocab // 1000}k")
+        cases = [(directory.name, directory)]
+        for vocab in vocabs:
+            tok = stdlib_bpe(vocab)
+            cases.append((f"stdlib BPE {len(tok) // 1000}k", Path(tmp) / f"bpe-{vocab}"))
+            tok.save_pretrained(str(cases[-1][1]))
+        for label, tokenizer_dir in cases:
+            for engine in engines:
+                print(format_row(run_case(engine, tokenizer_dir, label, timeout)), flush=True)
 
 
 if __name__ == "__main__":
@@ -248,8 +236,12 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--mask", action="store_true", help="the grammar mask's cost per token")
     parser.add_argument("--vocab", type=int, nargs="*", default=[32_000, 128_000])
+    parser.add_argument(
+        "--peers", action="store_true", help="with --mask: xgrammar, outlines-core, lmfe too"
+    )
+    parser.add_argument("--timeout", type=float, default=300, help="--mask: s per engine/vocab")
     args = parser.parse_args()
     if args.mask:
-        mask_bench(args.model_dir, args.vocab)
+        mask_bench(args.model_dir, args.vocab, args.peers, args.timeout)
     else:
         asyncio.run(main(args.engine, args.model_dir, args.tokens))
