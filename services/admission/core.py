@@ -14,6 +14,7 @@ Used by the worker (per model, limit = the engine's batch) and the router's gate
   take it now. It is asked only for the request about to be admitted (a free slot, nobody ahead
   of it), and True admits it, so the caller may reserve what it found. A queued request it does
   not fit stays at the head: nobody jumps it; promote() asks again when that world changed.
+  A caller may ask first (open(), then admit()) and request() with asked=True when it did not fit.
 - Retry-After comes from measured service time (EWMA of request durations), not a constant.
 """
 
@@ -95,20 +96,39 @@ class Admission:
         estimate = math.ceil(self.mean_service_s * rounds)
         return min(max(estimate, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
 
+    def open(self) -> bool:
+        """A newcomer would be admitted now if it fits: not draining, a free slot, nobody queued."""
+        return (
+            not self.queue and len(self.running) < self.limits.max_in_flight and not self.draining
+        )
+
+    def admit(self) -> Admitted | None:
+        """Admitted now when open() (the caller has asked its own `fits`); else None, nothing
+        changed."""
+        if not self.open():
+            return None
+        self._next += 1
+        self.running.add(self._next)
+        return Admitted(self._next)
+
     def request(
         self,
         now: float,
         priority: int = 0,
         patience_s: float | None = None,
         fits: Fits | None = None,
+        *,
+        asked: bool = False,
     ) -> Verdict:
-        """patience_s: the most this request may wait (capped by max_wait_s); fits: see above."""
+        """patience_s: the most this request may wait (capped by max_wait_s); fits: see above;
+        asked: `fits` said no an instant ago (nothing changed since), so it is not asked again:
+        the request queues (or is refused) as if it had been."""
         if self.draining:
             return Busy("draining", self.retry_after_s())
         self._next += 1
         ticket = self._next
         free = self.in_flight < self.limits.max_in_flight and not self.queue
-        if free and (fits is None or fits()):  # fits is asked only when a slot is free
+        if free and not asked and (fits is None or fits()):  # asked only when a slot is free
             self.running.add(ticket)
             return Admitted(ticket)
         own = patience_s is not None and patience_s < self.limits.max_wait_s

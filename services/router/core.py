@@ -145,6 +145,11 @@ class FleetView(FleetState):
             and not self.is_fresh(w, now)
         )
 
+    def any_first_tier(self, model: str) -> bool:
+        """Some eligible replica of the model has a fresh heartbeat or was never heard from (the
+        pool choices take first), as of the index's time: the last read's."""
+        return bool(self.index.get(model, NOWHERE).tiers[0])
+
     def serves(self, model: str) -> bool:
         """Some registered worker, in any status, lists the model (else it is unknown: 404)."""
         return model in self.roster.serving

@@ -7,8 +7,10 @@
 - Patience, at arrival, from the best replica's estimated TTFT (policy.estimate_s over the
   eligible replicas; a replica whose load is unknown counts as 0): beyond the target, refused at
   once; else it may wait at the gateway for target - estimate, at most max_wait_s.
-- Who goes (Placement.fits, the gateway's question for a request about to be admitted): a
-  replica that can take it now, with room and an estimate within what is left of its target.
+- Who goes (Placement, asked for a request about to be admitted): a replica that can take it
+  now, with room and an estimate within what is left of its target. The forwarder asks it first
+  and the arrival estimate only when none can (one question to the fleet view per request in
+  the common case).
 - Cap: an operator's capacity override (x this router's share) caps the requests in this
   router's hands; a capacity the workers reported (their slots) does not, because those requests
   include the ones queued inside workers, and the fleet view knows each replica's slots and load.
@@ -81,9 +83,12 @@ def capacity_share(capacity: CapacityView, model: str, share: float) -> int:
 
 
 class Placement:
-    """A request's first replica, chosen as the gateway admits it (Gate.slot's `fits`): one that
-    can take it now (a free slot, or queue room) with an estimated TTFT within what is left of
-    its target. Counted as dispatched at once, so the next request in line sees it taken."""
+    """A request's first replica, chosen as the gateway admits it: one that can take it now (a
+    free slot, or queue room) with an estimated TTFT within what is left of its target. Counted
+    as dispatched at once, so the next request in line sees it taken. The forwarder asks find()
+    and take() itself when the gate is open; a queued request's gate asks fits()."""
+
+    __slots__ = ("choice", "clock", "deadline", "model", "prompt", "slots", "view")
 
     def __init__(
         self,
@@ -93,14 +98,14 @@ class Placement:
         prompt: Prompt,
         *,
         deadline: float,
-        patience_s: float,
         slots: int = 1,
     ) -> None:
         self.view, self.clock, self.model, self.prompt = view, clock, model, prompt
-        self.deadline, self.patience_s, self.slots = deadline, patience_s, slots
+        self.deadline, self.slots = deadline, slots
         self.choice: Choice | None = None
 
-    def fits(self) -> bool:
+    def find(self) -> Choice | None:
+        """A replica that can take it now, in time (nothing counted yet), or None."""
         now = self.clock()
         choice = self.view.choose(
             self.model,
@@ -110,9 +115,26 @@ class Placement:
             budget_s=self.deadline - now,
             slots=self.slots,
         )
-        if not isinstance(choice, Choice):
-            return False
+        return choice if isinstance(choice, Choice) else None
+
+    def in_time(self, choice: Choice) -> bool:
+        """Is what find() answered within the arrival estimate's judgement (so the request needs
+        no estimate)? Yes when it is in the tier that estimate looks at, the first with a usable
+        replica: a fresh replica, or any where none is fresh or unheard (heartbeats off); the
+        least estimate there, room or not, is at most this one's. A replica with an old
+        heartbeat, while fresh ones are full, is taken only if their estimate allows it."""
+        return choice.fresh or not self.view.any_first_tier(self.model)
+
+    def take(self, choice: Choice) -> None:
+        """The request goes to `choice` (what find() answered, nothing changed since)."""
         # If the client leaves in this very instant the count stays until the next heartbeat.
         self.view.dispatched_to(choice.worker_id, self.slots)
         self.choice = choice
+
+    def fits(self) -> bool:
+        """find() and take() in one (Gate.slot's `fits`)."""
+        choice = self.find()
+        if choice is None:
+            return False
+        self.take(choice)
         return True

@@ -1,17 +1,17 @@
 """The request path past the edge: gateway slot, replica choice, send, retry, relay, one record.
 
 Reads top to bottom in `Forwarder.handle`: an unknown model is refused before it queues; a known
-one that no replica can start within its TTFT target is refused at once (deadline.py); else it
-waits at the gateway until a replica can take it in time (its first choice, made as it is
-admitted) or its patience is up; then each attempt sends (and a retry chooses again); a refusal or
-a connection error before the first byte is retried elsewhere; the answer is relayed intact. The
-request is counted and logged once (record.py): a refusal as it is returned, a relayed answer
-when its last byte is sent (the slot is held until then).
+one goes at once when a replica can take it in time (its first choice, the common case: one
+question to the fleet view); else one that no replica can start within its TTFT target is
+refused at once (deadline.py), and the rest wait at the gateway until a replica can take it in
+time (chosen as it is admitted) or their patience is up; then each attempt sends (and a retry
+chooses again); a refusal or a connection error before the first byte is retried elsewhere; the
+answer is relayed intact. The request is counted and logged once (record.py): a refusal as it is
+returned, a relayed answer when its last byte is sent (the slot is held until then).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from starlette.responses import Response
 
 from schemas.codec import error_event
-from services.admission.gate import Abandoned, Rejected
+from services.admission.gate import Abandoned, Gate, Rejected, Slot
 from services.common.errors import ApiError
 from services.common.http import error_response
 from services.common.metrics import UNKNOWN
@@ -66,20 +66,6 @@ def upstream_failed(detail: str) -> ApiError:
     )
 
 
-class Held:
-    """A gateway slot, held until the answer's last byte is sent; released once."""
-
-    __slots__ = ("entry",)
-
-    def __init__(self, entry: contextlib.AbstractAsyncContextManager[None]) -> None:
-        self.entry: contextlib.AbstractAsyncContextManager[None] | None = entry
-
-    async def release(self) -> None:
-        entry, self.entry = self.entry, None
-        if entry is not None:
-            await entry.__aexit__(None, None, None)
-
-
 class Forwarder:
     def __init__(
         self,
@@ -124,13 +110,59 @@ class Forwarder:
             tally.label = UNKNOWN  # a made-up name must not mint a metrics series
             return self._refuse(tally, no_choice_error(UnknownModel(model)))
         prompt = prompt_of(fields)  # hashed once, whatever the number of attempts
-        placement = self._placement(model, priority, prompt, ttft_target_s, slots)
-        if isinstance(placement, ApiError):
-            return self._refuse(tally, placement)
-        gate = self.gateway.gate(model)
-        patience_s = None if placement is None else placement.patience_s
-        fits = None if placement is None else placement.fits
-        entry = gate.slot(priority, gone, patience_s=patience_s, fits=fits)
+        now = self.clock()
+        target_s = self.targets.target_s(model, priority, ttft_target_s)
+        placement = Placement(
+            self.view, self.clock, model, prompt, deadline=now + target_s, slots=slots
+        )
+        slot = await self._slot(tally, placement, priority, gone, now, target_s)
+        if isinstance(slot, Response):
+            return slot
+        try:
+            answer = await self._send(path, body, tally, prompt, placement.choice, slots)
+        except BaseException:  # an unexpected error must not keep the slot
+            slot.release(failed=True)
+            raise
+        if isinstance(answer, Response):  # nobody took it: a worker's refusal or the router's
+            slot.release()
+            self.records.finish(tally, answer.status_code, answer.headers[ORIGIN])
+            return answer
+        return await self._relay(answer, tally, slot)
+
+    async def _slot(
+        self,
+        tally: Tally,
+        placement: Placement,
+        priority: int,
+        gone: Callable[[], Awaitable[object]],
+        now: float,
+        target_s: float,
+    ) -> Slot | Response:
+        """The request's gateway slot (its first replica in `placement` when one can take it
+        now), or the response to send instead: refused now, or left while queued."""
+        model, gate = tally.model, self.gateway.gate(tally.model)
+        asked = gate.open()  # else its `fits` is not asked yet: someone waits, or no slot
+        choice = placement.find() if asked else None
+        # The common case, one question to the fleet view: a replica takes it in time, and the
+        # arrival estimate could not refuse it (Placement.in_time; unmeasured replicas' rates,
+        # peers' means over those with room or all, may differ a little: the replica that can
+        # take it now is then the one believed).
+        if choice is not None and placement.in_time(choice):
+            return self._take(gate, placement, choice)
+        # No replica can take it now (or only one the estimate must judge first): the arrival
+        # estimate says whether it may wait, and how long.
+        best = self.view.best_estimate(model, now, placement.prompt)
+        patience_s, fits = None, None  # no replica eligible: the first attempt says why
+        if best is not None:
+            verdict = patience(target_s, best, self.gateway.max_wait_s)
+            if isinstance(verdict, TooLate):
+                return self._refuse(tally, gateway_busy(model, "deadline", verdict.retry_after_s))
+            patience_s, fits = verdict.wait_s, placement.fits
+        if choice is not None:
+            return self._take(gate, placement, choice)
+        entry = gate.slot(
+            priority, gone, patience_s=patience_s, fits=fits, asked=asked and fits is not None
+        )
         try:
             await entry.__aenter__()
         except Rejected as rejected:
@@ -139,40 +171,15 @@ class Forwarder:
         except Abandoned:  # left while queued: its place is free and no worker sees it
             self.records.finish(tally, 499, "router")
             return Response(status_code=499)
-        slot = Held(entry)
-        try:
-            answer = await self._send(path, body, tally, prompt, placement, slots)
-        except BaseException as exc:  # an unexpected error must not keep the slot
-            await entry.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        if isinstance(answer, Response):  # nobody took it: a worker's refusal or the router's
-            await slot.release()
-            self.records.finish(tally, answer.status_code, answer.headers[ORIGIN])
-            return answer
-        return await self._relay(answer, tally, slot)
+        return entry
 
-    def _placement(
-        self, model: str, priority: int, prompt: Prompt, asked_s: float | None, slots: int
-    ) -> Placement | ApiError | None:
-        """How the request waits for its replica at the gateway, or its refusal now. None: no
-        replica is eligible; the gateway cannot judge, and the first attempt's refusal says why."""
-        now = self.clock()
-        best = self.view.best_estimate(model, now, prompt)
-        if best is None:
-            return None
-        target = self.targets.target_s(model, priority, asked_s)
-        verdict = patience(target, best, self.gateway.max_wait_s)
-        if isinstance(verdict, TooLate):
-            return gateway_busy(model, "deadline", verdict.retry_after_s)
-        return Placement(
-            self.view,
-            self.clock,
-            model,
-            prompt,
-            deadline=now + target,
-            patience_s=verdict.wait_s,
-            slots=slots,
-        )
+    @staticmethod
+    def _take(gate: Gate, placement: Placement, choice: Choice) -> Slot:
+        """The slot now, the request going to `choice` (found as the gate was open; nothing has
+        run since, so it still is)."""
+        slot = gate.take()
+        placement.take(choice)
+        return slot
 
     async def _send(
         self,
@@ -180,17 +187,16 @@ class Forwarder:
         body: bytes,
         tally: Tally,
         prompt: Prompt,
-        placement: Placement | None,
+        placed: Choice | None,
         slots: int = 1,
     ) -> Response | WorkerResponse:
         """The first worker answer that is not a refusal (to relay), else the response to send
-        instead: the last worker refusal, or the router's own. One choice per attempt (the first
-        one made as the gateway admitted the request, when it judged it)."""
+        instead: the last worker refusal, or the router's own. One choice per attempt (`placed`:
+        the first, made as the gateway admitted the request, when it judged it)."""
         self.budget.request()
         tried: set[str] = set()
         refused: Response | None = None  # the last worker refusal, relayed if nobody has room
         started = time.perf_counter()
-        placed = None if placement is None else placement.choice
         while True:
             choice = placed or self.view.choose(
                 tally.model,
@@ -247,7 +253,7 @@ class Forwarder:
             headers["content-type"] = resp.content_type
         return Response(data, status_code=resp.status, headers=headers)
 
-    async def _relay(self, resp: WorkerResponse, tally: Tally, slot: Held) -> Answer:
+    async def _relay(self, resp: WorkerResponse, tally: Tally, slot: Slot) -> Answer:
         """The worker's answer as the client gets it: a stream (SSE, or too large to hold) is
         relayed as it comes; anything else is read whole and sent with its Content-Length."""
         content_type = resp.content_type or "application/json"
@@ -260,20 +266,20 @@ class Forwarder:
         except UpstreamError as exc:
             resp.release()  # its connection is closed: the answer was not read to its end
             self._upstream_failed(tally, exc)
-            await slot.release()
+            slot.release()
             return self._refuse(tally, upstream_failed(repr(exc)))
         status = resp.status
         resp.release()
 
         async def sent() -> None:
-            await slot.release()
+            slot.release()
             self.records.finish(tally, status, "worker")
 
         headers = [(b"content-type", content_type.encode("latin-1")), _WORKER]
         return Reply(status, headers, data, sent)
 
     def _stream(
-        self, resp: WorkerResponse, tally: Tally, slot: Held, content_type: str, sse: bool
+        self, resp: WorkerResponse, tally: Tally, slot: Slot, content_type: str, sse: bool
     ) -> Stream:
         def failed(exc: BaseException) -> bytes:
             # After the first byte we cannot retry: end with an explicit error, never a hang.
@@ -284,7 +290,7 @@ class Forwarder:
             return error_event(message, "server_error", "upstream_failed")
 
         async def sent(status: int) -> None:  # status: 502 when the worker failed mid-answer
-            await slot.release()
+            slot.release()
             self.records.finish(tally, status, "worker")
 
         headers: Headers = [(b"content-type", content_type.encode("latin-1"))]

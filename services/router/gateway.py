@@ -110,16 +110,14 @@ class Gateway:
                 max_queue_depth=self.queue_depth,
                 max_wait_s=self.max_wait_s,
             )
-            gate = self.gates[model] = Gate(limits, on_change=lambda: self._gate_moved(model))
+            gate = self.gates[model] = Gate(limits, on_change=self.on_change)
+            # Read when scraped, never set per request (a gate moves twice per request).
+            core = gate.core
+            self.metrics.queue_depth_of(model).set_function(lambda: len(core.queue))
+            self.metrics.in_flight_of(model).set_function(lambda: len(core.running))
             if self.draining:
                 gate.drain()
         return gate
-
-    def _gate_moved(self, model: str) -> None:
-        core = self.gates[model].core
-        self.metrics.queue_depth_of(model).set(core.queue_depth)
-        self.metrics.in_flight_of(model).set(core.in_flight)
-        self.on_change()
 
     def drain(self) -> None:
         """Refuse newcomers from now on; running and queued requests still complete."""

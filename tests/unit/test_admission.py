@@ -254,3 +254,25 @@ def test_a_release_admits_only_what_fits() -> None:
     assert a.in_flight == 0
     fleet.free = 1
     assert a.promote() == [2]
+
+
+def test_a_caller_that_asked_first_is_not_asked_again() -> None:
+    """open() / admit(): the caller asks its own fits; when it did not fit, request(asked=True)
+    queues it as if fits had been asked there (nobody jumps it later either)."""
+    a = adm(max_in_flight=1, depth=4)
+    fleet = Room(0)
+    assert a.open()
+    assert isinstance(a.request(0.0, fits=fleet.fits, asked=True), Queued)
+    assert fleet.asked == 0
+    assert not a.open()  # someone waits
+    assert a.admit() is None
+    assert (a.in_flight, a.queue_depth) == (0, 1)  # a refused admit() changes nothing
+    fleet.free = 1
+    assert a.promote() == [1]  # asked now that the fleet moved
+    assert not a.open()  # no free slot
+    a.release(1)
+    assert a.admit() == Admitted(2)
+    a.release(2)
+    a.draining = True
+    assert not a.open()
+    assert a.admit() is None

@@ -138,3 +138,50 @@ async def test_a_waiter_whose_patience_runs_out_is_refused_as_deadline() -> None
         await asyncio.wait_for(wait(), 5)  # its own 0.05 s, never the gate's 60 s
     assert refused.value.busy.reason == "deadline"
     assert (g.core.in_flight, g.core.queue_depth) == (0, 0)
+
+
+async def test_a_slot_taken_at_once_is_given_back_once() -> None:
+    g = gate()  # one slot
+    changes = []
+    g.on_change = lambda: changes.append(g.core.in_flight)
+    assert g.open()
+    held = g.take()
+    assert not g.open()
+    assert not g.idle.is_set()
+    with pytest.raises(RuntimeError):
+        g.take()  # only for a caller that found it open
+    other = asyncio.create_task(hold(g, Client()))
+    await eventually(lambda: g.core.queue_depth == 1)
+    held.release()  # the one queued behind it runs now
+    reported = len(changes)
+    held.release()  # a second release frees nobody's slot and changes nothing
+    assert (g.core.in_flight, g.core.queue_depth) == (1, 0)
+    assert len(changes) == reported
+    other.cancel()
+    await asyncio.gather(other, return_exceptions=True)
+    assert g.idle.is_set()
+
+
+async def queued(g: Gate, patience_s: float) -> None:
+    async with g.slot(0, Client().gone, patience_s=patience_s):
+        pass
+
+
+async def test_every_waiter_runs_out_on_its_own_deadline_and_no_timer_outlives_the_queue() -> None:
+    g = gate()
+    running = g.take()
+    patient = asyncio.create_task(queued(g, 30.0))  # the timer is armed for it
+    await eventually(lambda: g.core.queue_depth == 1)
+    with pytest.raises(Rejected) as refused:  # queued later, due sooner: the timer moves up
+        await asyncio.wait_for(queued(g, 0.05), 5)
+    assert refused.value.busy.reason == "deadline"
+    leaver = asyncio.create_task(queued(g, 0.05))  # due first, then gone before it is due
+    short = asyncio.create_task(queued(g, 0.2))
+    await eventually(lambda: g.core.queue_depth == 3)
+    leaver.cancel()
+    with pytest.raises(Rejected):  # the timer set for the leaver looked again for it
+        await asyncio.wait_for(short, 5)
+    running.release()  # the patient one runs: nobody waits, no timer is left
+    await asyncio.wait_for(patient, 5)
+    assert g._timer is None
+    assert (g.core.in_flight, g.core.queue_depth) == (0, 0)

@@ -95,9 +95,7 @@ async def test_a_queued_request_is_re_examined_only_by_heartbeats_of_its_models_
     for model, gate in gates.items():
         count(model, gate)
 
-    place = Placement(
-        shell.view, shell.clock, "A", Prompt(), deadline=shell.clock() + WAIT_S, patience_s=WAIT_S
-    )
+    place = Placement(shell.view, shell.clock, "A", Prompt(), deadline=shell.clock() + WAIT_S)
     asked = 0
 
     def fits() -> bool:

@@ -147,7 +147,7 @@ def placed(place: Placement) -> str | None:
 def test_placement_takes_a_replica_within_what_is_left_of_the_target() -> None:
     v = fleet(FAST_QUEUED, SLOW_FULL)  # fast: 2 s in its queue
     clock = [NOW]
-    place = Placement(v, lambda: clock[0], "m", NO_PROMPT, deadline=NOW + 3.0, patience_s=1.0)
+    place = Placement(v, lambda: clock[0], "m", NO_PROMPT, deadline=NOW + 3.0)
     clock[0] = NOW + 1.5  # 1.5 s left: too little for 2 s
     assert not place.fits()
     assert placed(place) is None
