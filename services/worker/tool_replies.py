@@ -34,7 +34,8 @@ def pieces(
     steps: Sequence[StepLogprobs] = (),
 ) -> list[bytes]:
     """One engine chunk of choice index as SSE chunks: the content it lets go (with the chunk's
-    logprobs), each call it completes (name, then arguments), then its finish_reason, if last."""
+    logprobs), each call it completes (name, then arguments) or a live call's start and argument
+    pieces as they come, then its finish_reason, if last."""
     events = reader.feed(text)
     if finish is not None:
         events.extend(reader.end())

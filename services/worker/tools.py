@@ -71,8 +71,10 @@ class ToolPlan(msgspec.Struct, frozen=True, kw_only=True):
         return frozenset(f.name for f in self.functions)
 
     def stream(self, new_id: Callable[[], str]) -> ToolStream:
-        """A fresh reader of one choice's text."""
-        return ToolStream(self.format, self.names, new_id, parallel=self.parallel)
+        """A fresh reader of one choice's text: live (arguments streamed as they come) when the
+        grammar forces the reply to be calls (constraint()), never for "auto"."""
+        live = self.choice != "auto"
+        return ToolStream(self.format, self.names, new_id, parallel=self.parallel, live=live)
 
 
 def plan(

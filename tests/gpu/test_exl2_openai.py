@@ -1,6 +1,6 @@
 """Issue #18's OpenAI fields on exllamav2, with the official openai client through a real router
 (the GPU half of tests/integration/test_openai_fields.py, test_structured_output.py and
-test_tool_calls.py): structured output through exllamav2's filter hook (exl2_loop.GuideFilter),
+test_tool_calls.py): structured output through exllamav2's filter hook (exl2_jobs.GuideFilter),
 forced tool calls, penalties, logprobs, n and best_of, and the table's refusals. Skipped (by
 tests/conftest.py) without CUDA or exllamav2."""
 

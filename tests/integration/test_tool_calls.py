@@ -47,9 +47,10 @@ def check_call(call: Any, names: set[str]) -> None:
 
 
 async def streamed_calls(
-    api: openai.AsyncOpenAI, **ask: Any
+    api: openai.AsyncOpenAI, pieces: list[int] | None = None, **ask: Any
 ) -> tuple[list[tuple[str, str, str]], str | None]:
-    """Accumulate streamed tool-call deltas as a client does; check OpenAI's delta order."""
+    """Accumulate streamed tool-call deltas as a client does; check OpenAI's delta order.
+    pieces: filled with how many argument deltas (non-empty) each call came in."""
     stream = await api.chat.completions.create(**ask, stream=True)
     calls: dict[int, dict[str, Any]] = {}
     finish = None
@@ -65,7 +66,12 @@ async def streamed_calls(
                     calls[delta.index] = {"id": delta.id, "name": delta.function.name, "args": ""}
                 assert delta.function is not None
                 calls[delta.index]["args"] += delta.function.arguments or ""
+                calls[delta.index]["pieces"] = calls[delta.index].get("pieces", 0) + bool(
+                    delta.function.arguments
+                )
     assert sorted(calls) == list(range(len(calls)))
+    if pieces is not None:
+        pieces.extend(c["pieces"] for _, c in sorted(calls.items()))
     out = [(c["id"], c["name"], c["args"]) for _, c in sorted(calls.items())]
     return out, finish
 
@@ -87,9 +93,11 @@ async def test_required_and_named_calls_are_forced(api: openai.AsyncOpenAI, mode
     assert calls is not None
     assert len(calls) == 1
     check_call(calls[0], {"get_weather"})
-    # streamed: the same calls (same seed), as deltas
-    got, finish = await streamed_calls(api, **base, tool_choice="required", seed=1)
+    # streamed: the same calls (same seed), as deltas, the arguments as they are generated
+    pieces: list[int] = []
+    got, finish = await streamed_calls(api, pieces, **base, tool_choice="required", seed=1)
     assert finish == "tool_calls"
+    assert max(pieces) > 1
     want = choice.message.tool_calls
     assert [(name, args) for _, name, args in got] == [
         (c.function.name, c.function.arguments) for c in want

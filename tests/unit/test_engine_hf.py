@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from services.worker.engines import logprobs
-from services.worker.engines.hf import ban, cache_kwarg, probabilities, stop_tokens
+from services.worker.engines.hf import cache_kwarg
+from services.worker.engines.hf_logits import ban, probabilities, stop_tokens
 from services.worker.engines.params import SamplingParams
 
 
@@ -62,7 +63,7 @@ def test_older_releases_take_past_key_values() -> None:
 def test_min_p_is_the_pure_rule_in_torch(
     temperature: float, top_k: int, top_p: float, min_p: float
 ) -> None:
-    """hf.sample draws from logprobs.distribution's rule: min-p after top-k and top-p."""
+    """hf_logits.sample draws from logprobs.distribution's rule: min-p after top-k and top-p."""
     logits = [2.0, 1.5, 1.4, 0.3, -1.0, 0.9, 1.9, -3.0]
     params = SamplingParams(
         max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p

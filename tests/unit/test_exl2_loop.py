@@ -21,15 +21,15 @@ import torch
 
 from services.worker.engines import grammar, logprobs
 from services.worker.engines.base import Chunk, EngineError, Job, SamplingParams
-from services.worker.engines.exl2_logprobs import job_options, result_logprobs
-from services.worker.engines.exl2_loop import (
+from services.worker.engines.exl2_jobs import (
     CompletionPenalty,
-    GeneratorLoop,
     chunk_for,
     needs_bias,
     sampler_settings,
     stop_conditions,
 )
+from services.worker.engines.exl2_logprobs import job_options, result_logprobs
+from services.worker.engines.exl2_loop import GeneratorLoop
 from services.worker.engines.logprobs import StepLogprobs, TokenLogprob
 from tests.helpers import eventually
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from services.worker.engines import grammar
+from services.worker.engines import grammar, guides
 from services.worker.engines.base import SamplingParams
-from services.worker.engines.grammar import Constraint, Problem
+from services.worker.engines.grammar import Problem
+from services.worker.engines.guides import Constraint
 from services.worker.engines.sim import END, GRAMMAR_TOKENS, VOCAB, SimEngine, SimSettings
 
 OBJ: dict[str, Any] = {
@@ -164,16 +165,16 @@ def test_wrapped_json_is_a_tool_call_shape() -> None:
 # ---- the mask on a tiny tokenizer ----
 
 
-def byte_grammars(capacity: int = 8) -> grammar.Grammars:
-    return grammar.Grammars(grammar.byte_tokenizer(GRAMMAR_TOKENS, END), capacity)
+def byte_grammars(capacity: int = 8) -> guides.Grammars:
+    return guides.Grammars(guides.byte_tokenizer(GRAMMAR_TOKENS, END), capacity)
 
 
-def allowed_text(g: grammar.Guide) -> set[bytes]:
+def allowed_text(g: guides.Guide) -> set[bytes]:
     mask = g.allowed()
     return {GRAMMAR_TOKENS[t] for t in range(len(mask)) if mask[t]}
 
 
-def feed(g: grammar.Guide, text: bytes) -> None:
+def feed(g: guides.Guide, text: bytes) -> None:
     for b in text:
         assert g.advance(len(VOCAB) + b), g.error
 
@@ -218,7 +219,7 @@ def test_a_refused_token_is_reported() -> None:
 
 
 def test_mask_list_forbids_what_the_grammar_does_and_what_lies_past_it() -> None:
-    got = grammar.mask_list([1.0, 2.0, 3.0, 4.0], bytes([200, 0, 200]))
+    got = guides.mask_list([1.0, 2.0, 3.0, 4.0], bytes([200, 0, 200]))
     assert got == [1.0, -math.inf, 3.0, -math.inf]
 
 
@@ -237,7 +238,7 @@ def test_compiled_matchers_are_a_bounded_lru_and_each_guide_is_its_own() -> None
 
 def test_byte_tokenizer_needs_every_byte() -> None:
     with pytest.raises(ValueError, match="every byte"):
-        grammar.byte_tokenizer([b"a", b"<end>"], 1)
+        guides.byte_tokenizer([b"a", b"<end>"], 1)
 
 
 # ---- each engine's adapter ----
@@ -245,7 +246,7 @@ def test_byte_tokenizer_needs_every_byte() -> None:
 
 def test_hf_constrain_masks_and_pads() -> None:
     torch = pytest.importorskip("torch")
-    from services.worker.engines.hf import constrain
+    from services.worker.engines.hf_logits import constrain
 
     logits = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     got = constrain(logits, bytes([0, 200, 0, 200]))  # the head is wider than the tokenizer
@@ -255,7 +256,7 @@ def test_hf_constrain_masks_and_pads() -> None:
 
 def test_exl2_guide_filter_masks_feeds_and_reports() -> None:
     torch = pytest.importorskip("torch")
-    from services.worker.engines.exl2_loop import GuideFilter, filter_error
+    from services.worker.engines.exl2_jobs import GuideFilter, filter_error
 
     guide = byte_grammars().guide(grammar.choice(["yes", "no"]))
     f = GuideFilter(guide, width=len(GRAMMAR_TOKENS) + 3)  # padded head

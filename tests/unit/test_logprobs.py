@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from schemas import codec
-from services.worker.engines import hf, logprobs
+from services.worker.engines import hf_logits, logprobs
 from services.worker.engines.base import Chunk, SamplingParams
 from services.worker.engines.logprobs import FLOOR, StepLogprobs, TokenLogprob
 from services.worker.engines.sim import VOCAB, SimEngine, SimSettings
@@ -107,19 +107,19 @@ def test_byte_level_names_decode_to_their_bytes() -> None:
 def test_transformers_distribution_is_the_rule(
     temperature: float, top_k: int, top_p: float
 ) -> None:
-    """engines/hf.py's torch twin of the rule, and its sampler draws only what it reports."""
+    """engines/hf_logits.py's torch twin of the rule, and its sampler draws only what it reports."""
     params = SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     logits = torch.tensor(LOGITS)
-    got = hf.distribution(logits, params).tolist()
+    got = hf_logits.distribution(logits, params).tolist()
     want = logprobs.distribution(LOGITS, temperature, top_k, top_p)
     assert [g == -math.inf for g in got] == [w == -math.inf for w in want]
     assert all(
         math.isclose(g, w, abs_tol=1e-5) for g, w in zip(got, want, strict=True) if w > -math.inf
     )
     rng = torch.Generator().manual_seed(1)
-    drawn = {hf.sample(logits, params, rng) for _ in range(200)}
+    drawn = {hf_logits.sample(logits, params, rng) for _ in range(200)}
     assert all(got[t] > -math.inf for t in drawn)
-    top = hf.torch_topk(torch.tensor(got), 3)
+    top = hf_logits.torch_topk(torch.tensor(got), 3)
     assert [lp for _, lp in top] == sorted(got, reverse=True)[:3]  # equals in any order
     assert all(got[t] == lp for t, lp in top)
 

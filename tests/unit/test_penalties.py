@@ -10,7 +10,7 @@ import torch
 
 from services.worker.engines import penalties
 from services.worker.engines.base import SamplingParams
-from services.worker.engines.hf import penalize
+from services.worker.engines.hf_logits import penalize
 
 LOGITS = [2.0, -1.0, 0.5, 0.0, 3.0]
 

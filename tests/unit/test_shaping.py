@@ -14,7 +14,7 @@ import pytest
 from schemas.inference import ChatCompletionRequest
 from services.common.errors import ApiError
 from services.worker import shaping
-from services.worker.engines import grammar
+from services.worker.engines import guides
 from services.worker.engines.params import EngineLimits, SamplingParams
 from services.worker.engines.sim import END, GRAMMAR_TOKENS, VOCAB
 from services.worker.engines.template import ChatOptions
@@ -182,7 +182,7 @@ def test_whitespace_pattern_lets_json_have_its_whitespace(fields: dict[str, Any]
     assert isinstance(got, SamplingParams)
     assert got.constraint is not None
     assert got.constraint.whitespace == " "
-    grammars = grammar.Grammars(grammar.byte_tokenizer(GRAMMAR_TOKENS, END))
+    grammars = guides.Grammars(guides.byte_tokenizer(GRAMMAR_TOKENS, END))
     space, brace = len(VOCAB) + ord(" "), len(VOCAB) + ord("{")
     for constraint, allowed in (
         (got.constraint, True),

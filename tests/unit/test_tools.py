@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from typing import Any
 
 import msgspec
@@ -14,12 +15,20 @@ from schemas.codec import encode
 from schemas.inference import ChatCompletionRequest
 from services.common.errors import ApiError
 from services.worker import tools
-from services.worker.engines import grammar
+from services.worker.engines import grammar, guides
 from services.worker.engines.params import SamplingParams
 from services.worker.openai import Answer, Shape
-from services.worker.tool_formats import ToolFormat, call_id, detect
+from services.worker.tool_formats import ToolFormat, call_id, detect, parse_body
 from services.worker.tool_replies import pieces, settle
-from services.worker.tool_stream import CallOut, ToolStream, parse, split
+from services.worker.tool_stream import (
+    ArgsPiece,
+    CallHead,
+    CallOut,
+    ToolStream,
+    parse,
+    split,
+    whole,
+)
 
 NAMES = frozenset({"get_weather", "get_time"})
 WEATHER: dict[str, Any] = {
@@ -120,7 +129,8 @@ def reader(fmt: ToolFormat, parallel: bool = True) -> ToolStream:
 def streamed(fmt: ToolFormat, pieces_: list[str]) -> tuple[str, list[CallOut]]:
     stream = reader(fmt)
     events = [e for piece in pieces_ for e in stream.feed(piece)]
-    return split([*events, *stream.end()])
+    content, calls = split([*events, *stream.end()])
+    return content, whole(calls)
 
 
 @pytest.mark.parametrize(("fmt", "text", "content", "calls"), RECORDED)
@@ -173,6 +183,123 @@ def test_formats_are_told_from_templates() -> None:
     assert detect("{%- if message.role == 'ipython' %}<|python_tag|>") == "llama3_json"
     assert detect("[AVAILABLE_TOOLS]...[TOOL_CALLS]") == "mistral"
     assert detect("{{ messages }}") is None
+
+
+# What a grammar-forced reply of each format can be (compact JSON, no content): calls with
+# nested values, strings holding braces, brackets, quotes and escapes, and one whose
+# arguments come before its name (then it goes out whole).
+FORCED: list[tuple[ToolFormat, str]] = [
+    (
+        "hermes",
+        '<tool_call>\n{"name":"get_weather","arguments":{"city":"Pa}r\\"is","n":[1,{"x":"]"}]}}'
+        '\n</tool_call>\n<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>',
+    ),
+    (
+        "llama3_json",
+        '{"name":"get_weather","parameters":{"city":"Zürich \\\\","d":{"e":null}}}; '
+        '{"parameters":{"tz":"UTC"},"name":"get_time"}',
+    ),
+    (
+        "mistral",
+        '[{"name":"get_time","arguments":{"q":"{[\\u00e9"}}, '
+        '{"name":"get_weather","arguments":{"city":"Nice","v":-1.5e3}}]',
+    ),
+]
+
+
+def chunkings(text: str) -> Any:
+    """text a character at a time, in two pieces at every place, and in random sizes."""
+    yield list(text)
+    for at in range(1, len(text)):
+        yield [text[:at], text[at:]]
+    rng = random.Random(7)
+    for _ in range(50):
+        parts, at = [], 0
+        while at < len(text):
+            n = rng.randint(1, 12)
+            parts.append(text[at : at + n])
+            at += n
+        yield parts
+
+
+def sse_calls(stream: ToolStream, parts: list[str]) -> tuple[str, dict[int, list[Any]]]:
+    """The reply streamed as SSE chunks: its content, and each call's deltas by index."""
+    shape = Shape(chat=True, id="chatcmpl-1", created=1, model="m")
+    out = [c for p in parts[:-1] for c in pieces(shape, stream, p, None, index=0)]
+    out += pieces(shape, stream, parts[-1], "stop", index=0)
+    content, calls = "", dict[int, list[Any]]()
+    for chunk in out:
+        delta = json.loads(chunk.removeprefix(b"data: "))["choices"][0]["delta"]
+        content += delta.get("content", "")
+        for d in delta.get("tool_calls", []):
+            calls.setdefault(d["index"], []).append(d)
+    return content, calls
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "live"),
+    [
+        *[(f, t, False) for f, t, _, _ in RECORDED],
+        *[(f, t, live) for f, t in FORCED for live in (False, True)],
+    ],
+)
+def test_streamed_arguments_join_to_the_whole_ones(fmt: ToolFormat, text: str, live: bool) -> None:
+    """Split anywhere, a call's argument pieces join to exactly its arguments read whole (and as
+    the format reads them): live, they go out as they are generated, one per character fed."""
+    want_content, want = parse(ToolStream(fmt, NAMES, ids(), live=live), text)
+    # as the format reads it (hermes: the first call; mistral: all after its marker)
+    body = text[max(text.find("[TOOL_CALLS]"), 0) :]
+    if fmt == "hermes":
+        body = text.split("<tool_call>")[1].split("</tool_call>")[0]
+    read = parse_body(fmt, body, NAMES)
+    assert read is not None
+    assert [c.arguments for c in read] == [c.arguments for c in want][: len(read)]
+    for parts in chunkings(text):
+        content, calls = sse_calls(ToolStream(fmt, NAMES, ids(), live=live), parts)
+        assert content == (want_content or "")
+        assert sorted(calls) == [c.index for c in want]
+        for c in want:
+            first, *rest = calls[c.index]
+            assert (first["id"], first["type"], first["function"]) == (
+                c.id,
+                "function",
+                {"name": c.name, "arguments": ""},
+            )
+            assert [set(d) for d in rest] == [{"index", "function"}] * len(rest)
+            assert "".join(d["function"]["arguments"] for d in rest) == c.arguments
+            if parts == list(text) and live and not c.arguments.startswith('{"tz"'):
+                assert len(rest) == len(c.arguments)  # live: a piece per character fed
+
+
+def test_a_live_call_goes_out_as_it_is_generated() -> None:
+    stream = ToolStream("hermes", NAMES, ids(), live=True)
+    assert stream.feed('<tool_call>\n{"name":"get_wea') == []
+    assert stream.feed('ther","arguments":{"ci') == [
+        CallHead(index=0, id="call_0", name="get_weather"),
+        ArgsPiece(index=0, arguments='{"ci'),
+    ]
+    assert stream.feed('ty":"Paris"}}\n</tool_call>\n<tool') == [
+        ArgsPiece(index=0, arguments='ty":"Paris"}')
+    ]
+    # cut off (finish_reason "length"): the arguments it had, as OpenAI's
+    assert stream.feed('_call>\n{"name":"get_time","arguments":{"a') == [
+        CallHead(index=1, id="call_1", name="get_time"),
+        ArgsPiece(index=1, arguments='{"a'),
+    ]
+    assert stream.end() == []
+    cut = ToolStream("hermes", NAMES, ids(), live=True)
+    assert split([*cut.feed('<tool_call>\n{"name":"get_we'), *cut.end()]) == (
+        '{"name":"get_we',
+        [],
+    )
+
+
+def test_only_forced_calls_are_live() -> None:
+    for choice, live in [("auto", False), ("required", True)]:
+        plan = tools.plan(request(tools=[WEATHER], tool_choice=choice), HERMES, "m")
+        assert isinstance(plan, tools.ToolPlan)
+        events = plan.stream(ids()).feed('<tool_call>\n{"name":"get_weather","arguments":{"c')
+        assert bool(events) == live  # "auto": nothing until the call is whole and checked
 
 
 # ---- responses ----
@@ -323,20 +450,20 @@ def test_forced_calls_compile_and_read_back(fmt: ToolFormat, parallel: bool) -> 
         }[fmt]
         assert _matches(c, text)
         assert not _matches(c, text.replace("Paris", "Rome"))  # the schema's enum holds
-        _, calls = parse(plan.stream(ids()), text)
-        assert [(x.name, x.arguments) for x in calls] == [("get_weather", PARIS)]
+        _, calls = parse(plan.stream(ids()), text)  # the arguments as the model wrote them
+        assert [(x.name, x.arguments) for x in calls] == [("get_weather", '{"city":"Paris"}')]
     auto = tools.plan(request(tools=[WEATHER]), tools.ModelTools(renders=True, format=fmt), "m")
     assert isinstance(auto, tools.ToolPlan)
     assert tools.constraint(auto) is None
 
 
-def _matches(c: grammar.Constraint, text: str) -> bool:
+def _matches(c: guides.Constraint, text: str) -> bool:
     from llguidance import LLMatcher
 
     from services.worker.engines.sim import END, GRAMMAR_TOKENS
 
     matcher = LLMatcher(
-        grammar.byte_tokenizer(GRAMMAR_TOKENS, END), grammar.grammar_text(c), log_level=0
+        guides.byte_tokenizer(GRAMMAR_TOKENS, END), guides.grammar_text(c), log_level=0
     )
     from services.worker.engines.sim import VOCAB
 

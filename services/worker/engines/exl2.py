@@ -4,8 +4,8 @@ The only module that imports exllamav2 or touches CUDA, and only when chosen. Th
 on exl2_loop's thread; the event loop only hands jobs over and receives chunks through Job.push.
 Paged mode (true continuous batching) needs flash-attn >= 2.5.7; without it exllamav2's unpaged
 fallback runs one job at a time, max_batch (what admission and capacity use) says so, and the
-log warns. Structured output: llguidance (grammar.py) through exllamav2's filter hook
-(exl2_loop.GuideFilter), with the tokenizer read from the checkpoint's tokenizer.json (a checkpoint
+log warns. Structured output: llguidance (guides.py) through exllamav2's filter hook
+(exl2_jobs.GuideFilter), with the tokenizer read from the checkpoint's tokenizer.json (a checkpoint
 without one: limits.constrains_output is False, and such requests are refused).
 """
 
@@ -20,17 +20,17 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
-from services.worker.engines import grammar
+from services.worker.engines import guides
 from services.worker.engines.base import EngineLimits, Job, SamplingParams
 from services.worker.engines.demo_model import is_model_dir
-from services.worker.engines.exl2_logprobs import job_options
-from services.worker.engines.exl2_loop import (
-    GeneratorLoop,
+from services.worker.engines.exl2_jobs import (
     GuideFilter,
     needs_bias,
     sampler_settings,
     stop_conditions,
 )
+from services.worker.engines.exl2_logprobs import job_options
+from services.worker.engines.exl2_loop import GeneratorLoop
 from services.worker.engines.memory import checkpoint_bytes, require_room
 from services.worker.engines.template import DEFAULT_OPTIONS, ChatOptions, ChatTemplate
 
@@ -63,7 +63,7 @@ def filter_class() -> type:
     from exllamav2.generator.filters import ExLlamaV2Filter
 
     class Filter(GuideFilter, ExLlamaV2Filter):  # type: ignore[misc]
-        def __init__(self, guide: grammar.Guide, width: int, model: Any, tok: Any) -> None:
+        def __init__(self, guide: guides.Guide, width: int, model: Any, tok: Any) -> None:
             ExLlamaV2Filter.__init__(self, model, tok)
             GuideFilter.__init__(self, guide, width)
 
@@ -87,7 +87,7 @@ class ExLlamaV2Engine:
         self.generator: Any = None
         self.loop: GeneratorLoop | None = None
         self._pieces: list[str] | None = None  # each token id's text, read once when needed
-        self._grammars: grammar.Grammars | None = None  # built on the loop's thread when needed
+        self._grammars: guides.Grammars | None = None  # built on the loop's thread when needed
         self._model: Any = None
 
     async def load(self) -> None:
@@ -230,15 +230,15 @@ class ExLlamaV2Engine:
     def _tokenizer_json(self) -> Path:
         return self.model_dir / "tokenizer.json"
 
-    def _filter(self, constraint: grammar.Constraint) -> Any:
+    def _filter(self, constraint: guides.Constraint) -> Any:
         """A fresh grammar filter for one job (on the loop's thread: compiling never blocks the
         event loop). GrammarError fails the job alone (the loop's enqueue catches it)."""
         if self._grammars is None:
             if not self.limits.constrains_output:  # core.sampling refuses these before
-                raise grammar.GrammarError(f"structured output needs {self._tokenizer_json}")
+                raise guides.GrammarError(f"structured output needs {self._tokenizer_json}")
             eos = int(self.tokenizer.eos_token_id)
             text = self._tokenizer_json.read_text()
-            self._grammars = grammar.Grammars(grammar.json_tokenizer(text, self.vocab_size, eos))
+            self._grammars = guides.Grammars(guides.json_tokenizer(text, self.vocab_size, eos))
         guide = self._grammars.guide(constraint)
         return filter_class()(guide, self._logits_width, self._model, self.tokenizer)
 

@@ -2,7 +2,7 @@
 
 Imported only when chosen (torch and transformers are heavy). Loads from a local directory only
 (HF_HUB_OFFLINE=1, local_files_only): no hub access at run time. Structured output: llguidance's
-mask (grammar.py) sets the logits of tokens the grammar forbids to -inf after the penalties.
+mask (guides.py) sets the logits of tokens the grammar forbids to -inf after the penalties.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from schemas.inference import ChatMessage
 from services.common.errors import ConfigError
-from services.worker.engines import grammar, penalties
+from services.worker.engines import guides, penalties
 from services.worker.engines.base import (
     CANCELLED,
     Chunk,
@@ -28,6 +28,17 @@ from services.worker.engines.base import (
     SamplingParams,
 )
 from services.worker.engines.demo_model import is_model_dir
+from services.worker.engines.hf_logits import (
+    ban,
+    distribution,
+    penalize,
+    sample,
+    stop_tokens,
+    torch_topk,
+)
+
+# re-exported (the `as` form): bench/grammar_peers.py times it as hf.constrain
+from services.worker.engines.hf_logits import constrain as constrain
 from services.worker.engines.logprobs import StepLogprobs, TokenLogprob, byte_level
 from services.worker.engines.memory import available_ram_bytes, checkpoint_bytes, require_room
 from services.worker.engines.stops import StopScanner
@@ -51,7 +62,7 @@ class TransformersEngine:
         self._cache_kwarg = "cache"
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._grammars: grammar.Grammars | None = None  # built on the engine thread when needed
+        self._grammars: guides.Grammars | None = None  # built on the engine thread when needed
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load)
@@ -203,14 +214,14 @@ class TransformersEngine:
         text = self._tokenizer.decode(generated, skip_special_tokens=params.skip_special_tokens)
         return None if text.endswith("\ufffd") else str(text)
 
-    def _guide(self, constraint: grammar.Constraint, eos_ids: set[int]) -> grammar.Guide:
+    def _guide(self, constraint: guides.Constraint, eos_ids: set[int]) -> guides.Guide:
         """A fresh grammar state (the tokenizer is read once, about 1 s for 128k tokens)."""
         if self._grammars is None:
-            llt = grammar.hf_tokenizer(self._tokenizer, eos=sorted(eos_ids))
-            self._grammars = grammar.Grammars(llt)
+            llt = guides.hf_tokenizer(self._tokenizer, eos=sorted(eos_ids))
+            self._grammars = guides.Grammars(llt)
         try:
             return self._grammars.guide(constraint)
-        except grammar.GrammarError as exc:
+        except guides.GrammarError as exc:
             raise EngineError(f"the constraint does not compile: {exc}") from None
 
     def _logprobs(self, logits: Any, params: SamplingParams, token: int) -> StepLogprobs:
@@ -249,99 +260,3 @@ def cache_kwarg(model: Any) -> str:
     every step would run without context, so the name is read from the signature.
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def penalize(logits: Any, prompt: list[int], completion: list[int], params: SamplingParams) -> Any:
-    """One step's logits (a 1-D tensor) after penalties.py's rule: only the tokens it touches
-    are read and written, so a large vocabulary costs nothing extra."""
-    import torch
-
-    width = logits.numel()
-    touched = {t: r for t, r in penalties.rules(prompt, completion, params).items() if t < width}
-    if not touched:
-        return logits
-    index = torch.tensor(list(touched), dtype=torch.long)
-    old = logits[index].tolist()
-    new = [penalties.penalized(v, r, params) for v, r in zip(old, touched.values(), strict=True)]
-    out = logits.clone()
-    out[index] = torch.tensor(new, dtype=logits.dtype)
-    return out
-
-
-def stop_tokens(params: SamplingParams, eos_ids: set[int], constrained: bool) -> frozenset[int]:
-    """The tokens that end a job: the model's end tokens (unless ignore_eos; a grammar's end
-    still ends it) and vLLM's stop_token_ids."""
-    ends = set() if params.ignore_eos and not constrained else eos_ids
-    return frozenset(ends.union(params.stop_token_ids))
-
-
-def ban(logits: Any, tokens: frozenset[int]) -> Any:
-    """One step's logits with the given tokens at -inf (those past the logits' width ignored)."""
-    width = logits.numel()
-    index = [t for t in tokens if t < width]
-    if not index:
-        return logits
-    out = logits.clone()
-    out[index] = float("-inf")
-    return out
-
-
-def constrain(logits: Any, allowed: bytes) -> Any:
-    """One step's logits with the tokens the grammar forbids (allowed[t] == 0, or t past the
-    tokenizer's vocabulary: the head's padding) at -inf."""
-    import torch
-
-    ok = torch.frombuffer(bytearray(allowed), dtype=torch.uint8).bool()
-    width = logits.numel()
-    if ok.numel() < width:
-        ok = torch.cat([ok, torch.zeros(width - ok.numel(), dtype=torch.bool)])
-    return logits.masked_fill(~ok[:width], float("-inf"))
-
-
-def sample(logits: Any, params: SamplingParams, rng: Any) -> int:
-    """Greedy at temperature 0, else temperature, top-k and top-p (nucleus) sampling."""
-    import torch
-
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(probabilities(logits, params), 1, generator=rng))
-
-
-def distribution(logits: Any, params: SamplingParams) -> Any:
-    """logprobs.distribution in torch: the log of what sample() draws from (greedy: the logits'
-    log_softmax at temperature 1). Tokens top-k / top-p leave out are -inf."""
-    import torch
-
-    if params.temperature == 0:
-        return torch.log_softmax(logits.float(), dim=-1)
-    return torch.log(probabilities(logits, params))
-
-
-def torch_topk(logprobs: Any, k: int) -> list[tuple[int, float]]:
-    """The k (token, logprob) pairs of highest logprob, highest first."""
-    import torch
-
-    if k <= 0:
-        return []
-    top = torch.topk(logprobs, min(k, logprobs.numel()))
-    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-
-
-def probabilities(logits: Any, params: SamplingParams) -> Any:
-    """What sampling at temperature > 0 draws from: temperature, then top-k, top-p, min-p."""
-    import torch
-
-    scores = logits.float() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        probs = probs / probs.sum()
-    if params.min_p > 0:  # vLLM's min_p, last as in exllamav2's sampler
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-        probs = probs / probs.sum()
-    return probs

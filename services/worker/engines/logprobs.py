@@ -56,7 +56,7 @@ def distribution(
 
     top-k keeps every score >= the k-th largest; top-p keeps tokens, most likely first, while
     the probability before them is < top_p; then min-p keeps those of probability >= min_p x
-    the likeliest's (hf.sample's rules, the same in torch; exllamav2's order)."""
+    the likeliest's (hf_logits.sample's rules, the same in torch; exllamav2's order)."""
     if temperature == 0:
         return log_softmax(logits)
     scores = [x / temperature for x in logits]

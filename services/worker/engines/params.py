@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from services.worker.engines.grammar import Constraint
+from services.worker.engines.guides import Constraint
 
 
 class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):

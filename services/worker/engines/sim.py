@@ -17,7 +17,7 @@ prompts a cache is for).
 
 Structured output (SamplingParams.constraint): the sim then speaks over GRAMMAR_TOKENS, its words
 (" word", ids as in VOCAB) plus every single byte and an end token, so any grammar can be met;
-llguidance masks the hashed logits to the tokens the grammar allows (grammar.py), and the sim
+llguidance masks the hashed logits to the tokens the grammar allows (guides.py), and the sim
 picks the likeliest of those as always. logit_bias can still name only VOCAB's ids (vocab_size).
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 
 from schemas.inference import ChatMessage
-from services.worker.engines import grammar, logprobs, penalties
+from services.worker.engines import guides, logprobs, penalties
 from services.worker.engines.base import (
     CANCELLED,
     Chunk,
@@ -118,7 +118,7 @@ def describe_grammar(token: int) -> tuple[str, bytes]:
 
 
 def _piece(
-    token: int, first: bool, guide: grammar.Guide | None, utf8: codecs.IncrementalDecoder
+    token: int, first: bool, guide: guides.Guide | None, utf8: codecs.IncrementalDecoder
 ) -> str:
     """The text a token adds: a word, or under a grammar its bytes (a character may span
     tokens: the decoder holds its first bytes)."""
@@ -158,7 +158,7 @@ class SimEngine:
         blocks = self.settings.prefix_cache_blocks
         self.prefix_cache = PrefixCache(blocks) if blocks > 0 else None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._grammars: grammar.Grammars | None = None  # built at the first constrained job
+        self._grammars: guides.Grammars | None = None  # built at the first constrained job
 
     async def load(self) -> None:
         return None
@@ -183,7 +183,7 @@ class SimEngine:
         if params.constraint is not None:
             try:
                 guide = self._guide(params.constraint)
-            except grammar.GrammarError as exc:
+            except guides.GrammarError as exc:
                 job.push(EngineError(f"the constraint does not compile: {exc}"))
                 return job
         task = asyncio.create_task(self._run(job, prompt, params, prefix_blocks, guide))
@@ -191,9 +191,9 @@ class SimEngine:
         task.add_done_callback(self._tasks.discard)
         return job
 
-    def _guide(self, constraint: grammar.Constraint) -> grammar.Guide:
+    def _guide(self, constraint: guides.Constraint) -> guides.Guide:
         if self._grammars is None:
-            self._grammars = grammar.Grammars(grammar.byte_tokenizer(GRAMMAR_TOKENS, END))
+            self._grammars = guides.Grammars(guides.byte_tokenizer(GRAMMAR_TOKENS, END))
         return self._grammars.guide(constraint)
 
     def _token(
@@ -202,7 +202,7 @@ class SimEngine:
         params: SamplingParams,
         context: list[int],
         completion: list[int],
-        guide: grammar.Guide | None = None,
+        guide: guides.Guide | None = None,
     ) -> tuple[int, StepLogprobs | None]:
         """Greedy over logits in [0, 1) hashed from (seed, prompt, position), after the
         penalties and bias (so the request's knobs act on the sim as on a model) and the
@@ -220,7 +220,7 @@ class SimEngine:
         if len(completion) < params.min_tokens:  # its stop tokens cannot come yet
             logits = [-math.inf if t in params.stop_token_ids else x for t, x in enumerate(logits)]
         if guide is not None:
-            logits = grammar.mask_list(logits, guide.allowed())
+            logits = guides.mask_list(logits, guide.allowed())
         token = max(range(len(logits)), key=logits.__getitem__)  # the first of equals
         if params.logprobs is None:
             return token, None
@@ -247,7 +247,7 @@ class SimEngine:
         prompt: str,
         params: SamplingParams,
         blocks: tuple[int, ...],
-        guide: grammar.Guide | None = None,
+        guide: guides.Guide | None = None,
     ) -> None:
         s = self.settings
         self.running += 1
