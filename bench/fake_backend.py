@@ -12,22 +12,22 @@ import sys
 from aiohttp import web
 
 CHUNK = b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n'  # noqa: E501
-FULL = json.dumps(
-    {
-        "id": "x",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "tok " * 8},
-                "finish_reason": "length",
-            }
-        ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11},
-    }
-).encode()
+# The fixed chat answer every bench backend gives (bench/router_backend.py's nginx serves it too).
+ANSWER: dict[str, object] = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "m",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "tok " * 8},
+            "finish_reason": "length",
+        }
+    ],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11},
+}
+FULL = json.dumps(ANSWER).encode()
 
 
 async def probe(_: web.Request) -> web.Response:

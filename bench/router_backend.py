@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.fake_backend import ANSWER
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("wrk", "nginx")
 CHUNK = {
@@ -22,20 +24,6 @@ CHUNK = {
     "created": 0,
     "model": "m",
     "choices": [{"index": 0, "text": "tok ", "logprobs": None, "finish_reason": None}],
-}
-FULL = {
-    "id": "x",
-    "object": "chat.completion",
-    "created": 0,
-    "model": "m",
-    "choices": [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": "tok " * 8},
-            "finish_reason": "length",
-        }
-    ],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11},
 }
 PROBE = {  # any GET: the peers' health and model probes
     "status": "ok",
@@ -88,7 +76,7 @@ def nginx_conf(prefix: Path, ports: list[int]) -> str:
     def quoted(text: str) -> str:  # nginx's single-quoted string: \' and \\ are its escapes
         return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    full, probe = (json.dumps(b, separators=(",", ":")) for b in (FULL, PROBE))
+    full, probe = (json.dumps(b, separators=(",", ":")) for b in (ANSWER, PROBE))
     answers = (
         ("= /v1/chat/completions", "application/json", full),
         ("= /v1/completions", "text/event-stream", sse_body()),

@@ -37,6 +37,13 @@ Mode = Literal["start", "text", "call", "rest", "live"]
 Phase = Literal["between", "head", "args", "tail", "whole"]
 
 
+def head_delta(index: int, call_id: str, name: str) -> ToolCallDelta:
+    """A call's first delta, as OpenAI streams it: its place, id, type and name, no arguments."""
+    return ToolCallDelta(
+        index=index, id=call_id, type="function", function=FunctionDelta(name=name, arguments="")
+    )
+
+
 class CallOut(msgspec.Struct, frozen=True, kw_only=True):
     """A call read from one choice's text: its place among the choice's calls, id, function."""
 
@@ -51,12 +58,7 @@ class CallOut(msgspec.Struct, frozen=True, kw_only=True):
     def deltas(self) -> tuple[ToolCallDelta, ToolCallDelta]:
         """As OpenAI streams a call: id, type and name first, then its arguments."""
         return (
-            ToolCallDelta(
-                index=self.index,
-                id=self.id,
-                type="function",
-                function=FunctionDelta(name=self.name, arguments=""),
-            ),
+            head_delta(self.index, self.id, self.name),
             ToolCallDelta(index=self.index, function=FunctionDelta(arguments=self.arguments)),
         )
 
@@ -69,14 +71,7 @@ class CallHead(msgspec.Struct, frozen=True, kw_only=True):
     name: str
 
     def deltas(self) -> tuple[ToolCallDelta, ...]:
-        return (
-            ToolCallDelta(
-                index=self.index,
-                id=self.id,
-                type="function",
-                function=FunctionDelta(name=self.name, arguments=""),
-            ),
-        )
+        return (head_delta(self.index, self.id, self.name),)
 
 
 class ArgsPiece(msgspec.Struct, frozen=True, kw_only=True):
