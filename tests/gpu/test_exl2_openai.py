@@ -22,8 +22,8 @@ from tests.integration.test_openai_fields import (
     REFUSED_VLLM,
     refusal,
 )
-from tests.integration.test_structured_output import SCHEMA, Obj, valid
-from tests.integration.test_tool_calls import ASK, NAMED, TOOLS, check_call, streamed_calls
+from tests.integration.test_structured_output import SCHEMA, Obj, streamed_text, valid
+from tests.integration.test_tool_calls import ASK, TOOLS, forced_calls, streamed_calls
 
 pytestmark = pytest.mark.gpu
 MODEL = "demo"
@@ -62,11 +62,7 @@ async def test_structured_output(api: openai.AsyncOpenAI) -> None:
     stream = await api.chat.completions.create(
         model=MODEL, messages=HI, response_format=SCHEMA, stream=True, max_tokens=100, seed=5
     )
-    text, reasons = "", []
-    async for chunk in stream:
-        for c in chunk.choices:
-            text += c.delta.content or ""
-            reasons.append(c.finish_reason)
+    text, reasons = await streamed_text(stream)
     assert valid(text), text
     assert [r for r in reasons if r] == ["stop"]
     parsed = await api.chat.completions.parse(
@@ -87,20 +83,7 @@ async def test_structured_output(api: openai.AsyncOpenAI) -> None:
 
 async def test_forced_tool_calls(api: openai.AsyncOpenAI) -> None:
     base: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 700}
-    required = await api.chat.completions.create(**base, tool_choice="required", seed=1)
-    choice = required.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.content is None
-    assert choice.message.tool_calls
-    for call in choice.message.tool_calls:
-        check_call(call, {"get_weather", "get_time"})
-    named = await api.chat.completions.create(
-        **base, tool_choice=NAMED, parallel_tool_calls=False, seed=2
-    )
-    calls = named.choices[0].message.tool_calls
-    assert calls is not None
-    assert len(calls) == 1
-    check_call(calls[0], {"get_weather"})
+    await forced_calls(api, base)
     got, finish = await streamed_calls(api, **base, tool_choice="required", seed=1)
     assert finish == "tool_calls"
     assert got

@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pydantic
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from tests.integration.fleet_fixtures import fleet
 
@@ -85,16 +86,25 @@ async def test_the_clients_parse_helper_gets_its_model(
     assert 0 <= parsed.n <= 99
 
 
+async def streamed_text(
+    stream: openai.AsyncStream[ChatCompletionChunk],
+) -> tuple[str, list[str | None]]:
+    """A one-choice stream's text, and every chunk's finish_reason."""
+    text = ""
+    reasons: list[str | None] = []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reasons.append(choice.finish_reason)
+    return text, reasons
+
+
 @pytest.mark.parametrize("model", [SIM, HF])
 async def test_streamed_json_is_whole_and_stops(client: openai.AsyncOpenAI, model: str) -> None:
     stream = await client.chat.completions.create(
         model=model, messages=HI, response_format=SCHEMA, stream=True, max_tokens=100, seed=5
     )
-    text, reasons = "", []
-    async for chunk in stream:
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            reasons.append(choice.finish_reason)
+    text, reasons = await streamed_text(stream)
     assert valid(text), text
     assert [r for r in reasons if r] == ["stop"]
 

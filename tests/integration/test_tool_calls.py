@@ -76,9 +76,10 @@ async def streamed_calls(
     return out, finish
 
 
-@pytest.mark.parametrize("model", MODELS)
-async def test_required_and_named_calls_are_forced(api: openai.AsyncOpenAI, model: str) -> None:
-    base: dict[str, Any] = {"model": model, "messages": ASK, "tools": TOOLS, "max_tokens": 700}
+async def forced_calls(api: openai.AsyncOpenAI, base: dict[str, Any]) -> list[tuple[str, str]]:
+    """`required` (seed 1) and a named function (seed 2) each answer with valid calls only (the
+    grammar forces them on any model); the required answer's calls (name, arguments), for its
+    caller's checks."""
     required = await api.chat.completions.create(**base, tool_choice="required", seed=1)
     choice = required.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -93,15 +94,19 @@ async def test_required_and_named_calls_are_forced(api: openai.AsyncOpenAI, mode
     assert calls is not None
     assert len(calls) == 1
     check_call(calls[0], {"get_weather"})
+    return [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_required_and_named_calls_are_forced(api: openai.AsyncOpenAI, model: str) -> None:
+    base: dict[str, Any] = {"model": model, "messages": ASK, "tools": TOOLS, "max_tokens": 700}
+    want = await forced_calls(api, base)
     # streamed: the same calls (same seed), as deltas, the arguments as they are generated
     pieces: list[int] = []
     got, finish = await streamed_calls(api, pieces, **base, tool_choice="required", seed=1)
     assert finish == "tool_calls"
     assert max(pieces) > 1
-    want = choice.message.tool_calls
-    assert [(name, args) for _, name, args in got] == [
-        (c.function.name, c.function.arguments) for c in want
-    ]
+    assert [(name, args) for _, name, args in got] == want
     assert all(call_id.startswith("call_") for call_id, _, _ in got)
 
 
